@@ -1,0 +1,89 @@
+"""napari reader contribution: whole-slide images as one lazy multiscale image layer in µm."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .slide import SLIDE_SUFFIXES, Slide, warn_missing_mpp
+
+PathLike = str | os.PathLike[str]
+LayerData = tuple[Any, dict[str, Any], str]
+
+#: key under which slide facts live in a layer's ``metadata``
+METADATA_KEY = "napari_virchow"
+
+
+def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list[LayerData]] | None:
+    """Return :func:`read_slides` when every path looks like a slide, else ``None``.
+
+    napari_get_reader never raises: napari calls it for every file the user drops, and other
+    readers must get their chance. Errors surface later, from :func:`read_slides`.
+    """
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    try:
+        if paths and all(_looks_like_slide(Path(p)) for p in paths):
+            return read_slides
+    except Exception:  # noqa: BLE001 - a reader probe must never raise (see docstring)
+        return None
+    return None
+
+
+def _looks_like_slide(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    if suffix not in SLIDE_SUFFIXES or path.is_dir():
+        return False
+    if suffix not in (".tif", ".tiff"):
+        return True
+    # plain TIFFs: claim only brightfield RGB images, leave the rest to napari's own reader
+    import openslide
+    import tifffile
+
+    if openslide.OpenSlide.detect_format(str(path)) is not None:
+        return True
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        return page.dtype is not None and page.dtype.itemsize == 1 and page.samplesperpixel in (3, 4)
+
+
+def read_slides(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
+    """Open each slide as a multiscale RGB image layer with ``scale`` in µm.
+
+    Raises
+    ------
+    SlideError
+        For a file that cannot be opened; the message names the file and the fix.
+    """
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    return [slide_layer_data(Slide(p)) for p in paths]
+
+
+def slide_layer_data(slide: Slide) -> LayerData:
+    """Layer data tuple for one open slide (the layer keeps the slide open through its levels)."""
+    warn_missing_mpp(slide)
+    mpp = slide.mpp or 1.0
+    metadata = {
+        METADATA_KEY: {
+            "path": str(slide.path),
+            "mpp": slide.mpp,
+            "mpp_source": slide.mpp_source,
+            "fingerprint": slide.fingerprint,
+            "vendor": slide.vendor,
+            "objective_power": slide.objective_power,
+            "dimensions": slide.dimensions,
+            "backend": slide.backend,
+        },
+        "properties": slide.properties,
+    }
+    kwargs = {
+        "name": slide.path.stem,
+        "multiscale": True,
+        "rgb": True,
+        "scale": (mpp, mpp),
+        "units": ("µm", "µm") if slide.mpp else ("pixel", "pixel"),
+        "contrast_limits": (0, 255),
+        "metadata": metadata,
+    }
+    return (slide.levels, kwargs, "image")
