@@ -1,0 +1,402 @@
+"""Tile encoders: a registry of model specs, preprocessing, weight loading and embedding.
+
+Registered names (``list_encoders()``):
+
+- ``virchow``: Virchow (v1), ViT-H/14 with a SwiGLU MLP; embedding = CLS ⊕ mean(patch tokens),
+  2560-d. Weights: Hugging Face ``paige-ai/Virchow`` (gated).
+- ``virchow2``: Virchow 2, the same plus 4 register tokens, which the embedding excludes; 2560-d.
+  Weights: ``paige-ai/Virchow2`` (gated).
+- ``virchow-tiny`` / ``virchow2-tiny``: the same structures at width 48, depth 2 (96-d), with no
+  published weights: for tests and demos, ``load_encoder("virchow2-tiny", weights="random")``
+  builds one in milliseconds.
+- ``timm:<architecture>`` (not listed, resolved on demand): any timm model, e.g.
+  ``timm:vit_small_patch16_224``; embedding = the model's pooled features (``num_classes=0``);
+  preprocessing from the architecture's pretrained config; 0.5 µm/px.
+
+``load_encoder`` also accepts an :class:`EncoderSpec`, so a variant is a
+``dataclasses.replace(get_spec("virchow2"), ...)`` away (e.g. another ``hf_repo``).
+
+Weights (``weights=``): a file (``.safetensors`` preferred; ``.bin/.pth/.pt`` are read with
+``torch.load(weights_only=True)``), a folder holding ``model.safetensors``, ``"hf-hub:<repo>"``,
+``"random"`` (seeded from the name, with a loud warning), or ``None``: the Hugging Face cache,
+then the hub unless ``HF_HUB_OFFLINE`` is set. Every failure is one ``WeightsError`` with the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from . import _weights
+from ._specs import (
+    HF_PREFIX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TIMM_PREFIX,
+    EncoderSpec,
+    build_model,
+    get_spec,
+    list_encoders,
+    register_encoder,
+)
+from ._torch import torch
+from .errors import WeightsError
+
+F = torch.nn.functional
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "TIMM_PREFIX",
+    "Encoder",
+    "EncoderSpec",
+    "build_model",
+    "cpu_has_native_bf16",
+    "get_spec",
+    "list_encoders",
+    "load_encoder",
+    "preprocess",
+    "register_encoder",
+    "resolve_device",
+    "resolve_dtype",
+    "weights_status",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _check_tiles(tiles: object) -> np.ndarray:
+    arr = np.asarray(tiles)
+    if arr.dtype != np.uint8:
+        raise TypeError(
+            f"tiles must be uint8 RGB (0-255), got dtype {arr.dtype}; "
+            "convert e.g. with (x * 255).round().astype(np.uint8)."
+        )
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        hint = " (a single tile? add a batch axis: tile[None])" if arr.ndim == 3 else ""
+        hint = " (RGBA? drop alpha: tiles[..., :3])" if arr.ndim == 4 and arr.shape[-1] == 4 else hint
+        raise ValueError(f"tiles must have shape (N, H, W, 3), got {arr.shape}{hint}.")
+    return arr
+
+
+def _resize(x: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
+    """Shorter side to ``size`` then centre crop -- timm's eval transform at crop_pct 1.0."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    mode = interpolation if interpolation in ("bicubic", "bilinear", "nearest") else "bicubic"
+    smooth = mode != "nearest"
+    x = F.interpolate(
+        x,
+        size=(nh, nw),
+        mode=mode,
+        align_corners=False if smooth else None,
+        antialias=smooth and scale < 1,  # like PIL, which timm's transforms use
+    )
+    top, left = (nh - size) // 2, (nw - size) // 2
+    # Bicubic overshoots; PIL works in uint8 and so clamps.
+    return x[..., top : top + size, left : left + size].clamp_(0.0, 1.0)
+
+
+def preprocess(tiles: np.ndarray, spec: EncoderSpec, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` tiles -> normalised float32 ``(N, 3, S, S)`` for ``spec``.
+
+    Scale to [0, 1]; resize to ``spec.input_size`` only if needed (shorter side, then centre
+    crop; tiles read at ``spec.mpp`` need none); subtract ``spec.mean``, divide by ``spec.std``.
+    The uint8 array goes to ``device`` first: a quarter of the float transfer.
+    """
+    arr = _check_tiles(tiles)
+    if not arr.flags.writeable:  # torch.from_numpy warns on read-only (zarr/dask) buffers
+        arr = arr.copy()
+    x = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    s = spec.input_size
+    if x.shape[0] == 0:
+        return x.new_zeros((0, 3, s, s))
+    if x.shape[-2:] != (s, s):
+        x = _resize(x, s, spec.interpolation)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> cuda, else mps, else cpu; other values checked against what is present."""
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise WeightsError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps.") from exc
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise WeightsError(
+            f"device {device!r} requested but CUDA has {torch.cuda.device_count()} "
+            "usable GPU(s) here. Fix: device='auto' or 'cpu'."
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise WeightsError("device 'mps' requested but not available. Fix: device='auto'.")
+    return dev
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16, AMX, Arm BF16): bf16 autocast pays."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(cpu, probe, None)
+        if fn is not None and fn():
+            return True
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        # oneDNN only claims bf16 on Arm when the core has the BF16 extension.
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "float32": None,
+    "float": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``device`` (``None`` = plain fp32).
+
+    ``"auto"``: bf16 on CUDA (fp16 where bf16 is unsupported), bf16 on CPUs with native bf16,
+    fp32 elsewhere. Explicit ``"fp32"``, ``"bf16"``, ``"fp16"`` or a ``torch.dtype`` pass through.
+    """
+    if dtype is None or dtype == torch.float32:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.bfloat16, torch.float16):
+            return dtype
+        raise WeightsError(f"unsupported dtype {dtype}; use fp32, bf16 or fp16.")
+    key = str(dtype).strip().lower()
+    if key == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+    if key not in _DTYPES:
+        raise WeightsError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16.")
+    return _DTYPES[key]
+
+
+class Encoder:
+    """A loaded model with its spec, device and precision; ``embed`` tiles to vectors.
+
+    Attributes
+    ----------
+    spec : EncoderSpec
+    model : torch.nn.Module
+        In eval mode, fp32 parameters, on ``device``.
+    device : torch.device
+    dtype : torch.dtype or None
+        Autocast dtype, ``None`` for fp32.
+    weights_id : str
+        Short hex digest of the weights file, or ``random-seed<N>``: part of cache keys.
+    weights_source : str
+        Where the weights came from (a path, ``hf-cache:<repo>@<rev>``, ``random``).
+    """
+
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        model: torch.nn.Module,
+        *,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        weights_id: str,
+        weights_source: str,
+    ) -> None:
+        self.spec, self.model, self.device, self.dtype = spec, model, device, dtype
+        self.weights_id, self.weights_source = weights_id, weights_source
+
+    @property
+    def dim(self) -> int:
+        """Embedding length."""
+        return self.spec.dim
+
+    def __repr__(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.") if self.dtype else "fp32"
+        return (
+            f"Encoder({self.spec.name!r}, dim={self.dim}, device={self.device}, dtype={dt}, "
+            f"weights={self.weights_source} [{self.weights_id}])"
+        )
+
+    def with_dtype(self, dtype: str | torch.dtype | None) -> Encoder:
+        """The same model (shared, not copied) under another autocast dtype."""
+        return Encoder(
+            self.spec,
+            self.model,
+            device=self.device,
+            dtype=resolve_dtype(dtype, self.device),
+            weights_id=self.weights_id,
+            weights_source=self.weights_source,
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def embed_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed preprocessed ``(N, 3, S, S)`` input (see :func:`preprocess`).
+
+        Returns
+        -------
+        torch.Tensor
+            float32 ``(N, dim)`` on ``self.device``.
+        """
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        with self._autocast():
+            if self.spec.pooling == "cls+mean":
+                tokens = self.model.forward_features(x).float()
+                patches = tokens[:, self.spec.num_prefix_tokens :]  # registers excluded
+                return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=1)
+            return self.model(x).float()
+
+    def embed(self, tiles: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+        """Embed uint8 RGB tiles ``(N, H, W, 3)``.
+
+        Parameters
+        ----------
+        tiles : numpy.ndarray
+            uint8, any H and W (resized to ``spec.input_size`` if they differ).
+        batch_size : int, optional
+            Tiles per forward pass; default all at once.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(N, dim)``; ``(0, dim)`` for an empty batch.
+        """
+        arr = _check_tiles(tiles)
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        step = batch_size or max(len(arr), 1)
+        out = np.empty((len(arr), self.dim), dtype=np.float32)
+        for i in range(0, len(arr), step):
+            x = preprocess(arr[i : i + step], self.spec, device=self.device)
+            out[i : i + step] = self.embed_tensor(x).cpu().numpy()
+        return out
+
+
+def _seed(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    # Seed timm's init without disturbing the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _resolve_weights_path(
+    spec: EncoderSpec, weights: str | os.PathLike[str] | None
+) -> tuple[os.PathLike[str] | str, str]:
+    """(path to read, description) for a file, folder, ``hf-hub:<repo>`` or ``None``."""
+    if weights is not None and not str(weights).startswith(HF_PREFIX):
+        return weights, os.fspath(weights)
+    repo = str(weights)[len(HF_PREFIX) :] if weights is not None else spec.hf_repo
+    if not repo:
+        raise WeightsError(
+            f"encoder {spec.name!r} has no published weights. Fix: pass weights=PATH, or "
+            "weights='random' for a randomly initialised model (tests, demos)."
+        )
+    found = _weights.find_in_hf_cache(repo, spec.hf_filenames)
+    if found is None:
+        found = _weights.download_from_hub(repo, spec.hf_filenames)
+    return found, _weights.describe_hf_path(repo, found)
+
+
+def load_encoder(
+    name: str | EncoderSpec,
+    weights: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = "auto",
+) -> Encoder:
+    """Build an encoder and load its weights.
+
+    Parameters
+    ----------
+    name : str or EncoderSpec
+        A registered name, ``timm:<architecture>``, or a spec.
+    weights : str or path, optional
+        File or folder, ``"hf-hub:<repo>"``, ``"random"``, or ``None`` for the Hugging Face
+        cache, then the hub (see the module docstring).
+    device : str or torch.device
+        ``"auto"`` (cuda > mps > cpu), ``"cpu"``, ``"cuda:0"``...
+    dtype : str, torch.dtype or None
+        Autocast precision: ``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``.
+
+    Raises
+    ------
+    WeightsError
+        Unknown encoder or device, weights missing, gated, offline, unreadable or not fitting.
+    """
+    spec = get_spec(name) if isinstance(name, str) else name
+    dev = resolve_device(device)
+    autocast_dtype = resolve_dtype(dtype, dev)
+    if isinstance(weights, str) and weights == "random":
+        seed = _seed(spec.name)
+        with _seeded(seed):
+            model = build_model(spec)
+        weights_id, source = f"random-seed{seed}", "random"
+        msg = f"{spec.name}: random weights (seed {seed}) -- embeddings are NOT those of the real model"
+        logger.warning(msg)
+        warnings.warn(msg, UserWarning, stacklevel=2)
+    else:
+        path, source = _resolve_weights_path(spec, weights)
+        path, sd = _weights.read_state_dict(path)
+        # Built on meta and filled with the file's tensors: no 2.5 GB random init to throw away.
+        with torch.device("meta"):
+            model = build_model(spec)
+        sd = _weights.match_state_dict(sd, model.state_dict(), source=source, encoder=spec.name)
+        model.load_state_dict(sd, strict=True, assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            # Non-persistent buffers are not in a state dict: build for real, then copy in.
+            with _seeded(_seed(spec.name)):
+                model = build_model(spec)
+            model.load_state_dict(sd, strict=True)
+        weights_id = _weights.file_digest(path)
+        logger.info("%s: loaded weights %s (%s)", spec.name, source, weights_id)
+    model = model.to(device=dev, dtype=torch.float32).eval().requires_grad_(False)
+    return Encoder(spec, model, device=dev, dtype=autocast_dtype, weights_id=weights_id, weights_source=source)
+
+
+def weights_status(spec: EncoderSpec | str) -> dict[str, Any]:
+    """Where ``load_encoder(spec)`` would find weights without downloading (nothing is read)."""
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    status: dict[str, Any] = {"hf_repo": spec.hf_repo, "found": False, "where": None}
+    if spec.hf_repo is None:
+        status["where"] = "none published (weights='random' or a file)"
+        return status
+    path = _weights.find_in_hf_cache(spec.hf_repo, spec.hf_filenames)
+    if path is not None:
+        status.update(found=True, where=_weights.describe_hf_path(spec.hf_repo, path), path=str(path))
+    else:
+        url = f"https://huggingface.co/{spec.hf_repo}"
+        status["where"] = (
+            f"not cached; HF_HUB_OFFLINE is set ({url})"
+            if _weights.hub_offline()
+            else f"not cached; fetched from {url} on first use"
+        )
+    return status
