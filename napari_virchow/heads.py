@@ -1,0 +1,335 @@
+"""Linear probes ("heads") on tile embeddings: fit, predict, save and load without pickle.
+
+A head is plain ``weights`` / ``bias`` arrays plus metadata, so a saved file is inspectable data
+(``.safetensors`` or ``.json``) and loading it can never execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import HeadError
+
+__all__ = ["LinearHead", "fit_head", "load_head", "save_head"]
+
+_FORMAT = "napari-virchow-head"
+_VERSION = 1
+_POSITIVE_WORDS = ("tumour", "tumor", "cancer", "carcinoma", "malignan", "metasta", "positive")
+_CHUNK = 65536  # rows per matmul: bounds the float32 copy of a float16 store
+
+
+def _default_positive(classes: Sequence[str]) -> str:
+    for name in classes:
+        if any(word in name.lower() for word in _POSITIVE_WORDS):
+            return name
+    return classes[1] if len(classes) > 1 else classes[0]
+
+
+@dataclass
+class LinearHead:
+    """A linear classifier on embeddings of one encoder.
+
+    ``weights`` is ``(1, dim)`` for two classes (logit of ``classes[1]``) and ``(n_classes, dim)``
+    otherwise (softmax); ``bias`` has one entry per row of ``weights``.
+    """
+
+    weights: np.ndarray
+    bias: np.ndarray
+    classes: list[str]
+    encoder: str
+    weights_id: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    positive_class: str | None = None
+
+    def __post_init__(self) -> None:
+        self.weights = np.atleast_2d(np.asarray(self.weights, dtype=np.float32))
+        self.bias = np.asarray(self.bias, dtype=np.float32).reshape(-1)
+        self.classes = [str(c) for c in self.classes]
+        n_out = 1 if len(self.classes) == 2 else len(self.classes)
+        if len(self.classes) < 2 or self.weights.shape[0] != n_out or self.bias.shape != (n_out,):
+            raise HeadError(
+                f"head shapes do not fit {len(self.classes)} classes: weights "
+                f"{self.weights.shape}, bias {self.bias.shape} (expected {n_out} rows)"
+            )
+        if self.positive_class is None:
+            self.positive_class = _default_positive(self.classes)
+        elif self.positive_class not in self.classes:
+            raise HeadError(f"positive class {self.positive_class!r} is not one of {self.classes}")
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension the head expects."""
+        return int(self.weights.shape[1])
+
+    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        """Class probabilities, ``(n, n_classes)`` float32, columns in ``classes`` order."""
+        x = np.asarray(embeddings)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise HeadError(
+                f"head for encoder '{self.encoder}' expects embeddings of shape (n, {self.dim}), "
+                f"got {x.shape}; were they computed with another encoder?"
+            )
+        out = np.empty((x.shape[0], len(self.classes)), dtype=np.float32)
+        for start in range(0, x.shape[0], _CHUNK):
+            logits = x[start : start + _CHUNK].astype(np.float32) @ self.weights.T + self.bias
+            if len(self.classes) == 2:
+                # Clip so exp never overflows on extreme logits.
+                p1 = 1.0 / (1.0 + np.exp(-np.clip(logits[:, 0], -80.0, 80.0)))
+                out[start : start + _CHUNK, 0] = 1.0 - p1
+                out[start : start + _CHUNK, 1] = p1
+            else:
+                logits -= logits.max(axis=1, keepdims=True)
+                e = np.exp(logits)
+                out[start : start + _CHUNK] = e / e.sum(axis=1, keepdims=True)
+        return out
+
+    def positive_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        """Probability of ``positive_class`` per tile, ``(n,)`` float32 (what the heatmap shows)."""
+        column = self.classes.index(str(self.positive_class))
+        return self.predict_proba(embeddings)[:, column]
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the arrays, JSON-serialisable."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "classes": self.classes,
+            "encoder": self.encoder,
+            "weights_id": self.weights_id,
+            "positive_class": self.positive_class,
+            "metrics": _json_safe(self.metrics),
+            "dim": self.dim,
+        }
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types; NaN becomes None because JSON has no NaN."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.integer, int)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return None if not np.isfinite(value) else float(value)
+    return value
+
+
+def _clean_labels(
+    labels: np.ndarray | Sequence[Any], classes: Sequence[str] | None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Class name per labelled sample, the mask of labelled samples, and the class order.
+
+    Integer labels index ``classes`` (negative = unlabelled); strings are names (``""``/None =
+    unlabelled), so ``rasterize_annotations`` output can be passed straight through.
+    """
+    arr = np.asarray(labels)
+    if arr.dtype.kind in "iu":
+        keep = arr >= 0
+        if classes is None:
+            # Numeric order, not string order ("10" would sort before "2").
+            return arr[keep].astype(str), keep, [str(v) for v in np.unique(arr[keep])]
+        if keep.any() and int(arr[keep].max()) >= len(classes):
+            raise ValueError(f"label {int(arr.max())} has no entry in classes {list(classes)}")
+        order = [str(c) for c in classes]
+        return np.asarray(order)[arr[keep]], keep, order
+    names = np.asarray(["" if v is None else str(v) for v in arr.reshape(-1)])
+    keep = names != ""
+    order = [str(c) for c in classes] if classes is not None else sorted(set(names[keep].tolist()))
+    return names[keep], keep, order
+
+
+def fit_head(
+    embeddings: np.ndarray,
+    labels: np.ndarray | Sequence[Any],
+    classes: Sequence[str] | None = None,
+    *,
+    encoder: str,
+    weights_id: str | None = None,
+    C: float = 1.0,
+    cv: int = 5,
+    positive_class: str | None = None,
+    seed: int = 0,
+) -> LinearHead:
+    """Fit a logistic-regression probe with cross-validated accuracy and ROC AUC.
+
+    Inputs are standardised (per-dimension mean/std) and the scaler is folded into the saved
+    weights: Virchow embeddings concatenate the CLS token and the mean patch token, whose
+    dimensions have very different scales, and without standardisation the L2 penalty ``C``
+    would act mostly on the large ones. Folding keeps the head a single matmul.
+
+    Parameters
+    ----------
+    embeddings : (n, dim) array
+    labels : (n,) class names, or ints indexing ``classes``; negative ints / empty names are
+        unlabelled and ignored.
+    classes : class order (defaults to sorted names present); names without samples are dropped.
+    encoder : name of the encoder that produced the embeddings (stored and checked on load).
+    C : inverse L2 regularisation strength.
+    cv : maximum number of stratified folds (reduced when a class has few samples).
+
+    Returns
+    -------
+    LinearHead
+        ``metrics`` holds ``cv_accuracy``, ``cv_roc_auc`` (one-vs-rest macro for >2 classes),
+        ``cv_folds``, ``n_samples`` and ``class_counts``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x_all = np.asarray(embeddings)
+    if x_all.ndim != 2:
+        raise ValueError(f"embeddings must be (n, dim), got shape {x_all.shape}")
+    names, keep, order = _clean_labels(labels, classes)
+    if keep.shape[0] != x_all.shape[0]:
+        raise ValueError(f"{keep.shape[0]} labels for {x_all.shape[0]} embeddings")
+    x = x_all[keep].astype(np.float32)
+    present = set(names.tolist())
+    unknown = present - set(order)
+    if unknown:
+        raise ValueError(f"labels {sorted(unknown)} are not in classes {order}")
+    order = [c for c in order if c in present]
+    if len(order) < 2:
+        only = f" ('{order[0]}')" if order else ""
+        raise HeadError(
+            f"annotations contain only one class{only}; draw at least one region of a second class"
+        )
+    counts = {c: int((names == c).sum()) for c in order}
+    rare = [c for c, n in counts.items() if n < 2]
+    if rare:
+        raise HeadError(
+            f"class {rare[0]!r} has only {counts[rare[0]]} labelled tile; a head needs at least "
+            f"2 tiles per class: draw a larger region of {rare[0]!r}"
+        )
+    index = {c: i for i, c in enumerate(order)}
+    y = np.asarray([index[c] for c in names], dtype=np.int64)
+
+    def model() -> Any:
+        return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+
+    folds = min(cv, min(counts.values()))
+    metrics: dict[str, Any] = {"n_samples": int(len(y)), "class_counts": counts}
+    if folds >= 2:
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        proba = cross_val_predict(model(), x, y, cv=splitter, method="predict_proba")
+        metrics["cv_folds"] = folds
+        metrics["cv_accuracy"] = float(accuracy_score(y, proba.argmax(axis=1)))
+        if len(order) == 2:
+            metrics["cv_roc_auc"] = float(roc_auc_score(y, proba[:, 1]))
+        else:
+            metrics["cv_roc_auc"] = float(roc_auc_score(y, proba, multi_class="ovr"))
+    fitted = model().fit(x, y)
+    scaler, lr = fitted[0], fitted[1]
+    # logit = w·(x - mu)/sigma + b = (w/sigma)·x + (b - w·mu/sigma)
+    w = lr.coef_ / scaler.scale_
+    b = lr.intercept_ - w @ scaler.mean_
+    return LinearHead(
+        weights=w.astype(np.float32),
+        bias=b.astype(np.float32),
+        classes=order,
+        encoder=encoder,
+        weights_id=weights_id,
+        metrics=metrics,
+        positive_class=positive_class,
+    )
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder so a crash never leaves half a head."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_head(head: LinearHead, path: str | os.PathLike[str]) -> Path:
+    """Save ``head`` as ``.safetensors`` (tensors + JSON header metadata) or ``.json``."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    meta = head.metadata()
+    if path.suffix == ".safetensors":
+        tensors = {"weight": head.weights, "bias": head.bias}
+        _atomic_write(
+            path, lambda tmp: save_file(tensors, tmp, metadata={_FORMAT: json.dumps(meta)})
+        )
+    elif path.suffix == ".json":
+        meta.update(weight=head.weights.tolist(), bias=head.bias.tolist())
+        text = json.dumps(meta, indent=1)
+        _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    else:
+        raise HeadError(f"{path}: unknown head format; use a .safetensors or .json file name")
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="np") as f:
+                meta = json.loads((f.metadata() or {})[_FORMAT])
+                return meta, f.get_tensor("weight"), f.get_tensor("bias")
+        except (SafetensorError, KeyError, ValueError, TypeError) as exc:
+            raise HeadError(
+                f"{path}: not a napari-virchow head ({type(exc).__name__}: {exc}); "
+                "fit a new head or pick the right file"
+            ) from exc
+    if path.suffix == ".json":
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            return meta, np.asarray(meta.pop("weight")), np.asarray(meta.pop("bias"))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise HeadError(
+                f"{path}: not a napari-virchow head ({type(exc).__name__}: {exc}); "
+                "fit a new head or pick the right file"
+            ) from exc
+    raise HeadError(f"{path}: unknown head format; expected a .safetensors or .json head file")
+
+
+def load_head(path: str | os.PathLike[str], encoder: str | None = None) -> LinearHead:
+    """Load a head; with ``encoder`` given, refuse one fitted on another encoder's embeddings."""
+    path = Path(path)
+    if not path.is_file():
+        raise HeadError(f"{path}: head file not found")
+    meta, weight, bias = _read(path)
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise HeadError(f"{path}: not a napari-virchow head (no '{_FORMAT}' format marker)")
+    if int(meta.get("version", 0)) > _VERSION:
+        raise HeadError(
+            f"{path}: head format version {meta['version']} is newer than this napari-virchow "
+            f"understands ({_VERSION}); upgrade napari-virchow"
+        )
+    if encoder is not None and meta.get("encoder") != encoder:
+        raise HeadError(
+            f"{path}: this head was fitted on '{meta.get('encoder')}' embeddings but the current "
+            f"encoder is '{encoder}'; switch the encoder to '{meta.get('encoder')}' or fit a new "
+            f"head on '{encoder}' embeddings"
+        )
+    try:
+        return LinearHead(
+            weights=weight,
+            bias=bias,
+            classes=list(meta["classes"]),
+            encoder=str(meta["encoder"]),
+            weights_id=meta.get("weights_id"),
+            metrics=dict(meta.get("metrics") or {}),
+            positive_class=meta.get("positive_class"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HeadError(f"{path}: head file is incomplete ({type(exc).__name__}: {exc})") from exc
