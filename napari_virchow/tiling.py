@@ -1,0 +1,292 @@
+"""Tile a slide at the encoder's magnification: a lattice in level-0 px plus a tissue mask.
+
+The grid is the *full* lattice of non-overlapping ``tile_size_l0`` squares anchored at (0, 0)
+(partial tiles at the right/bottom edge are dropped), in row-major order; :attr:`TileGrid.tissue`
+flags the tiles worth embedding. Tile ``i`` therefore depends only on the slide's size, its
+µm/px and the tile options, never on tissue detection: the embedding store is indexed by ``i``,
+so changing the tissue threshold never invalidates cached embeddings.
+
+>>> grid = TileGrid(Slide("sample_data/cmu_small_region.svs"))   # 0.5 µm/px, 224 px
+>>> grid.grid_shape, grid.n_tissue, grid.read_level, grid.resized
+((13, 9), 65, 0, False)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import SlideError
+from .slide import Slide
+
+__all__ = ["RESIZE_TOLERANCE", "TileGrid", "detect_tissue"]
+
+log = logging.getLogger(__name__)
+
+#: a pyramid level within ±10 % of the target µm/px is read as is (no resampling)
+RESIZE_TOLERANCE = 0.10
+#: Otsu's threshold on saturation is clipped to this range: the lower bound keeps tinted glass
+#: and JPEG noise out on blank slides; the upper bound keeps pale tissue in when a slide is
+#: nearly all tissue (Otsu then splits tissue into pale and dark halves instead of glass/tissue)
+SATURATION_CLIP = (0.05, 0.15)
+#: pixels this bright in every channel are glass; this dark in every channel, pen or scanner border
+NEAR_WHITE, VERY_DARK = 220, 50
+#: thumbnail pixels per tile side (bounded) used to measure each tile's tissue fraction
+THUMB_PX_PER_TILE, THUMB_SIZE_RANGE = 8, (1024, 4096)
+
+
+def detect_tissue(rgb: np.ndarray, *, threshold: float | None = None) -> tuple[np.ndarray, float]:
+    """Tissue mask of an RGB thumbnail: saturation above a threshold, not glass, not black.
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        (H, W, 3) uint8 thumbnail.
+    threshold : float, optional
+        HSV saturation (0–1) above which a pixel is tissue; default Otsu's, clipped to
+        :data:`SATURATION_CLIP`.
+
+    Returns
+    -------
+    mask : numpy.ndarray
+        (H, W) bool.
+    threshold : float
+        The saturation threshold used.
+    """
+    rgb = np.asarray(rgb)[..., :3]
+    mx, mn = rgb.max(axis=-1), rgb.min(axis=-1)
+    sat = (mx.astype(np.float32) - mn) / np.maximum(mx, 1).astype(np.float32)
+    usable = (mn <= NEAR_WHITE) & (mx >= VERY_DARK)
+    if threshold is None:
+        from skimage.filters import threshold_otsu
+
+        # Otsu over glass + tissue (black pixels have meaningless saturation); a blank slide
+        # gives a degenerate value that the lower clip turns into "no tissue".
+        values = sat[mx >= VERY_DARK]
+        otsu = float(threshold_otsu(values)) if values.size and np.ptp(values) > 0 else 0.0
+        threshold = float(np.clip(otsu, *SATURATION_CLIP))
+    elif not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"tissue_threshold is a saturation in [0, 1], got {threshold!r}")
+    return (sat > threshold) & usable, float(threshold)
+
+
+class TileGrid:
+    """Non-overlapping tiles of ``size`` px at ``mpp`` µm/px over a slide, with a tissue flag.
+
+    Parameters
+    ----------
+    slide : Slide
+        Must know its µm/px (file or override), else :class:`SlideError`.
+    mpp, size : float, int
+        Target resolution and tile side the encoder expects (Virchow: 0.5 µm/px, 224 px).
+    tissue_threshold : float, optional
+        Saturation threshold of :func:`detect_tissue` (default: Otsu's).
+    min_tissue : float
+        Fraction of a tile's footprint that must be tissue for the tile to count.
+
+    Attributes
+    ----------
+    coords : numpy.ndarray
+        (n, 2) int64 level-0 (x, y) of every lattice tile's top-left corner, row-major.
+    tissue : numpy.ndarray
+        (n,) bool, tiles with at least ``min_tissue`` tissue; ``tissue_indices`` their indices.
+    tissue_fraction : numpy.ndarray
+        (n,) float32 tissue fraction of each tile's footprint in the thumbnail.
+    tile_size_l0 : int
+        Tile side (and lattice stride) in level-0 px: ``round(size * mpp / slide.mpp)``.
+    grid_shape : tuple of int
+        (rows, cols) of the lattice.
+    read_level, read_size, resized
+        Pyramid level tiles are read from, the side read there (px) and whether it is resampled
+        to ``size`` (only when no level lies within :data:`RESIZE_TOLERANCE` of ``mpp``).
+    tissue_mask : numpy.ndarray
+        Thumbnail-resolution bool mask; ``mask_downsample`` = level-0 px per mask px (x, y).
+    tissue_threshold : float
+        Saturation threshold used.
+
+    Raises
+    ------
+    SlideError
+        No µm/px, or the slide is smaller than one tile.
+    """
+
+    def __init__(
+        self,
+        slide: Slide,
+        *,
+        mpp: float = 0.5,
+        size: int = 224,
+        tissue_threshold: float | None = None,
+        min_tissue: float = 0.1,
+    ) -> None:
+        if not (math.isfinite(mpp) and mpp > 0) or int(size) != size or size < 1:
+            raise ValueError(f"need mpp > 0 and an integer size >= 1, got {mpp!r}, {size!r}")
+        if not 0.0 <= min_tissue <= 1.0:
+            raise ValueError(f"min_tissue is a fraction in [0, 1], got {min_tissue!r}")
+        self.slide, self.mpp, self.size, self.min_tissue = slide, float(mpp), int(size), min_tissue
+        slide_mpp = slide.require_mpp()
+        self.tile_size_l0 = max(1, round(self.size * self.mpp / slide_mpp))
+        w, h = slide.dimensions
+        rows, cols = h // self.tile_size_l0, w // self.tile_size_l0
+        if rows == 0 or cols == 0:
+            raise SlideError(
+                f"nothing to tile: {slide.path.name} is {w}×{h} px, smaller than one "
+                f"{self.size}-px tile at {self.mpp:g} µm/px ({self.tile_size_l0} px at the "
+                f"slide's {slide_mpp:g} µm/px)"
+            )
+        self.grid_shape = (rows, cols)
+        r, c = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)
+        self.coords = np.stack([c, r], axis=1) * self.tile_size_l0
+        self.read_level, self.read_size = self._choose_level(slide_mpp)
+        self.resized = self.read_size != self.size
+        side = THUMB_PX_PER_TILE * math.ceil(max(w, h) / self.tile_size_l0)
+        self._thumbnail = slide.thumbnail(int(np.clip(side, *THUMB_SIZE_RANGE)))
+        th, tw = self._thumbnail.shape[:2]
+        self.mask_downsample = (w / tw, h / th)
+        self._flag_tissue(tissue_threshold)
+
+    def _choose_level(self, slide_mpp: float) -> tuple[int, int]:
+        # Only levels stored in the file: the slide's lazily coarsened levels are computed from
+        # the file's last level anyway, which costs as much as resampling a read of that level.
+        file_ds = self.slide.level_downsamples[: len(self.slide.file_level_dimensions)]
+        target = self.mpp / slide_mpp  # level-0 px per output px
+        close = [i for i, d in enumerate(file_ds) if abs(d / target - 1) <= RESIZE_TOLERANCE]
+        if close:
+            return min(close, key=lambda i: abs(math.log(file_ds[i] / target))), self.size
+        # Coarsest level not coarser than needed (1 % slack for rounded downsamples): downsample.
+        level = max((i for i, d in enumerate(file_ds) if d <= target * 1.01), default=0)
+        read = max(1, round(self.tile_size_l0 / file_ds[level]))
+        log.info(
+            "%s: no level within ±%d %% of %g µm/px; resampling %d px of level %d to %d",
+            self.slide.path.name,
+            RESIZE_TOLERANCE * 100,
+            self.mpp,
+            read,
+            level,
+            self.size,
+        )
+        return level, read
+
+    def _flag_tissue(self, threshold: float | None) -> None:
+        self.tissue_mask, self.tissue_threshold = detect_tissue(self._thumbnail, threshold=threshold)
+        rows, cols = self.grid_shape
+        sx, sy = self.mask_downsample
+        th, tw = self.tissue_mask.shape
+        # Footprint edges of the lattice in mask px; every tile spans >= 1 mask px.
+        ey = np.minimum(np.round(np.arange(rows + 1) * self.tile_size_l0 / sy).astype(int), th)
+        ex = np.minimum(np.round(np.arange(cols + 1) * self.tile_size_l0 / sx).astype(int), tw)
+        ey[1:] = np.maximum(ey[1:], ey[:-1] + 1).clip(max=th)
+        ex[1:] = np.maximum(ex[1:], ex[:-1] + 1).clip(max=tw)
+        integral = np.zeros((th + 1, tw + 1), np.int32)  # <= 4096² px: int32 is enough
+        integral[1:, 1:] = self.tissue_mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
+        y0, y1, x0, x1 = ey[:-1, None], ey[1:, None], ex[None, :-1], ex[None, 1:]
+        counts = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        area = np.maximum((y1 - y0) * (x1 - x0), 1)
+        self.tissue_fraction = (counts / area).astype(np.float32).ravel()
+        self.tissue = self.tissue_fraction >= max(self.min_tissue, 1e-9)
+        self.tissue_indices = np.flatnonzero(self.tissue).astype(np.int64)
+        if not self.n_tissue:
+            log.warning("%s", self._no_tissue_message())
+
+    def with_tissue(self, *, tissue_threshold: float | None = None, min_tissue: float | None = None) -> TileGrid:
+        """The same lattice with tissue re-detected (reuses the thumbnail: no slide reads)."""
+        grid = copy.copy(self)
+        if min_tissue is not None:
+            if not 0.0 <= min_tissue <= 1.0:
+                raise ValueError(f"min_tissue is a fraction in [0, 1], got {min_tissue!r}")
+            grid.min_tissue = min_tissue
+        grid._flag_tissue(tissue_threshold)
+        return grid
+
+    # --- geometry -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    @property
+    def n_tissue(self) -> int:
+        """Number of tissue tiles."""
+        return len(self.tissue_indices)
+
+    def _no_tissue_message(self) -> str:
+        return (
+            f"no tissue found in {self.slide.path.name} (saturation threshold "
+            f"{self.tissue_threshold:.3f}, min_tissue {self.min_tissue:g}); lower the tissue "
+            "threshold if the slide is pale, or check that it is a brightfield H&E slide"
+        )
+
+    def require_tissue(self) -> None:
+        """Raise a :class:`SlideError` that says how to proceed when no tile is tissue."""
+        if not self.n_tissue:
+            raise SlideError(self._no_tissue_message())
+
+    def tiles_in(self, bbox: Sequence[float], *, tissue_only: bool = True) -> np.ndarray:
+        """Indices of tiles intersecting ``bbox``, nearest to its centre first.
+
+        Parameters
+        ----------
+        bbox : (x0, y0, x1, y1)
+            Level-0 px; may extend beyond the slide.
+        tissue_only : bool
+            Drop background tiles.
+
+        Returns
+        -------
+        numpy.ndarray
+            int64 indices ordered by the distance of the tile centre to the box centre (ties by
+            index, so the order is deterministic).
+        """
+        x0, y0, x1, y1 = (float(v) for v in bbox)
+        rows, cols = self.grid_shape
+        t = self.tile_size_l0
+        c = np.arange(max(math.floor(x0 / t), 0), min(math.ceil(x1 / t), cols))
+        r = np.arange(max(math.floor(y0 / t), 0), min(math.ceil(y1 / t), rows))
+        if x1 <= x0 or y1 <= y0 or not c.size or not r.size:
+            return np.zeros(0, np.int64)
+        idx = (r[:, None] * cols + c[None, :]).ravel().astype(np.int64)
+        if tissue_only:
+            idx = idx[self.tissue[idx]]
+        centres = self.coords[idx] + t / 2
+        dist = np.hypot(centres[:, 0] - (x0 + x1) / 2, centres[:, 1] - (y0 + y1) / 2)
+        return idx[np.argsort(dist, kind="stable")]
+
+    def index_at(self, x: float, y: float) -> int | None:
+        """Index of the tile containing level-0 point (x, y), or None outside the lattice."""
+        rows, cols = self.grid_shape
+        r, c = math.floor(y / self.tile_size_l0), math.floor(x / self.tile_size_l0)
+        return r * cols + c if 0 <= r < rows and 0 <= c < cols else None
+
+    # --- pixels -------------------------------------------------------------------------------
+    def read_tile(self, index: int) -> np.ndarray:
+        """Tile ``index`` as (size, size, 3) uint8 at the grid's µm/px."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"tile {index} out of range 0..{len(self) - 1}")
+        x, y = (int(v) for v in self.coords[index])
+        rs = self.read_size
+        pixels = self.slide.read_region((x, y), self.read_level, (rs, rs))
+        if not self.resized:
+            return pixels
+        from PIL import Image
+
+        # PIL's bicubic widens its kernel when shrinking (antialiased), like timm's transforms.
+        img = Image.fromarray(pixels).resize((self.size, self.size), Image.Resampling.BICUBIC)
+        return np.asarray(img)
+
+    def read_tiles(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Tiles ``indices`` as (n, size, size, 3) uint8."""
+        idx = np.asarray(indices, dtype=np.int64).ravel()
+        out = np.empty((len(idx), self.size, self.size, 3), np.uint8)
+        for k, i in enumerate(idx):
+            out[k] = self.read_tile(int(i))
+        return out
+
+    def __repr__(self) -> str:
+        rows, cols = self.grid_shape
+        return (
+            f"TileGrid({self.slide.path.name!r}, {self.size} px at {self.mpp:g} µm/px = "
+            f"{self.tile_size_l0} px level 0, {rows}×{cols} tiles, {self.n_tissue} tissue, "
+            f"level {self.read_level}{' resized' if self.resized else ''})"
+        )
