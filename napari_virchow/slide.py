@@ -413,7 +413,7 @@ class Slide:
         cy0, cy1 = max(y0, 0), min(y0 + h, arr.shape[0])
         cx0, cx1 = max(x0, 0), min(x0 + w, arr.shape[1])
         if cy0 < cy1 and cx0 < cx1:
-            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = arr[cy0:cy1, cx0:cx1].compute()
+            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = arr[cy0:cy1, cx0:cx1].compute(scheduler="threads")
         return out
 
     def best_level_for_downsample(self, downsample: float) -> int:
@@ -428,7 +428,9 @@ class Slide:
         w0, h0 = self.dimensions
         target = max(w0, h0) / max_size
         level = self.best_level_for_downsample(max(target, 1.0))
-        pixels = np.asarray(self.levels[level].compute())
+        # threads, not the default scheduler: inside a dask.distributed worker (or with a default
+        # Client) the default would ship this graph, file handles included, to the cluster
+        pixels = np.asarray(self.levels[level].compute(scheduler="threads"))
         if max(pixels.shape[:2]) > max_size:
             img = Image.fromarray(pixels)
             img.thumbnail((max_size, max_size), Image.Resampling.BOX)
@@ -483,6 +485,14 @@ class _tifffile_problems:
 def _diagnose(path: Path) -> str:
     """Why OpenSlide refused a vendor-format file, in one sentence with the fix."""
     name, suffix = path.name, path.suffix.lower()
+    if suffix not in SLIDE_SUFFIXES:
+        # a .png, .jpg, .czi ... OpenSlide did not recognise: not damaged, just not a slide format
+        kind = f"a {suffix} file" if suffix else "a file without a suffix"
+        return (
+            f"{name} is {kind}, not a whole-slide format this plugin reads (supported: "
+            f"{', '.join(SLIDE_SUFFIXES)}). Convert it to a pyramidal TIFF "
+            "(e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`)."
+        )
     try:
         with _tifffile_problems() as problems, tifffile.TiffFile(path) as tif:
             len(tif.pages)

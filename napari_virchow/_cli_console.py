@@ -1,0 +1,97 @@
+"""CLI console: results on stdout, one-line warnings and errors on stderr, around tqdm bars.
+
+While a command runs, the package's log records and Python warnings become one line each
+(``napari-virchow: warning: ...``), deduplicated, and never tear a progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import VirchowError
+
+__all__ = ["CONSOLE", "PROG", "Console", "one_line"]
+
+PROG = "napari-virchow"
+log = logging.getLogger("napari_virchow.cli")
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(text).split())
+
+
+class Console:
+    """stdout results and one-line stderr warnings/errors, written around tqdm bars."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def out(self, line: str) -> None:
+        tqdm.write(line, file=sys.stdout)
+
+    def warn(self, text: object) -> None:
+        line = one_line(text)
+        if line not in self._seen:  # the core both logs and warns some things (random weights)
+            self._seen.add(line)
+            tqdm.write(f"{PROG}: warning: {line}", file=sys.stderr)
+
+    def error(self, text: object) -> None:
+        tqdm.write(f"{PROG}: error: {one_line(text)}", file=sys.stderr)
+
+    def slide_failed(self, slide: str | os.PathLike[str], exc: BaseException | str) -> None:
+        """One line naming the slide; tracebacks of unexpected errors only with ``-v``."""
+        name = Path(slide).name
+        if isinstance(exc, BaseException):
+            message = str(exc) if isinstance(exc, VirchowError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, VirchowError):
+                log.debug("%s failed", name, exc_info=exc)
+        else:
+            message = exc
+        self.error(message if name in message else f"{name}: {message}")
+
+    @contextlib.contextmanager
+    def session(self, *, verbose: bool) -> Iterator[None]:
+        """Route the package's log records and Python warnings to one-line messages."""
+        self._seen.clear()
+        logger = logging.getLogger("napari_virchow")
+        handler = _ConsoleHandler(self)
+        before = (logger.level, logger.propagate)
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        logger.propagate = False
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")
+                warnings.showwarning = lambda message, *a, **k: self.warn(message)
+                yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(before[0])
+            logger.propagate = before[1]
+
+
+class _ConsoleHandler(logging.Handler):
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            self.console.warn(record.getMessage())
+            return
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        tqdm.write(f"{PROG}: {record.levelname.lower()}: {text}", file=sys.stderr)
+
+
+CONSOLE = Console()

@@ -1,0 +1,183 @@
+"""``embed`` and ``export`` commands (HDF5 features for MIL, GeoJSON regions for QuPath)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._cli_common import (
+    CliError,
+    RunOptions,
+    SlideJob,
+    check_cache,
+    check_writable,
+    output_names,
+    point,
+    positive_int,
+    probability,
+    run_slides,
+)
+
+if TYPE_CHECKING:
+    from .heads import LinearHead
+    from .store import EmbeddingStore
+
+_SLIDES_HELP = "whole-slide image files (SVS, NDPI, MRXS, SCN, tiled TIFF, ...)"
+_OUT_FIX = "choose another --out DIR"
+
+
+def out_folder(args: argparse.Namespace) -> Path:
+    """``--out DIR``, created and proven writable."""
+    return check_writable(args.out, "output folder", _OUT_FIX)
+
+
+def write_file(path: Path, write: Any, *args: Any, **kwargs: Any) -> Path:
+    """``write(path, ...)``, turning a file-system failure into one line that names the file."""
+    try:
+        return write(path, *args, **kwargs)
+    except OSError as exc:
+        raise CliError(f"cannot write {path} ({exc.strerror or exc}); {_OUT_FIX}") from exc
+
+
+def load_cli_head(path: str, opts: RunOptions) -> LinearHead:
+    """A head for ``opts.encoder`` (a head of another encoder is refused with one line)."""
+    from .errors import HeadError
+    from .heads import load_head
+
+    head = load_head(path, encoder=opts.encoder)
+    if head.dim != opts.spec.dim:
+        raise HeadError(f"{path}: head expects {head.dim}-d embeddings, {opts.encoder} gives {opts.spec.dim}")
+    return head
+
+
+# --- embed --------------------------------------------------------------------------------------
+
+
+def args_embed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help=_SLIDES_HELP)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    opts = RunOptions.from_args(args)
+    return run_slides(args.slides, opts, scheduler=args.scheduler)
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def args_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help=_SLIDES_HELP)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for <slide>.h5 (or the .geojson files)")
+    g = p.add_argument_group("GeoJSON for QuPath (instead of HDF5); any of --clusters/--query/--head")
+    g.add_argument("--geojson", action="store_true", help="write QuPath GeoJSON annotations")
+    g.add_argument("--clusters", type=positive_int, metavar="K", help="k-means regions -> <slide>.clusters.geojson")
+    g.add_argument("--query", type=point, metavar="X,Y",
+                   help="tiles similar to the tile at level-0 (X, Y) -> <slide>.similar.geojson")  # fmt: skip
+    g.add_argument("-k", "--top-k", type=positive_int, default=20, metavar="K", help="similar tiles (default 20)")
+    g.add_argument("--head", metavar="HEAD", help="head file: regions >= --threshold -> <slide>.heatmap.geojson")
+    g.add_argument("--threshold", type=probability, default=0.5, metavar="T", help="for --head (default 0.5)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    opts = RunOptions.from_args(args)
+    check_cache(opts)
+    geojson = args.geojson or bool(args.clusters or args.query or args.head)
+    if args.geojson and not (args.clusters or args.query or args.head):
+        raise CliError("--geojson needs what to draw: --clusters K, --query X,Y and/or --head HEAD")
+    head = load_cli_head(args.head, opts) if args.head else None
+    out = out_folder(args)
+    output_names(args.slides, ".geojson" if geojson else ".h5")
+    work = _GeoJsonWork(out, args, head) if geojson else _H5Work(out)
+    return run_slides(args.slides, opts, work, scheduler=args.scheduler)
+
+
+class _H5Work:
+    """Write ``<stem>.h5``: embedded tissue tiles in TRIDENT's layout."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def __call__(self, job: SlideJob, store: EmbeddingStore) -> str:
+        from . import __version__
+        from .export import trident_coords_attrs, write_features_h5
+        from .geojson import safe_output_path
+
+        idx, emb = job.embedded_tissue(store)
+        slide, grid = job.slide, job.grid
+        attrs = trident_coords_attrs(
+            job.path.stem, patch_size=grid.size, patch_size_level0=grid.tile_size_l0, level0_mpp=slide.require_mpp(),
+            target_mpp=grid.mpp, level0_size=slide.dimensions, objective_power=slide.objective_power,
+            savetodir=str(self.out),
+        )  # fmt: skip
+        file_attrs = {
+            "encoder": job.spec.name, "weights_id": store.key.weights_id, "dim": job.spec.dim,
+            "mpp": slide.mpp, "mpp_source": slide.mpp_source, "target_mpp": grid.mpp, "tile_size": grid.size,
+            "slide_path": str(job.path.resolve()), "slide_fingerprint": slide.fingerprint,
+            "coords_origin": "level-0 top-left (x, y)", "napari_virchow_version": __version__,
+        }  # fmt: skip
+        path = safe_output_path(self.out, f"{job.path.stem}.h5")
+        write_file(path, write_features_h5, emb, grid.coords[idx], attrs=attrs, file_attrs=file_attrs)
+        return f"  wrote {path} ({len(idx)} tiles × {job.spec.dim})"
+
+
+class _GeoJsonWork:
+    """Write ``<stem>.clusters/similar/heatmap.geojson`` as asked."""
+
+    def __init__(self, out: Path, args: argparse.Namespace, head: LinearHead | None) -> None:
+        self.out, self.args, self.head = out, args, head
+
+    def __call__(self, job: SlideJob, store: EmbeddingStore) -> str:
+        from .export import cluster_features, threshold_features
+
+        idx, emb = job.embedded_tissue(store)
+        g, stem, notes = job.grid, job.path.stem, []
+        if self.args.clusters:
+            from .analysis import fit_clusters
+
+            labels = fit_clusters(emb, k=self.args.clusters).predict(emb)
+            feats = cluster_features(labels, g.coords[idx], g.tile_size_l0)
+            notes.append(self._write(f"{stem}.clusters.geojson", feats, f"{len(feats)} cluster regions"))
+        if self.args.query:
+            feats = query_features(job, store, self.args.query, k=self.args.top_k, tissue=(idx, emb))
+            notes.append(self._write(f"{stem}.similar.geojson", feats, f"query + {len(feats) - 1} similar tiles"))
+        if self.head is not None:
+            t = self.args.threshold
+            feats = threshold_features(self.head.positive_proba(emb), g.coords[idx], g.tile_size_l0, t,
+                                       class_name=str(self.head.positive_class))  # fmt: skip
+            notes.append(self._write(f"{stem}.heatmap.geojson", feats, f"{self.head.positive_class} >= {t:g}"))
+        return "\n".join(notes)
+
+    def _write(self, name: str, features: list[dict[str, Any]], what: str) -> str:
+        from .geojson import safe_output_path, write_annotations
+
+        path = safe_output_path(self.out, name)
+        write_file(path, write_annotations, features)
+        return f"  wrote {path} ({what})"
+
+
+def query_features(
+    job: SlideJob, store: EmbeddingStore, xy: tuple[float, float], *, k: int,
+    tissue: tuple[np.ndarray, np.ndarray],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The query tile (class ``Query``) and its ``k`` most similar distinct tissue tiles (``Similar``)."""
+    from .analysis import cosine_similarity, top_k_hits
+    from .geojson import Annotation, annotation_to_feature, hits_to_features
+
+    g = job.grid
+    i = g.index_at(*xy)
+    if i is None:
+        w, h = job.slide.dimensions
+        raise CliError(f"query ({xy[0]:g}, {xy[1]:g}) is outside {job.name} ({w}×{h} px) or its tile grid")
+    job.embed(store, np.array([i]))  # a background tile is embedded on demand
+    idx, emb = tissue
+    scores = np.full(len(g), np.nan, np.float32)
+    scores[idx] = cosine_similarity(store.read(np.array([i]))[0], emb)
+    hits = top_k_hits(scores, g.coords, g.tile_size_l0, k=k, exclude=np.array([i]), slide=str(job.path.resolve()))
+    x0, y0 = (int(v) for v in g.coords[i])
+    t = g.tile_size_l0
+    box = np.array([[x0, y0], [x0 + t, y0], [x0 + t, y0 + t], [x0, y0 + t]])
+    query = annotation_to_feature(Annotation(box, "Query", (0, 200, 255), name="Query"))
+    return [query, *hits_to_features(hits, t, class_name="Similar")]
