@@ -176,9 +176,9 @@ def _suggest(name: str, candidates: list[str]) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _timm_spec(arch: str) -> EncoderSpec:
-    import timm
+    from ._torch import import_timm, torch
 
-    from ._torch import torch  # first: keeps triton out of a process with Mesa's LLVM
+    timm = import_timm()
 
     base, _tag = timm.models.split_model_name_tag(arch)
     if not timm.is_model(base):
@@ -266,9 +266,9 @@ def build_model(spec: EncoderSpec | str) -> torch.nn.Module:
     Use ``with torch.device("meta"): build_model("virchow2")`` to inspect a full-size model
     without memory.
     """
-    import timm
+    from ._torch import import_timm
 
-    from ._torch import torch  # noqa: F401 - first: keeps triton out of a process with Mesa's LLVM
+    timm = import_timm()
 
     spec = get_spec(spec) if isinstance(spec, str) else spec
     model = timm.create_model(spec.architecture, pretrained=False, **_resolve_layers(spec))

@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from pickle import UnpicklingError  # the class torch.load raises on refusal; nothing here unpickles
 
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
@@ -205,7 +205,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[Path, dict[str, torch
         try:
             # weights_only: plain tensors and containers only -- a pickle cannot run code.
             obj = torch.load(p, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
+        except UnpicklingError as exc:
             raise WeightsError(
                 f"refused to load {p}: it pickles objects other than tensors, which could run "
                 "code when loaded. Fix: use a .safetensors file from a trusted source."

@@ -1,0 +1,142 @@
+"""``napari-virchow demo``: the real sample, the widget docked, all three overlays in a minute.
+
+Virchow 2 is used when its weights are found locally (``--weights PATH`` or the Hugging Face
+cache); otherwise a small random-weights ViT with the same structure, which is fast on a laptop CPU
+and says loudly — in the terminal and in a banner in the widget — that its overlays are not those
+of the real model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from . import _jobs
+from ._sample_data import sample_path
+from .session import SlideSession
+
+__all__ = ["QUERY_POINT", "choose_encoder", "demo_job", "run_demo", "start_demo", "wait_for"]
+
+#: preset query: a tile of epidermis in the CMU-1 small region (level-0 px)
+QUERY_POINT = (1230.0, 2000.0)
+FALLBACK_ENCODER = "virchow2-tiny"
+HOW_TO_GET_WEIGHTS = (
+    "accept the licence at https://huggingface.co/paige-ai/Virchow2, log in with `hf auth login` "
+    "(the weights are then cached on first use), or pass --weights PATH"
+)
+
+
+def choose_encoder(weights: str | None) -> tuple[str, str | None, bool]:
+    """``(encoder, weights, real)``: Virchow 2 if its weights are found locally, else the fallback."""
+    from .encoders import weights_status
+
+    if weights and weights != "random":
+        return "virchow2", weights, True
+    if weights != "random" and weights_status("virchow2")["found"]:
+        return "virchow2", None, True
+    return FALLBACK_ENCODER, "random", False
+
+
+@_jobs.cancellable
+def demo_job(session: SlideSession, polygons: list[np.ndarray], classes: list[str], *, k: int = 6,
+             cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
+    """Embed the sample's tissue, train on the example annotations, cluster, query: one worker."""
+    w, h = session.slide.dimensions
+    yield from _jobs.compute_job(session, (0, 0, w, h), force=True, cancel=cancel)
+    yield from _jobs.train_job(session, polygons, classes, cancel=cancel)
+    yield from _jobs.cluster_job(session, k, cancel=cancel)
+    yield from _jobs.query_job(session, *QUERY_POINT, k=10, cancel=cancel)
+    yield _jobs.Stage("demo ready: heatmap, clusters and similar regions are drawn", final=True)
+
+
+def _edges_um(layer: Any) -> list[float]:
+    """``[x0, y0, x1, y1]`` world µm the layer's pixels cover (napari's extent is pixel centres)."""
+    (y0, x0), (y1, x1) = np.asarray(layer.extent.world)[:, -2:]
+    sy, sx = np.asarray(layer.scale)[-2:] / 2
+    return [round(float(v), 2) for v in (x0 - sx, y0 - sy, x1 + sx, y1 + sy)]
+
+
+def _summary(viewer: Any, widget: Any, encoder: str, seconds: float) -> dict[str, Any]:
+    slide_layer = widget._slide_layer()
+    layers = []
+    for kind in ("probability", "clusters", "similarity"):
+        name = f"{slide_layer.name} · {kind}"
+        if name not in viewer.layers:
+            continue
+        layer = viewer.layers[name]
+        data = np.asarray(layer.data)
+        nonempty = int(np.count_nonzero(data)) if kind == "clusters" else int(np.count_nonzero(np.isfinite(data)))
+        layers.append({"name": name, "kind": kind, "extent_um": _edges_um(layer), "nonempty_tiles": nonempty})
+    return {"layers": layers, "slide_extent_um": _edges_um(slide_layer), "encoder": encoder,
+            "seconds": round(seconds, 1)}  # fmt: skip
+
+
+def start_demo(*, weights: str | None = None, show: bool = True) -> tuple[Any, Any, str]:
+    """Open the viewer with the sample and the docked widget, and start the demo job.
+
+    Returns ``(viewer, widget, encoder name)``; the job runs in a worker thread.
+    """
+    import napari
+
+    from ._widget import VirchowWidget
+
+    encoder, weights, real = choose_encoder(weights)
+    if not real:
+        print(f"napari-virchow demo: Virchow 2 weights not found locally; using {encoder} with RANDOM "
+              f"weights. The overlays show the pipeline, NOT the real model. To use Virchow 2: "
+              f"{HOW_TO_GET_WEIGHTS}.", file=sys.stderr)  # fmt: skip
+    viewer = napari.Viewer(title="napari-virchow demo", show=show)
+    viewer.open(str(sample_path("cmu_small_region_pyramid.tif")), plugin="napari-virchow")
+    widget = VirchowWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Virchow", area="right")
+    widget.encoder_combo.setCurrentText(encoder)
+    if weights == "random":
+        widget.random_check.setChecked(True)
+    elif weights:
+        widget.weights_edit.setText(weights)
+    widget._config_changed()
+    annotations = widget.load_geojson(sample_path("cmu_small_region_annotations.geojson"))
+    polygons, classes = widget.annotations()
+    annotations.visible = True
+    widget._run(demo_job, polygons, classes)
+    return viewer, widget, encoder
+
+
+def wait_for(widget: Any, timeout_s: float = 600.0) -> None:
+    """Process Qt events until the widget's job is done (headless runs and scripts)."""
+    from qtpy.QtWidgets import QApplication
+
+    t0 = time.perf_counter()
+    while widget._worker is not None and time.perf_counter() - t0 < timeout_s:
+        QApplication.processEvents()
+        time.sleep(0.01)
+    for _ in range(20):  # let the last layer updates paint
+        QApplication.processEvents()
+        time.sleep(0.01)
+
+
+def run_demo(*, weights: str | None = None, block: bool = True, timeout_s: float = 600.0) -> int:
+    """Open napari with the sample and the widget, and draw the three overlays.
+
+    With ``block=False`` wait for the overlays, print a JSON summary as the last line and exit
+    (0 when all three overlays are drawn and not empty).
+    """
+    import napari
+
+    t0 = time.perf_counter()
+    viewer, widget, encoder = start_demo(weights=weights)
+    if block:
+        napari.run()
+        return 0
+    wait_for(widget, timeout_s)
+    summary = _summary(viewer, widget, encoder, time.perf_counter() - t0)
+    ok = len(summary["layers"]) == 3 and all(layer["nonempty_tiles"] > 0 for layer in summary["layers"])
+    viewer.close()
+    print(json.dumps(summary))
+    return 0 if ok else 1

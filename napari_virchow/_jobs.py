@@ -1,0 +1,242 @@
+"""The widget's long-running work as plain generators (Qt-free, testable without a viewer).
+
+Each job yields small event objects; the widget runs it in a napari ``thread_worker`` and draws
+on each event in the UI thread. Jobs check a ``threading.Event`` between batches to cancel.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .analysis import Hit
+from .errors import VirchowError
+from .session import ClusterResult, SlideSession, TrainResult
+
+__all__ = [
+    "BatchDone", "Clustered", "IndexHits", "Queried", "Stage", "TooMany", "Trained",
+    "cluster_job", "compute_job", "index_search_job", "query_job", "train_job",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A step started (model load, tissue detection, ...) or a final status line."""
+
+    message: str
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    """A batch was embedded and stored; ``changed`` overlays need redrawing."""
+
+    n_done: int
+    n_total: int
+    tiles_per_s: float
+    indices: np.ndarray = field(repr=False)
+    changed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TooMany:
+    """More tiles to compute than the limit: nothing was computed; the user decides."""
+
+    n_todo: int
+    n_in_view: int
+    limit: int
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class Trained:
+    result: TrainResult
+
+
+@dataclass(frozen=True)
+class Clustered:
+    result: ClusterResult
+
+
+@dataclass(frozen=True)
+class Queried:
+    """Similarity computed for a query; hits with small RGB thumbnails."""
+
+    hits: list[Hit]
+    thumbnails: list[np.ndarray] = field(repr=False)
+    query_indices: np.ndarray = field(repr=False)
+
+
+class Cancelled(Exception):
+    """Raised inside a job when the user cancelled between two stages."""
+
+
+def _stop_if_cancelled(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled
+
+
+def cancellable(job: Callable[..., Iterator[object]]) -> Callable[..., Iterator[object]]:
+    """End a job quietly with a final "cancelled" stage when it is cancelled between stages."""
+
+    @functools.wraps(job)
+    def run(*args: object, **kwargs: object) -> Iterator[object]:
+        try:
+            yield from job(*args, **kwargs)
+        except Cancelled:
+            yield Stage("cancelled; everything computed so far is kept", final=True)
+
+    return run
+
+
+def _load(session: SlideSession, cancel: threading.Event | None = None) -> Iterator[Stage]:
+    """Open the model and find tissue (each slow), checking for cancel between them."""
+    _stop_if_cancelled(cancel)
+    if not session.encoder_loaded:
+        yield Stage(f"loading {session.config.encoder} …")
+        session.encoder()
+        _stop_if_cancelled(cancel)
+    if "grid" not in session.__dict__:
+        yield Stage("finding tissue …")
+        session.grid  # noqa: B018 - builds the grid (thumbnail + tissue mask) in this thread
+        _stop_if_cancelled(cancel)
+
+
+def _embed(session: SlideSession, todo: np.ndarray, cancel: threading.Event | None) -> Iterator[BatchDone]:
+    for batch in session.compute(indices=todo, cancel=cancel):
+        changed = session.absorb(batch.indices, batch.embeddings)
+        session.last_tiles_per_s = batch.tiles_per_s
+        yield BatchDone(batch.n_done, batch.n_total, batch.tiles_per_s, batch.indices, tuple(changed))
+    _stop_if_cancelled(cancel)
+
+
+@cancellable
+def compute_job(session: SlideSession, box: Sequence[float], *, limit: int = 2000, force: bool = False,
+                cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
+    """Embed the tissue tiles in ``box`` (level-0 px) that are not stored, centre-out.
+
+    Yields :class:`Stage`, then :class:`BatchDone` per batch, or one :class:`TooMany` when more
+    than ``limit`` tiles are missing and ``force`` is false. A view seen before yields only a
+    final :class:`Stage` and never calls the encoder.
+    """
+    yield from _load(session, cancel)
+    tiles = session.tiles_in(box)
+    todo = session.missing(tiles)
+    if len(todo) > limit and not force:
+        rate = getattr(session, "last_tiles_per_s", None)
+        if not rate:
+            from .inference import estimate_tiles_per_s
+
+            yield Stage("timing the encoder …")
+            rate = estimate_tiles_per_s(session.encoder(), batch_size=session.config.batch_size)
+            session.last_tiles_per_s = rate
+        yield TooMany(len(todo), len(tiles), limit, len(todo) / rate)
+        return
+    if not len(todo):
+        yield Stage(f"{len(tiles)} tissue tiles in view, all cached", final=True)
+        return
+    t0 = time.perf_counter()
+    yield from _embed(session, todo, cancel)
+    yield Stage(f"done: {len(todo)} tiles in {time.perf_counter() - t0:.1f} s", final=True)
+
+
+@cancellable
+def train_job(session: SlideSession, polygons: Sequence[np.ndarray], classes: Sequence[str], *,
+              cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
+    """Embed the tiles under the annotations, fit a probe, and draw it over every embedded tile."""
+    yield from _load(session, cancel)
+    idx, labels = session.annotated_tiles(polygons, classes)
+    names = sorted(set(labels.tolist()))
+    if len(names) < 2:
+        have = f"only {names[0]!r}" if names else "no class with tiles under it"
+        raise VirchowError(f"annotations cover {have}: draw regions of at least two classes "
+                           "(each at least half a tile) and train again")  # fmt: skip
+    todo = session.missing(idx)
+    if len(todo):
+        yield Stage(f"embedding {len(todo)} annotated tiles …")
+        yield from _embed(session, todo, cancel)
+    yield Stage("fitting the probe …")
+    result = session.train_head(polygons, classes)
+    session.set_head(result.head)
+    yield Trained(result)
+
+
+@cancellable
+def cluster_job(session: SlideSession, k: int, *, with_rgb: bool = False,
+                cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
+    """K-means over the embedded tiles (and PCA colours)."""
+    yield from _load(session, cancel)
+    yield Stage(f"clustering into {k} …")
+    before = session.cluster_model, session.cluster_labels
+    result = session.set_clusters(k, with_rgb=with_rgb)
+    if cancel is not None and cancel.is_set():  # k-means is one call: a cancel during it drops its result
+        session.cluster_model, session.cluster_labels = before
+        raise Cancelled
+    yield Clustered(result)
+
+
+@cancellable
+def query_job(session: SlideSession, x: float, y: float, *, k: int = 20, box: Sequence[float] | None = None,
+              cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
+    """Similarity to the tile under level-0 ``(x, y)`` (or the tiles in ``box``), embedding it first."""
+    yield from _load(session, cancel)
+    query = session.query_indices(x, y, box)
+    todo = session.missing(query)
+    if len(todo):
+        yield Stage("embedding the query region …")
+        yield from _embed(session, todo, cancel)
+    session.set_query(query)
+    hits = session.hits(k)
+    thumbs = [thumbnail(session, h.x, h.y) for h in hits]
+    yield Queried(hits, thumbs, query)
+
+
+@dataclass(frozen=True)
+class IndexHits:
+    """Hits from other slides of a cohort index; ``warning`` names slide files that moved."""
+
+    hits: list[Hit]
+    thumbnails: list[np.ndarray | None] = field(repr=False)
+    warning: str | None = None
+
+
+@cancellable
+def index_search_job(session: SlideSession, index_path: str, *, k: int = 20,
+                     cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
+    """Search a cohort index (``napari-virchow index``) with the current query, other slides only."""
+    from ._search_index import load_index
+    from .slide import Slide
+
+    if session.query_vector is None:
+        raise VirchowError("pick a query first: press 'Pick query' and click a region of the slide")
+    yield Stage("searching the index …")
+    index = load_index(index_path, encoder=session.config.encoder)
+    hits = index.search(session.query_vector, k, exclude_slide=str(session.slide.path))
+    thumbs: list[np.ndarray | None] = []
+    for hit in hits:
+        if not hit.exists or hit.slide is None:
+            thumbs.append(None)
+            continue
+        with Slide(hit.slide) as other:
+            thumbs.append(_tile_picture(other, hit.x, hit.y, session.grid.tile_size_l0))
+    yield IndexHits(hits, thumbs, index.check_slides())
+
+
+def _tile_picture(slide: object, x: int, y: int, tile: int, size: int = 64) -> np.ndarray:
+    from PIL import Image
+
+    level = slide.best_level_for_downsample(tile / size)  # type: ignore[attr-defined]
+    ds = slide.level_downsamples[level]  # type: ignore[attr-defined]
+    side = max(int(round(tile / ds)), 1)
+    img = Image.fromarray(slide.read_region((int(x), int(y)), level, (side, side)))  # type: ignore[attr-defined]
+    return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def thumbnail(session: SlideSession, x: int, y: int, size: int = 64) -> np.ndarray:
+    """A small RGB picture of the tile at level-0 ``(x, y)``."""
+    return _tile_picture(session.slide, x, y, session.grid.tile_size_l0, size)
