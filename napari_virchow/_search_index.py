@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ._io import atomic_write
 from .analysis import AnalysisError, Hit, _query_vector, l2_normalize
 
 __all__ = ["AUTO_FLAT_MAX", "IndexEntry", "SlideIndex", "build_index", "load_index"]
@@ -67,17 +67,6 @@ def _files(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
     if p.suffix != ".faiss":
         p = p / "INDEX.faiss"
     return p, p.with_suffix(".json"), p.with_suffix(".npz")
-
-
-def _atomic(target: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class SlideIndex:
@@ -230,11 +219,11 @@ class SlideIndex:
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
                 np.savez(f, **arrays)
 
-        _atomic(arrays_file, write_arrays)
-        _atomic(index_file, lambda tmp: faiss.write_index(self.index, tmp))
+        atomic_write(arrays_file, write_arrays)
+        atomic_write(index_file, lambda tmp: faiss.write_index(self.index, tmp))
         text = json.dumps(self.meta, indent=1)
         # The JSON goes last; load_index cross-checks row counts in case a write was cut short.
-        _atomic(meta_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(meta_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         self.path = index_file
         return index_file
 

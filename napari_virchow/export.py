@@ -20,8 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from ._io import atomic_write
 from .geojson import PALETTE, Color, tiles_to_features
 
 __all__ = [
@@ -50,20 +50,6 @@ HEATMAP_NODATA = 0
 #: µm/px of a 1× objective in the usual convention (20× = 0.5 µm/px, 40× = 0.25 µm/px)
 _MPP_AT_1X = 10.0
 _H5_CHUNK_ROWS = 1024
-
-
-def _atomic(target: Path, write: Callable[[str], Any]) -> Path:
-    """Write through a temporary file next to ``target``: readers never see half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
 
 
 # --- HDF5 features + coords ---------------------------------------------------------------------
@@ -173,7 +159,8 @@ def write_features_h5(
             for key, value in (file_attrs or {}).items():
                 f.attrs[key] = _h5_value(value)
 
-    return _atomic(path, write)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, write)
 
 
 @dataclass
@@ -324,7 +311,8 @@ def write_heatmap_tiff(
                     metadata=None,
                 )  # fmt: skip
 
-    return _atomic(Path(path), write)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, write)
 
 
 # --- GeoJSON regions ----------------------------------------------------------------------------

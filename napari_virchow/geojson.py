@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._io import atomic_write
 from .errors import VirchowError
 from .overlays import grid_indices
 
@@ -198,15 +198,7 @@ def write_annotations(
     path = Path(path)
     feats = [dict(a) if isinstance(a, Mapping) else annotation_to_feature(a) for a in annotations]
     text = json.dumps({"type": "FeatureCollection", "features": feats})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _trace(mask: np.ndarray) -> list[list[np.ndarray]]:

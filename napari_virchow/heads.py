@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ._io import atomic_write
 from .errors import HeadError
 
 __all__ = ["LinearHead", "fit_head", "load_head", "save_head"]
@@ -245,18 +245,6 @@ def fit_head(
     )
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder so a crash never leaves half a head."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_head(head: LinearHead, path: str | os.PathLike[str]) -> Path:
     """Save ``head`` as ``.safetensors`` (tensors + JSON header metadata) or ``.json``."""
     from safetensors.numpy import save_file
@@ -265,13 +253,13 @@ def save_head(head: LinearHead, path: str | os.PathLike[str]) -> Path:
     meta = head.metadata()
     if path.suffix == ".safetensors":
         tensors = {"weight": head.weights, "bias": head.bias}
-        _atomic_write(
+        atomic_write(
             path, lambda tmp: save_file(tensors, tmp, metadata={_FORMAT: json.dumps(meta)})
         )
     elif path.suffix == ".json":
         meta.update(weight=head.weights.tolist(), bias=head.bias.tolist())
         text = json.dumps(meta, indent=1)
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     else:
         raise HeadError(f"{path}: unknown head format; use a .safetensors or .json file name")
     return path
@@ -285,7 +273,7 @@ def _read(path: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
             with safe_open(str(path), framework="np") as f:
                 meta = json.loads((f.metadata() or {})[_FORMAT])
                 return meta, f.get_tensor("weight"), f.get_tensor("bias")
-        except (SafetensorError, KeyError, ValueError, TypeError) as exc:
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
             raise HeadError(
                 f"{path}: not a napari-virchow head ({type(exc).__name__}: {exc}); "
                 "fit a new head or pick the right file"
@@ -294,7 +282,7 @@ def _read(path: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
             return meta, np.asarray(meta.pop("weight")), np.asarray(meta.pop("bias"))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise HeadError(
                 f"{path}: not a napari-virchow head ({type(exc).__name__}: {exc}); "
                 "fit a new head or pick the right file"
@@ -310,7 +298,10 @@ def load_head(path: str | os.PathLike[str], encoder: str | None = None) -> Linea
     meta, weight, bias = _read(path)
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise HeadError(f"{path}: not a napari-virchow head (no '{_FORMAT}' format marker)")
-    if int(meta.get("version", 0)) > _VERSION:
+    version = meta.get("version", 0)
+    if not isinstance(version, (int, float)):
+        raise HeadError(f"{path}: head format version {version!r} is not a number; fit a new head")
+    if version > _VERSION:
         raise HeadError(
             f"{path}: head format version {meta['version']} is newer than this napari-virchow "
             f"understands ({_VERSION}); upgrade napari-virchow"
