@@ -162,6 +162,7 @@ def train_job(session: SlideSession, polygons: Sequence[np.ndarray], classes: Se
         yield from _embed(session, todo, cancel)
     yield Stage("fitting the probe …")
     result = session.train_head(polygons, classes)
+    _stop_if_cancelled(cancel)  # a cancel during fitting keeps the previous head
     session.set_head(result.head)
     yield Trained(result)
 
@@ -222,8 +223,11 @@ def index_search_job(session: SlideSession, index_path: str, *, k: int = 20,
         if not hit.exists or hit.slide is None:
             thumbs.append(None)
             continue
-        with Slide(hit.slide) as other:
-            thumbs.append(_tile_picture(other, hit.x, hit.y, session.grid.tile_size_l0))
+        try:
+            with Slide(hit.slide) as other:
+                thumbs.append(_tile_picture(other, hit.x, hit.y, session.grid.tile_size_l0))
+        except VirchowError:  # one unreadable slide costs its thumbnail, not the search
+            thumbs.append(None)
     yield IndexHits(hits, thumbs, index.check_slides())
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from pickle import UnpicklingError  # the class torch.load raises on refusal; nothing here unpickles
@@ -206,12 +205,23 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[Path, dict[str, torch
             # weights_only: plain tensors and containers only -- a pickle cannot run code.
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except UnpicklingError as exc:
+            if "Unsupported global" not in str(exc):  # not an object pickle: bytes torch cannot parse
+                raise WeightsError(
+                    f"cannot read {p}: not a PyTorch checkpoint, or truncated or corrupt. "
+                    "Fix: download or copy it again, or use a .safetensors file."
+                ) from exc
             raise WeightsError(
                 f"refused to load {p}: it pickles objects other than tensors, which could run "
                 "code when loaded. Fix: use a .safetensors file from a trusted source."
             ) from exc
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
-            raise WeightsError(f"cannot read {p}: truncated or corrupt ({exc}).") from exc
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch's legacy (non-zip) reader fails on bytes that
+            # are no checkpoint with KeyError, IndexError, ValueError, EOFError ...: all mean "unreadable"
+            raise WeightsError(
+                f"cannot read {p}: truncated or corrupt ({exc!r}). Fix: download or copy it again, "
+                "or use a .safetensors file."
+            ) from exc
     else:
         raise WeightsError(
             f"unsupported weights file {p}: use .safetensors (preferred) or {'/'.join(PICKLE_SUFFIXES)}."

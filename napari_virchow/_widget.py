@@ -557,8 +557,12 @@ class VirchowWidget(QWidget):
             show_warning("no head yet: train one from annotations or load one")
             return
         path, _ = QFileDialog.getSaveFileName(self, "Save head", "head.safetensors", "Heads (*.safetensors *.json)")
-        if path:
+        if not path:
+            return
+        try:
             show_info(f"saved {save_head(head, path)}")
+        except (VirchowError, OSError) as exc:
+            _report(exc)
 
     def _load_geojson(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "QuPath annotations", "", "GeoJSON (*.geojson *.json)")
@@ -593,9 +597,14 @@ class VirchowWidget(QWidget):
             _report(exc)
             return
         path, _ = QFileDialog.getSaveFileName(self, "Save annotations", "annotations.geojson", "GeoJSON (*.geojson)")
-        if path:
+        if not path:
+            return
+        try:
             write_annotations(path, [Annotation(p, c) for p, c in zip(polygons, classes, strict=True)])
-            show_info(f"saved {len(polygons)} annotations to {path}")
+        except (VirchowError, OSError) as exc:
+            _report(exc)
+            return
+        show_info(f"saved {len(polygons)} annotations to {path}")
 
     # --- clusters and similarity ----------------------------------------------------------------------
     def cluster(self) -> None:

@@ -37,6 +37,9 @@ SATURATION_CLIP = (0.05, 0.15)
 NEAR_WHITE, VERY_DARK = 220, 50
 #: thumbnail pixels per tile side (bounded) used to measure each tile's tissue fraction
 THUMB_PX_PER_TILE, THUMB_SIZE_RANGE = 8, (1024, 4096)
+#: fewest level-0 px a tile may span: below this the slide is far coarser than the model's
+#: magnification (or its resolution tag is wrong) and the lattice would explode to ~1 tile per px
+MIN_TILE_L0 = 16
 
 
 def detect_tissue(rgb: np.ndarray, *, threshold: float | None = None) -> tuple[np.ndarray, float]:
@@ -111,7 +114,8 @@ class TileGrid:
     Raises
     ------
     SlideError
-        No µm/px, or the slide is smaller than one tile.
+        No µm/px, the slide is smaller than one tile, or a tile would span fewer than
+        :data:`MIN_TILE_L0` slide px (a resolution far coarser than ``mpp``, or a wrong tag).
     """
 
     def __init__(
@@ -130,6 +134,13 @@ class TileGrid:
         self.slide, self.mpp, self.size, self.min_tissue = slide, float(mpp), int(size), min_tissue
         slide_mpp = slide.require_mpp()
         self.tile_size_l0 = max(1, round(self.size * self.mpp / slide_mpp))
+        if self.tile_size_l0 < MIN_TILE_L0:
+            raise SlideError(
+                f"{slide.path.name} records {slide_mpp:g} µm/px: a {self.size}-px tile at {self.mpp:g} µm/px "
+                f"would be {self.tile_size_l0} px of it, upsampled {self.size / self.tile_size_l0:.0f}×. If the "
+                "file's resolution is wrong, pass the right one (`--mpp-override`, the µm/px field in the "
+                "widget, or `Slide(path, mpp=...)`); else use a slide scanned at higher magnification."
+            )
         w, h = slide.dimensions
         rows, cols = h // self.tile_size_l0, w // self.tile_size_l0
         if rows == 0 or cols == 0:

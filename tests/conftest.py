@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import time
@@ -24,16 +25,34 @@ PLANTED_PATTERNS = [Region((448, 448, 896, 896), "planted"), Region((1152, 1152,
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Refuse connections to anything but loopback and unix sockets (dask.distributed still works)."""
-    real_connect = socket.socket.connect
+    def loopback(address: object) -> bool:
+        host = str(address[0]) if isinstance(address, tuple) else str(address)
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host.split("%")[0]).is_loopback
+        except ValueError:  # a host name other than localhost would resolve anywhere
+            return False
 
-    def guarded(self: socket.socket, address: object) -> object:
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            host = str(address[0]) if isinstance(address, tuple) else str(address)
-            if not (host.startswith("127.") or host in ("::1", "localhost")):
+    def guard(real):  # noqa: ANN001, ANN202
+        def guarded(self: socket.socket, address: object, *args: object) -> object:
+            if self.family in (socket.AF_INET, socket.AF_INET6) and not loopback(address):
                 raise ConnectionRefusedError(f"tests must not reach the network (tried {address})")
-        return real_connect(self, address)
+            return real(self, address, *args)
 
-    monkeypatch.setattr(socket.socket, "connect", guarded)
+        return guarded
+
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, guard(getattr(socket.socket, name)))
+    real_sendto = socket.socket.sendto
+
+    def sendto(self: socket.socket, data: bytes, *args: object) -> int:
+        address = args[-1]
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not loopback(address):
+            raise ConnectionRefusedError(f"tests must not reach the network (tried {address})")
+        return real_sendto(self, data, *args)
+
+    monkeypatch.setattr(socket.socket, "sendto", sendto)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 

@@ -212,3 +212,23 @@ def test_search_indexed_slides_opens_the_other_slide_at_the_hit(qtbot, planted_w
     assert _planted_truth(w.session())[w.session().grid.index_at(top[0], top[1])]
     w._go_to_hit(w.hit_list.item(0))
     assert w.slide_combo.currentText() == "other" and "other" in w.viewer.layers
+
+
+def test_saving_to_a_bad_place_is_one_message(planted_widget: VirchowWidget, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from qtpy.QtWidgets import QFileDialog
+
+    from napari_virchow.heads import LinearHead
+
+    w = planted_widget
+    shown: list[str] = []
+    monkeypatch.setattr("napari_virchow._widget.show_error", shown.append)
+    layer = w.new_annotation_layer()
+    layer.add_polygons([_square(448, 448, 896, 896)])
+    monkeypatch.setattr(QFileDialog, "getSaveFileName",
+                        staticmethod(lambda *a, **k: (str(tmp_path / "missing" / "a.geojson"), "")))  # fmt: skip
+    w._save_geojson()
+    w.session().head = LinearHead(np.zeros((1, 96)), [0.0], ["normal", "tumour"], encoder="virchow2-tiny")
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(tmp_path / "myhead"), "")))
+    w._save_head()
+    assert len(shown) == 2 and "a.geojson" in shown[0] and "myhead" in shown[1], shown
