@@ -2,7 +2,7 @@
 
     python benchmarks/bench_pipeline.py [--tiles 300] [--repeats 3] [--encoder NAME] [--dtype fp32]
 
-Builds (once, cached in benchmarks/_data/) a 5600² px pyramid of the sample's real tissue,
+Builds (once, cached in benchmarks/_data/) a 6720² px pyramid of the sample's real tissue,
 mirrored, and takes its first ``--tiles`` tissue tiles (row-major, as the CLI embeds a slide).
 Default encoder: ``timm:vit_small_patch16_224`` in fp32 (random weights cost the same as real ones).
 This machine is shared and its load swings within seconds, so runs of each mode minutes apart
@@ -42,7 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "_data"
-SIZE = 5600
+SIZE = 6720
 MODES = ("paired", "naive", "encoder", "pipeline")
 
 
@@ -130,7 +130,10 @@ def main() -> None:
     def spawn(mode: str) -> dict[str, float]:
         cmd = [sys.executable, __file__, "--child", mode, "--tiles", str(args.tiles),
                "--encoder", args.encoder, "--dtype", args.dtype]  # fmt: skip
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"child {mode} failed:\n{proc.stderr[-3000:]}")
+        out = proc.stdout
         run = json.loads(out.strip().splitlines()[-1])
         rates = {k[:-2]: round(run["tiles"] / v, 2) for k, v in run.items() if k.endswith("_s") and k != "grid_s"}
         print(f"{mode:8s} tiles/s {rates}  peak RSS {run['rss_mb']:.0f} MB", flush=True)

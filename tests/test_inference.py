@@ -32,7 +32,7 @@ from napari_virchow.synthetic import PlantedSource, Region, write_pyramid
 from napari_virchow.tiling import TileGrid
 
 REPO = Path(__file__).resolve().parents[1]
-READER_PREFIX = "napari-virchow-reader"
+PIPELINE_PREFIX = "napari-virchow-"  # reader and writer threads
 
 
 class CountingEncoder(Encoder):
@@ -83,8 +83,8 @@ def _reference_rows(grid: TileGrid, reference: np.ndarray, idx: np.ndarray) -> n
     return reference[pos]
 
 
-def _reader_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(READER_PREFIX)]
+def _pipeline_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(PIPELINE_PREFIX)]
 
 
 def _thread_count() -> int:
@@ -113,6 +113,13 @@ def test_end_to_end_equals_encoder_on_read_tiles(
         np.testing.assert_array_equal(done, grid.tissue_indices)
         np.testing.assert_allclose(rows, reference, rtol=2e-3, atol=1e-3)  # float16 on disk
         np.testing.assert_array_equal(store.coords, grid.coords)
+
+
+@pytest.mark.timeout(60)
+def test_each_yielded_batch_is_already_stored(slide: Slide, grid: TileGrid, encoder: Encoder, tmp_path: Path) -> None:
+    with open_store(slide, encoder, grid, cache_root=tmp_path) as store:
+        for r in iter_embed(slide, encoder, grid, store, batch_size=3):
+            assert store.done[r.indices].all() and store.n_done == r.n_done
 
 
 @pytest.mark.timeout(60)
@@ -165,15 +172,15 @@ def test_cancel_between_batches_leaves_store_consistent(
 
 
 @pytest.mark.timeout(60)
-def test_closing_the_generator_stops_reader_threads(
+def test_closing_the_generator_stops_pipeline_threads(
     slide: Slide, grid: TileGrid, encoder: Encoder, tmp_path: Path
 ) -> None:
     baseline = _thread_count()
     gen = iter_embed(slide, encoder, grid, cache_root=tmp_path, batch_size=2, readers=2)
     first = next(gen)
-    assert len(first.indices) == 2 and len(_reader_threads()) >= 1
+    assert len(first.indices) == 2 and len(_pipeline_threads()) >= 1
     gen.close()
-    assert _reader_threads() == [] and _thread_count() == baseline
+    assert _pipeline_threads() == [] and _thread_count() == baseline
     with open_store(slide, encoder, grid, cache_root=tmp_path, mode="r") as store:
         assert store.n_done == 2  # prefetched batches were read, never half-stored
 
@@ -185,7 +192,7 @@ def test_threaded_readers_give_the_same_embeddings(
     results = list(iter_embed(slide, encoder, grid, cache_root=tmp_path, batch_size=4, readers=3))
     np.testing.assert_array_equal(np.concatenate([r.indices for r in results]), grid.tissue_indices)
     np.testing.assert_allclose(np.concatenate([r.embeddings for r in results]), reference, rtol=1e-4, atol=1e-5)
-    assert _reader_threads() == []
+    assert _pipeline_threads() == []
 
 
 @pytest.mark.timeout(60)
@@ -208,7 +215,7 @@ def test_reader_exception_propagates_without_hang(
         for r in iter_embed(slide, encoder, flaky, cache_root=tmp_path, batch_size=2, readers=readers):
             stored.extend(r.indices.tolist())
     assert any("while reading tiles" in note for note in getattr(info.value, "__notes__", ["while reading tiles"]))
-    assert _reader_threads() == []
+    assert _pipeline_threads() == []
     assert stored == grid.tissue_indices[:6].tolist()  # batches before the failing one
     with open_store(slide, encoder, grid, cache_root=tmp_path, mode="r") as store:
         np.testing.assert_array_equal(store.read_done()[0], stored)
