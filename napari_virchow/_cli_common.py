@@ -237,10 +237,11 @@ class SlideJob:
 
     def open_store(self, weights_id: str, *, mode: str = "a") -> EmbeddingStore:
         """The store of this slide under (encoder, ``weights_id``): found by key, no model needed."""
-        from .store import EmbeddingStore, StoreKey
+        from .inference import store_key
+        from .store import EmbeddingStore
 
         g = self.grid
-        key = StoreKey(self.slide.fingerprint, self.spec.name, weights_id, g.mpp, g.size)
+        key = store_key(self.slide, self.spec.name, g, weights_id=weights_id)
         return EmbeddingStore.open(
             key, n_tiles=len(g), dim=self.spec.dim, root=self.opts.cache, slide_path=str(self.path.resolve()),
             coords=g.coords, tile_size_l0=g.tile_size_l0, mode="r" if mode == "r" else "a",

@@ -234,7 +234,9 @@ def _matches(info: StoreInfo, slide: str | None, encoder: str | None) -> bool:
             return False
     if slide is None:
         return True
-    if info.slide_fingerprint is not None and slide == info.slide_fingerprint:
+    # stores are keyed by "<fingerprint>-step<lattice px>": the bare fingerprint matches too
+    fingerprint = info.slide_fingerprint
+    if fingerprint is not None and slide in (fingerprint, fingerprint.split("-step")[0]):
         return True
     if info.slide_path:
         sp = Path(info.slide_path)

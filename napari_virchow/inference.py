@@ -122,9 +122,15 @@ def _default_grid(slide: Slide, encoder: Encoder) -> TileGrid:
     return TileGrid(slide, mpp=encoder.spec.mpp, size=encoder.spec.input_size)
 
 
-def store_key(slide: Slide, encoder: Encoder, grid: TileGrid) -> StoreKey:
-    """Cache key of ``slide`` embedded by ``encoder`` on ``grid``."""
-    return StoreKey(slide.fingerprint, encoder.spec.name, encoder.weights_id, grid.mpp, grid.size)
+def store_key(slide: Slide, encoder: Encoder | str, grid: TileGrid, *, weights_id: str | None = None) -> StoreKey:
+    """Cache key of ``slide`` embedded by ``encoder`` (or an encoder name + ``weights_id``) on ``grid``.
+
+    The lattice step is part of the slide's identity: the same file with another µm/px override
+    is tiled differently, so it gets its own store rather than a "made by another encoder" refusal.
+    """
+    name = encoder if isinstance(encoder, str) else encoder.spec.name
+    wid = weights_id if weights_id is not None else encoder.weights_id  # type: ignore[union-attr]
+    return StoreKey(f"{slide.fingerprint}-step{grid.tile_size_l0}", name, wid, grid.mpp, grid.size)
 
 
 def open_store(

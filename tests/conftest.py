@@ -111,3 +111,25 @@ def run_as_nobody(func: Callable[[], str], timeout: float = 60.0) -> str:
         raise TimeoutError("unprivileged child did not finish")
     with os.fdopen(read_fd, "rb") as f:
         return f.read().decode()
+
+
+@pytest.fixture
+def make_widget(make_napari_viewer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, ANN201
+    """Factory: a shown viewer with ``slide_path`` open and the Virchow widget docked.
+
+    The widget uses the tiny same-structure encoder with random weights and a private cache.
+    """
+
+    def make(slide_path: Path):  # noqa: ANN202 - VirchowWidget (Qt: imported lazily)
+        from napari_virchow._widget import VirchowWidget
+
+        monkeypatch.setenv("NAPARI_VIRCHOW_CACHE", str(tmp_path / "cache"))
+        viewer = make_napari_viewer(show=True)
+        viewer.open(str(slide_path), plugin="napari-virchow")
+        widget = VirchowWidget(viewer)
+        viewer.window.add_dock_widget(widget)
+        widget.encoder_combo.setCurrentText("virchow2-tiny")
+        widget.random_check.setChecked(True)
+        return widget
+
+    return make

@@ -381,18 +381,8 @@ def test_cli_subprocess_bad_input_is_one_line(tmp: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_widget_bad_weights_is_a_message_and_keeps_the_store(
-    make_napari_viewer: Any, qtbot: Any, tmp: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from napari_virchow._widget import VirchowWidget
-
-    monkeypatch.setenv("NAPARI_VIRCHOW_CACHE", str(tmp / "cache"))
-    viewer = make_napari_viewer(show=True)
-    viewer.open(str(SAMPLE_TIF), plugin="napari-virchow")
-    w = VirchowWidget(viewer)
-    viewer.window.add_dock_widget(w)
-    w.encoder_combo.setCurrentText("virchow2-tiny")
-    w.random_check.setChecked(True)
+def test_widget_bad_weights_is_a_message_and_keeps_the_store(make_widget: Any, qtbot: Any, tmp: Path) -> None:
+    w = make_widget(SAMPLE_TIF)
     w.limit_spin.setValue(10_000)
     w.compute_visible()
     qtbot.waitUntil(lambda: w._worker is None, timeout=60_000)

@@ -324,3 +324,18 @@ def test_sigkill_mid_run_then_resume(
         done, rows = store.read_done()
     np.testing.assert_array_equal(done, grid.tissue_indices)
     np.testing.assert_allclose(rows, reference, rtol=2e-3, atol=1e-3)  # same as an uninterrupted run
+
+
+@pytest.mark.timeout(120)
+def test_another_mpp_override_gets_its_own_store(planted_slide: Path, encoder: Encoder, tmp_path: Path) -> None:
+    # same file, other µm/px → another lattice: a separate store, not a "made by another encoder" refusal
+    counts = []
+    for mpp in (0.5, 0.25):
+        with Slide(planted_slide, mpp=mpp) as s:
+            grid = TileGrid(s, mpp=0.5, size=224)
+            with open_store(s, encoder, grid, cache_root=tmp_path) as store:
+                for _ in iter_embed(s, encoder, grid, store, indices=grid.tissue_indices[:2]):
+                    pass
+                counts.append((len(grid), store.n_done))
+    assert counts[0][0] != counts[1][0] and [n for _, n in counts] == [2, 2]
+    assert len([p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 2

@@ -41,6 +41,7 @@ def _assert_contributions(info: dict) -> None:
     assert info["readers"] == ["napari-virchow.get_reader"]
     assert {"cmu_small_region", "cmu_small_region_svs"} <= set(info["samples"])
     assert "*.svs" in info["patterns"] and "*.mrxs" in info["patterns"]
+    assert info["widgets"] == ["napari-virchow.widget"]
 
 
 def test_npe2_validate_editable_install() -> None:

@@ -15,15 +15,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture
-def widget(make_napari_viewer, sample_pyramid: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("NAPARI_VIRCHOW_CACHE", str(tmp_path / "cache"))
-    viewer = make_napari_viewer(show=True)
-    viewer.open(str(sample_pyramid), plugin="napari-virchow")
-    w = VirchowWidget(viewer)
-    viewer.window.add_dock_widget(w)
-    w.encoder_combo.setCurrentText("virchow2-tiny")
-    w.random_check.setChecked(True)
-    return w
+def widget(make_widget, sample_pyramid: Path) -> VirchowWidget:
+    return make_widget(sample_pyramid)
 
 
 def _wait(qtbot, w: VirchowWidget, timeout: int = 120_000) -> None:
@@ -76,15 +69,8 @@ def test_no_slide_layer_is_a_message_not_a_crash(make_napari_viewer, qtbot) -> N
 
 
 @pytest.fixture
-def planted_widget(make_napari_viewer, planted_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("NAPARI_VIRCHOW_CACHE", str(tmp_path / "cache"))
-    viewer = make_napari_viewer(show=True)
-    viewer.open(str(planted_slide), plugin="napari-virchow")
-    w = VirchowWidget(viewer)
-    viewer.window.add_dock_widget(w)
-    w.encoder_combo.setCurrentText("virchow2-tiny")
-    w.random_check.setChecked(True)
-    return w
+def planted_widget(make_widget, planted_slide: Path) -> VirchowWidget:
+    return make_widget(planted_slide)
 
 
 def _square(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
