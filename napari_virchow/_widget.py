@@ -228,7 +228,7 @@ class VirchowWidget(QWidget):
         box = QGroupBox("Similar regions")
         lay = QFormLayout(box)
         row = QHBoxLayout()
-        self.pick_btn = QPushButton("Pick query (click slide)")
+        self.pick_btn = QPushButton("Pick query (click or drag a box)")
         self.pick_btn.setCheckable(True)
         self.pick_btn.toggled.connect(self._set_picking)
         self.hits_spin = QSpinBox(minimum=1, maximum=500, value=20)
@@ -613,21 +613,33 @@ class VirchowWidget(QWidget):
 
     def _set_picking(self, on: bool) -> None:
         callbacks = self.viewer.mouse_drag_callbacks
+        camera(self.viewer).mouse_pan = not on  # while picking, a drag draws a box instead of panning
         if on and self._pick not in callbacks:
             callbacks.append(self._pick)
         elif not on and self._pick in callbacks:
             callbacks.remove(self._pick)
 
-    def _pick(self, viewer: napari.Viewer, event: Any) -> None:
+    def _pick(self, viewer: napari.Viewer, event: Any) -> Iterator[None]:
+        """Click: the tile under the cursor is the query; drag: the mean of the tiles in the box."""
         layer = self._slide_layer()
         if layer is None or event.type != "mouse_press":
             return
-        y, x = np.asarray(layer.world_to_data(event.position))[-2:]
-        self.query_at(float(x), float(y))
+        start = end = np.asarray(layer.world_to_data(event.position))[-2:]
+        yield
+        while event.type == "mouse_move":
+            end = np.asarray(layer.world_to_data(event.position))[-2:]
+            yield
+        (y0, x0), (y1, x1) = np.minimum(start, end), np.maximum(start, end)
+        click_px = 5 / camera(viewer).zoom / float(np.asarray(layer.scale)[-1])  # 5 screen px, in level 0
+        if max(y1 - y0, x1 - x0) < click_px:  # a click (or a wobble)
+            self.query_at(float(start[1]), float(start[0]))
+        else:
+            self.query_at(float(start[1]), float(start[0]), box=(float(x0), float(y0), float(x1), float(y1)))
 
-    def query_at(self, x: float, y: float) -> None:
-        """Similar regions to the tile under level-0 ``(x, y)`` (embedded first if needed)."""
-        self._run(_jobs.query_job, x, y, k=self.hits_spin.value())
+    def query_at(self, x: float, y: float, box: tuple[float, float, float, float] | None = None) -> None:
+        """Similar regions to the tile under level-0 ``(x, y)``, or to the mean of the tissue tiles
+        in ``box`` (x0, y0, x1, y1); tiles not embedded yet are embedded first."""
+        self._run(_jobs.query_job, x, y, k=self.hits_spin.value(), box=box)
 
     def _show_hits(self, session: SlideSession, ev: _jobs.Queried) -> None:
         layer = self._slide_layer()

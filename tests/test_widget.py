@@ -218,3 +218,32 @@ def test_saving_to_a_bad_place_is_one_message(planted_widget: VirchowWidget, tmp
     monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(tmp_path / "myhead"), "")))
     w._save_head()
     assert len(shown) == 2 and "a.geojson" in shown[0] and "myhead" in shown[1], shown
+
+
+def test_box_query_uses_the_mean_of_the_tiles_in_the_box(qtbot, planted_widget: VirchowWidget) -> None:
+    from types import SimpleNamespace
+
+    w = planted_widget
+    w.viewer.reset_view()
+    w.limit_spin.setValue(10_000)
+    w.compute_visible()
+    _wait(qtbot, w)
+    w.hits_spin.setValue(3)
+    w.pick_btn.setChecked(True)
+    assert not camera(w.viewer).mouse_pan  # a drag draws the box instead of panning
+    layer = w._slide_layer()
+    # drive the real drag callback: press at one corner, move, release at the other (level-0 px)
+    event = SimpleNamespace(type="mouse_press", position=tuple(layer.data_to_world((460, 460))))
+    drag = w._pick(w.viewer, event)
+    next(drag)
+    event.type, event.position = "mouse_move", tuple(layer.data_to_world((880, 880)))
+    next(drag)
+    event.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(drag)
+    _wait(qtbot, w)
+    session = w.session()
+    assert len(session.query_idx) == 4  # the 2 × 2 tiles of the first planted copy
+    assert _planted_truth(session)[session.hits(3)[0].index]  # best hit: the other copy
+    w.pick_btn.setChecked(False)
+    assert camera(w.viewer).mouse_pan
