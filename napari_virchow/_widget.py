@@ -340,11 +340,15 @@ class VirchowWidget(QWidget):
             pending()
 
     def cancel(self) -> None:
-        """Stop the running job after its current batch (what is stored stays stored)."""
+        """Stop the running job after its current batch (what is stored stays stored).
+
+        Only the job's cancel event is set (no ``worker.quit()``): the job then ends on its own,
+        so its ``finally`` blocks run now — store closed, session lock released — instead of
+        whenever an abandoned generator happens to be collected.
+        """
         self._pending = None
         self._cancel.set()
         if self._worker is not None:
-            self._worker.quit()
             self.status.setText("cancelling after this batch …")
 
     def _on_event(self, session: SlideSession, ev: object) -> None:

@@ -371,18 +371,18 @@ def iter_embed(
         embed = _Embedder(encoder, size)
         batches = [todo[i : i + size] for i in range(0, len(todo), size)]
         reader = _tile_batches(grid, batches, resolve_readers(readers, encoder.device), cancel)
-        writer = ThreadPoolExecutor(1, thread_name_prefix="napari-virchow-writer")
-        with contextlib.closing(reader), contextlib.ExitStack() as stack, _torch_threads(threads):
-            stack.callback(writer.shutdown, wait=True)  # a pending write always completes
+        with contextlib.closing(reader), _torch_threads(threads):
             batch, error = _next(reader)
             while batch is not None and not (cancel is not None and cancel.is_set()):
                 idx, tiles = batch
                 emb = embed(tiles)
-                written = writer.submit(store.write, idx, emb)
-                # The next batch is read while the write waits on fsync (half its time); this
-                # batch is still yielded only once it is stored.
+                # The next batch is read while this one is written (the write waits on fsync for
+                # half its time). The writer thread lives for one batch only: no thread outlives
+                # a yield, so a generator abandoned by its consumer leaks nothing, and a batch is
+                # yielded only once it is stored.
+                writer = _Writer(store, idx, emb)
                 batch, error = _next(reader)
-                written.result()
+                writer.join()
                 n_computed += len(idx)
                 elapsed = time.perf_counter() - t0
                 yield BatchResult(idx, emb, n_cached + n_computed, len(requested), n_computed,
@@ -392,6 +392,27 @@ def iter_embed(
     finally:
         if own_store:
             store.close()
+
+
+class _Writer(threading.Thread):
+    """Store one batch in the background; ``join()`` re-raises what the write raised."""
+
+    def __init__(self, store: EmbeddingStore, idx: np.ndarray, emb: np.ndarray) -> None:
+        super().__init__(name="napari-virchow-writer", daemon=True)
+        self._args, self._error = (store, idx, emb), None
+        self.start()
+
+    def run(self) -> None:
+        store, idx, emb = self._args
+        try:
+            store.write(idx, emb)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer by join()
+            self._error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self._error is not None:
+            raise self._error
 
 
 def _next(

@@ -339,3 +339,13 @@ def test_another_mpp_override_gets_its_own_store(planted_slide: Path, encoder: E
                 counts.append((len(grid), store.n_done))
     assert counts[0][0] != counts[1][0] and [n for _, n in counts] == [2, 2]
     assert len([p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 2
+
+
+@pytest.mark.timeout(60)
+def test_no_thread_outlives_a_yield_on_cpu(slide: Slide, grid: TileGrid, encoder: Encoder, tmp_path: Path) -> None:
+    # a consumer may abandon the generator without closing it (a Qt worker told to quit):
+    # with in-thread reading nothing must be left running between batches
+    gen = iter_embed(slide, encoder, grid, cache_root=tmp_path, batch_size=2, readers=0)
+    next(gen)
+    assert _pipeline_threads() == []
+    gen.close()
