@@ -17,6 +17,7 @@ import numpy as np
 from .analysis import Hit
 from .errors import VirchowError
 from .session import ClusterResult, SlideSession, TrainResult
+from .slide import Slide
 
 __all__ = [
     "BatchDone", "Clustered", "IndexHits", "Queried", "Stage", "TooMany", "Trained",
@@ -211,7 +212,6 @@ def index_search_job(session: SlideSession, index_path: str, *, k: int = 20,
                      cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
     """Search a cohort index (``napari-virchow index``) with the current query, other slides only."""
     from ._search_index import load_index
-    from .slide import Slide
 
     if session.query_vector is None:
         raise VirchowError("pick a query first: press 'Pick query' and click a region of the slide")
@@ -231,13 +231,13 @@ def index_search_job(session: SlideSession, index_path: str, *, k: int = 20,
     yield IndexHits(hits, thumbs, index.check_slides())
 
 
-def _tile_picture(slide: object, x: int, y: int, tile: int, size: int = 64) -> np.ndarray:
+def _tile_picture(slide: Slide, x: int, y: int, tile: int, size: int = 64) -> np.ndarray:
     from PIL import Image
 
-    level = slide.best_level_for_downsample(tile / size)  # type: ignore[attr-defined]
-    ds = slide.level_downsamples[level]  # type: ignore[attr-defined]
+    level = slide.best_level_for_downsample(tile / size)
+    ds = slide.level_downsamples[level]
     side = max(int(round(tile / ds)), 1)
-    img = Image.fromarray(slide.read_region((int(x), int(y)), level, (side, side)))  # type: ignore[attr-defined]
+    img = Image.fromarray(slide.read_region((int(x), int(y)), level, (side, side)))
     return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR))
 
 

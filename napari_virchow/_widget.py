@@ -413,7 +413,8 @@ class VirchowWidget(QWidget):
         self._watcher.set_enabled(on)
 
     def _show_tissue(self, on: bool | None = None) -> None:
-        name = overlay_name(self._slide_layer(), "tissue") if self._slide_layer() else None
+        slide = self._slide_layer()
+        name = overlay_name(slide, "tissue") if slide is not None else None
         if not self.tissue_check.isChecked():
             if name and name in self.viewer.layers:
                 self.viewer.layers[name].visible = False

@@ -23,6 +23,14 @@ def _wait(qtbot, w: VirchowWidget, timeout: int = 120_000) -> None:
     qtbot.waitUntil(lambda: w._worker is None, timeout=timeout)
 
 
+def _compute_whole_slide(qtbot, w: VirchowWidget) -> None:
+    """Show the whole slide and embed every tissue tile in view."""
+    w.viewer.reset_view()
+    w.limit_spin.setValue(10_000)
+    w.compute_visible()
+    _wait(qtbot, w)
+
+
 def _zoom_to(w: VirchowWidget, x: float, y: float, width_px: float) -> None:
     """Centre the camera on level-0 (x, y) showing about ``width_px`` level-0 pixels across."""
     layer = w._slide_layer()
@@ -93,10 +101,7 @@ def test_probe_trained_on_annotations_finds_planted_region(qtbot, planted_widget
     from sklearn.metrics import roc_auc_score
 
     w = planted_widget
-    w.viewer.reset_view()
-    w.limit_spin.setValue(10_000)
-    w.compute_visible()
-    _wait(qtbot, w)
+    _compute_whole_slide(qtbot, w)
     layer = w.new_annotation_layer()
     w.class_edit.setCurrentText("tumour")
     layer.add_polygons([_square(448, 448, 896, 896)])  # first planted copy only
@@ -146,10 +151,7 @@ def test_cancel_mid_run_keeps_store_consistent(qtbot, planted_widget: VirchowWid
 
 def test_clusters_and_similarity(qtbot, planted_widget: VirchowWidget) -> None:
     w = planted_widget
-    w.viewer.reset_view()
-    w.limit_spin.setValue(10_000)
-    w.compute_visible()
-    _wait(qtbot, w)
+    _compute_whole_slide(qtbot, w)
     w.k_spin.setValue(3)
     w.cluster()
     _wait(qtbot, w)
@@ -224,10 +226,7 @@ def test_box_query_uses_the_mean_of_the_tiles_in_the_box(qtbot, planted_widget: 
     from types import SimpleNamespace
 
     w = planted_widget
-    w.viewer.reset_view()
-    w.limit_spin.setValue(10_000)
-    w.compute_visible()
-    _wait(qtbot, w)
+    _compute_whole_slide(qtbot, w)
     w.hits_spin.setValue(3)
     w.pick_btn.setChecked(True)
     assert not camera(w.viewer).mouse_pan  # a drag draws the box instead of panning
