@@ -25,7 +25,7 @@ import numpy as np
 import timm
 import torch
 
-from napari_virchow.encoders import Encoder, cpu_has_native_bf16, load_encoder
+from napari_virchow.models.encoder import Encoder, cpu_has_native_bf16, load_encoder
 
 #: (encoder, batch size, timed batches)
 PLAN = [("timm:vit_small_patch16_224", 8, 3), ("virchow2", 4, 2)]

@@ -38,7 +38,7 @@ def build_slide(path: Path, size: int) -> Path:
     """White slide with a diagonal band of real tissue (the sample, mirrored)."""
     from make_pyramid import sample_pixels
 
-    from napari_virchow.synthetic import SampleSource, write_pyramid
+    from napari_virchow.slides.synthetic import SampleSource, write_pyramid
 
     rgb, mpp = sample_pixels()
     tissue = SampleSource(rgb)
@@ -99,8 +99,8 @@ def main() -> None:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_virchow._viewport import camera
-    from napari_virchow._widget import VirchowWidget
+    from napari_virchow._qt.viewport import camera
+    from napari_virchow._qt.widget import VirchowWidget
 
     if a.napari_cache_mb >= 0:
         from napari.utils import resize_dask_cache

@@ -61,10 +61,10 @@ def slide_path() -> Path:
 
 def child(mode: str, path: Path, n_tiles: int, encoder_name: str, dtype: str) -> dict[str, float]:
     """One run of ``mode`` in this process: seconds per mode, tiles and this process's peak RSS."""
-    from napari_virchow.encoders import load_encoder
     from napari_virchow.inference import default_batch_size, iter_embed
-    from napari_virchow.slide import Slide
-    from napari_virchow.tiling import TileGrid
+    from napari_virchow.models.encoder import load_encoder
+    from napari_virchow.slides.slide import Slide
+    from napari_virchow.slides.tiling import TileGrid
 
     with warnings.catch_warnings():  # random weights are the point here
         warnings.simplefilter("ignore", UserWarning)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_pyramid import make_tissue  # noqa: E402
 
-from napari_virchow.slide import Slide  # noqa: E402
+from napari_virchow.slides.slide import Slide  # noqa: E402
 
 BLOCK_W, BLOCK_H, TILE = 2048, 1024, 256
 

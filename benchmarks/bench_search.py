@@ -28,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from napari_virchow.analysis import IndexEntry, build_index, l2_normalize  # noqa: E402
+from napari_virchow.analysis.index import IndexEntry, build_index  # noqa: E402
+from napari_virchow.analysis.similarity import l2_normalize  # noqa: E402
 
 DIM = 2560
 N_CLUSTERS = 100

@@ -25,9 +25,9 @@ import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QApplication
 
+from napari_virchow._qt.viewport import camera
+from napari_virchow._qt.widget import VirchowWidget
 from napari_virchow._sample_data import sample_path
-from napari_virchow._viewport import camera
-from napari_virchow._widget import VirchowWidget
 
 TICK_MS, PAN_MS, PAN_STEPS = 5, 40, 75
 

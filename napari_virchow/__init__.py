@@ -7,6 +7,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import HeadError, SlideError, StoreError, VirchowError, WeightsError
+from napari_virchow.errors import HeadError, SlideError, StoreError, VirchowError, WeightsError
 
 __all__ = ["HeadError", "SlideError", "StoreError", "VirchowError", "WeightsError", "__version__"]

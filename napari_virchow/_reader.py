@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .slide import SLIDE_SUFFIXES, Slide, warn_missing_mpp
+from napari_virchow.slides.slide import SLIDE_SUFFIXES, Slide, warn_missing_mpp
 
 PathLike = str | os.PathLike[str]
 LayerData = tuple[Any, dict[str, Any], str]

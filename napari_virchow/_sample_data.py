@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._reader import LayerData, read_slides
+from napari_virchow._reader import LayerData, read_slides
 
 __all__ = ["cmu_small_region_pyramid", "cmu_small_region_svs", "sample_path"]
 

@@ -28,12 +28,12 @@ from typing import Literal
 
 import numpy as np
 
-from ._torch import torch
-from .encoders import Encoder
-from .errors import StoreError
-from .slide import Slide
-from .store import EmbeddingStore, StoreKey
-from .tiling import TileGrid
+from napari_virchow._torch import torch
+from napari_virchow.errors import StoreError
+from napari_virchow.models.encoder import Encoder
+from napari_virchow.slides.slide import Slide
+from napari_virchow.slides.tiling import TileGrid
+from napari_virchow.store.embeddings import EmbeddingStore, StoreKey
 
 __all__ = [
     "BatchResult", "Plan", "default_batch_size", "embed_slide", "estimate_tiles_per_s",

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ._specs import EncoderSpec, get_spec
-from .analysis import ClusterModel, Hit, cosine_similarity, fit_clusters, pca_rgb, top_k_hits
-from .errors import VirchowError
-from .heads import LinearHead, fit_head
-from .overlays import Raster, labels_raster, rasterize_annotations, tile_raster, upsample
-from .slide import Slide
-from .tiling import TileGrid
+from napari_virchow.analysis.clusters import ClusterModel, fit_clusters, pca_rgb
+from napari_virchow.analysis.heads import LinearHead, fit_head
+from napari_virchow.analysis.rasters import Raster, labels_raster, rasterize_annotations, tile_raster, upsample
+from napari_virchow.analysis.similarity import Hit, cosine_similarity, top_k_hits
+from napari_virchow.errors import VirchowError
+from napari_virchow.models.specs import EncoderSpec, get_spec
+from napari_virchow.slides.slide import Slide
+from napari_virchow.slides.tiling import TileGrid
 
 __all__ = ["ClusterResult", "SessionConfig", "SlideSession", "TrainResult"]
 
@@ -126,7 +127,7 @@ class SlideSession:
     def encoder(self):  # noqa: ANN201 - Encoder, imported lazily (torch is slow to import)
         """The encoder, loaded on first call (slow: call it from a worker thread)."""
         if self._encoder is None:
-            from .encoders import load_encoder
+            from napari_virchow.models.encoder import load_encoder
 
             c = self.config
             self._encoder = load_encoder(c.encoder, weights=c.weights, device=c.device, dtype=c.dtype)
@@ -135,7 +136,7 @@ class SlideSession:
     def store(self):  # noqa: ANN201 - EmbeddingStore
         """The embedding store of this slide + encoder + weights (created on first call)."""
         if self._store is None:
-            from .inference import open_store
+            from napari_virchow.inference import open_store
 
             self._store = open_store(self.slide, self.encoder(), self.grid, cache_root=self.config.cache_root)
         return self._store
@@ -147,7 +148,7 @@ class SlideSession:
     def compute(self, bbox: BBox | None = None, *, indices: Sequence[int] | None = None,
                 cancel: threading.Event | None = None) -> Iterator:  # fmt: skip
         """Embed what is requested and not stored, yielding a ``BatchResult`` per batch."""
-        from .inference import iter_embed
+        from napari_virchow.inference import iter_embed
 
         with self._lock:
             yield from iter_embed(self.slide, self.encoder(), self.grid, self.store(), bbox,
@@ -173,7 +174,7 @@ class SlideSession:
     def set_head(self, head: LinearHead | None) -> np.ndarray | None:
         """Use ``head`` for the probability overlay; returns its value per tile (NaN = not computed)."""
         if head is not None and head.encoder != self.config.encoder:
-            from .errors import HeadError
+            from napari_virchow.errors import HeadError
 
             raise HeadError(f"this head was trained on {head.encoder!r} embeddings, but the slide is "
                             f"embedded with {self.config.encoder!r}: train or load a head for {self.config.encoder!r}")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_virchow.slide import Slide
-from napari_virchow.synthetic import PlantedSource, Region, SampleSource, write_pyramid
+from napari_virchow.slides.slide import Slide
+from napari_virchow.slides.synthetic import PlantedSource, Region, SampleSource, write_pyramid
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_SVS = ROOT / "sample_data" / "cmu_small_region.svs"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_virchow.geojson import Annotation, write_annotations
+from napari_virchow.io.geojson import Annotation, write_annotations
 
 OUT = Path(__file__).resolve().parents[1] / "sample_data" / "cmu_small_region_annotations.geojson"
 

@@ -16,8 +16,8 @@ import napari
 import numpy as np
 from qtpy.QtWidgets import QApplication
 
-from napari_virchow._demo import QUERY_POINT, start_demo, wait_for
-from napari_virchow._viewport import camera
+from napari_virchow._qt.demo import QUERY_POINT, start_demo, wait_for
+from napari_virchow._qt.viewport import camera
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
 SIZE = (1400, 900)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from napari_virchow.synthetic import PlantedSource, Region, write_pyramid
+from napari_virchow.slides.synthetic import PlantedSource, Region, write_pyramid
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = ROOT / "sample_data"
@@ -121,7 +121,7 @@ def make_widget(make_napari_viewer, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     """
 
     def make(slide_path: Path):  # noqa: ANN202 - VirchowWidget (Qt: imported lazily)
-        from napari_virchow._widget import VirchowWidget
+        from napari_virchow._qt.widget import VirchowWidget
 
         monkeypatch.setenv("NAPARI_VIRCHOW_CACHE", str(tmp_path / "cache"))
         viewer = make_napari_viewer(show=True)

@@ -5,17 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from napari_virchow import _search_index
-from napari_virchow.analysis import (
-    AnalysisError,
-    IndexEntry,
-    build_index,
-    cosine_similarity,
-    fit_clusters,
-    load_index,
-    pca_rgb,
-    top_k_hits,
-)
+from napari_virchow.analysis import index as _search_index
+from napari_virchow.analysis.clusters import fit_clusters, pca_rgb
+from napari_virchow.analysis.index import IndexEntry, build_index, load_index
+from napari_virchow.analysis.similarity import AnalysisError, cosine_similarity, top_k_hits
 from napari_virchow.errors import VirchowError
 
 DIM = 96

@@ -25,18 +25,18 @@ import tifffile
 from safetensors.torch import save_file
 
 from napari_virchow._reader import slide_layer_data
-from napari_virchow._search_index import build_index, load_index
 from napari_virchow._torch import torch
-from napari_virchow.analysis import AnalysisError
+from napari_virchow.analysis.heads import LinearHead, load_head, save_head
+from napari_virchow.analysis.index import build_index, load_index
+from napari_virchow.analysis.similarity import AnalysisError
 from napari_virchow.cli import main
-from napari_virchow.encoders import Encoder, load_encoder
 from napari_virchow.errors import HeadError, SlideError, StoreError, VirchowError, WeightsError
-from napari_virchow.geojson import AnnotationError, read_annotations
-from napari_virchow.heads import LinearHead, load_head, save_head
-from napari_virchow.slide import Slide
-from napari_virchow.store import EmbeddingStore, StoreKey
-from napari_virchow.synthetic import SampleSource, write_pyramid
-from napari_virchow.tiling import TileGrid
+from napari_virchow.io.geojson import AnnotationError, read_annotations
+from napari_virchow.models.encoder import Encoder, load_encoder
+from napari_virchow.slides.slide import Slide
+from napari_virchow.slides.synthetic import SampleSource, write_pyramid
+from napari_virchow.slides.tiling import TileGrid
+from napari_virchow.store.embeddings import EmbeddingStore, StoreKey
 
 from .conftest import SAMPLE_DIR, run_as_nobody
 

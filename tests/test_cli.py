@@ -23,13 +23,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_virchow import _cluster_run, cli
-from napari_virchow.cache import list_stores
-from napari_virchow.geojson import Annotation, read_annotations, write_annotations
-from napari_virchow.heads import LinearHead, load_head, save_head
-from napari_virchow.slide import Slide
-from napari_virchow.synthetic import PlantedSource, Region, write_pyramid
-from napari_virchow.tiling import TileGrid
+from napari_virchow.analysis.heads import LinearHead, load_head, save_head
+from napari_virchow.cli import app as cli
+from napari_virchow.cli import cluster as _cluster_run
+from napari_virchow.io.geojson import Annotation, read_annotations, write_annotations
+from napari_virchow.slides.slide import Slide
+from napari_virchow.slides.synthetic import PlantedSource, Region, write_pyramid
+from napari_virchow.slides.tiling import TileGrid
+from napari_virchow.store.cache import list_stores
 
 from .conftest import PLANTED_PATTERNS, run_as_nobody
 

@@ -23,9 +23,11 @@ from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, Repo
 from safetensors.torch import save_file
 from timm.layers import GluMlp
 
-from napari_virchow import _weights, encoders
 from napari_virchow.cli import main
-from napari_virchow.encoders import (
+from napari_virchow.errors import WeightsError
+from napari_virchow.models import encoder as encoders
+from napari_virchow.models import weights as _weights
+from napari_virchow.models.encoder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Encoder,
@@ -37,7 +39,6 @@ from napari_virchow.encoders import (
     resolve_device,
     resolve_dtype,
 )
-from napari_virchow.errors import WeightsError
 
 RNG = np.random.default_rng(0)
 TILES = RNG.integers(0, 256, size=(4, 224, 224, 3), dtype=np.uint8)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_virchow.export import (
+from napari_virchow.io.export import (
     FEATURES_FORMAT,
     HEATMAP_NODATA,
     cluster_features,
@@ -20,7 +20,7 @@ from napari_virchow.export import (
     write_features_h5,
     write_heatmap_tiff,
 )
-from napari_virchow.slide import Slide
+from napari_virchow.slides.slide import Slide
 
 #: the attributes TRIDENT's coords_to_h5 writes on `coords`
 TRIDENT_COORDS_ATTRS = {

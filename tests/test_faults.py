@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from napari_virchow import _jobs
-from napari_virchow.cache import list_stores
-from napari_virchow.encoders import Encoder, load_encoder
+from napari_virchow import jobs as _jobs
 from napari_virchow.errors import SlideError
 from napari_virchow.inference import iter_embed, open_store
+from napari_virchow.models.encoder import Encoder, load_encoder
 from napari_virchow.session import SessionConfig, SlideSession
-from napari_virchow.slide import Slide
-from napari_virchow.tiling import TileGrid
+from napari_virchow.slides.slide import Slide
+from napari_virchow.slides.tiling import TileGrid
+from napari_virchow.store.cache import list_stores
 
 from .conftest import PLANTED_PATTERNS, PLANTED_SIZE
 

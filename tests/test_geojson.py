@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from napari_virchow.analysis import Hit
+from napari_virchow.analysis.rasters import rasterize_annotations
+from napari_virchow.analysis.similarity import Hit
 from napari_virchow.errors import VirchowError
-from napari_virchow.geojson import (
+from napari_virchow.io.geojson import (
     Annotation,
     AnnotationError,
     OutputPathError,
@@ -17,7 +18,6 @@ from napari_virchow.geojson import (
     tiles_to_features,
     write_annotations,
 )
-from napari_virchow.overlays import rasterize_annotations
 
 T = 448
 

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from napari_virchow.analysis.heads import LinearHead, fit_head, load_head, save_head
 from napari_virchow.errors import HeadError
-from napari_virchow.heads import LinearHead, fit_head, load_head, save_head
 
 DIM = 64
 

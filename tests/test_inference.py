@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from napari_virchow.encoders import Encoder, load_encoder
 from napari_virchow.errors import StoreError
 from napari_virchow.inference import (
     BatchResult,
@@ -27,9 +26,10 @@ from napari_virchow.inference import (
     plan,
     resolve_readers,
 )
-from napari_virchow.slide import Slide
-from napari_virchow.synthetic import PlantedSource, Region, write_pyramid
-from napari_virchow.tiling import TileGrid
+from napari_virchow.models.encoder import Encoder, load_encoder
+from napari_virchow.slides.slide import Slide
+from napari_virchow.slides.synthetic import PlantedSource, Region, write_pyramid
+from napari_virchow.slides.tiling import TileGrid
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_PREFIX = "napari-virchow-"  # reader and writer threads
@@ -287,9 +287,9 @@ def test_auto_settings_follow_the_device() -> None:
 CHILD = """
 import sys, time, warnings
 warnings.simplefilter("ignore")
-from napari_virchow.encoders import load_encoder
+from napari_virchow.models.encoder import load_encoder
 from napari_virchow.inference import iter_embed
-from napari_virchow.slide import Slide
+from napari_virchow.slides.slide import Slide
 enc = load_encoder("virchow2-tiny", weights="random", device="cpu", dtype="fp32")
 for r in iter_embed(Slide(sys.argv[1]), enc, cache_root=sys.argv[2], batch_size=2):
     print(r.n_done, flush=True)

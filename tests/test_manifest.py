@@ -62,7 +62,7 @@ def test_wheel_carries_manifest_and_sample(tmp_path: Path) -> None:
     [wheel] = tmp_path.glob("napari_virchow-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-        assert zf.read("napari_virchow/napari.yaml") == (ROOT / "napari.yaml").read_bytes()
+        assert zf.read("napari_virchow/napari.yaml") == (ROOT / "napari_virchow" / "napari.yaml").read_bytes()
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         assert "napari_virchow:napari.yaml" in zf.read(entry_points).decode()
         assert "napari_virchow/sample_data/cmu_small_region_pyramid.tif" in names

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_virchow.overlays import (
+from napari_virchow.analysis.rasters import (
     colormap,
     grid_indices,
     labels_raster,

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_virchow.analysis.heads import LinearHead, save_head
 from napari_virchow.cli import main
-from napari_virchow.export import write_features_h5, write_heatmap_tiff
-from napari_virchow.geojson import OutputPathError, safe_output_path, write_annotations
-from napari_virchow.heads import LinearHead, save_head
-from napari_virchow.synthetic import SampleSource, write_pyramid
+from napari_virchow.io.export import write_features_h5, write_heatmap_tiff
+from napari_virchow.io.geojson import OutputPathError, safe_output_path, write_annotations
+from napari_virchow.slides.synthetic import SampleSource, write_pyramid
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,8 +12,8 @@ import pytest
 import tifffile
 
 from napari_virchow import SlideError
-from napari_virchow.slide import Slide
-from napari_virchow.synthetic import SampleSource, write_pyramid
+from napari_virchow.slides.slide import Slide
+from napari_virchow.slides.synthetic import SampleSource, write_pyramid
 
 from .conftest import run_as_nobody
 
@@ -205,7 +205,7 @@ def test_invalid_mpp_override(sample_pyramid: Path) -> None:
 
 def test_view_reads_decode_only_tiles_under_the_view(sample_pyramid: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # napari asks for a view-sized block; dask must not decode whole 2048² chunks around it
-    from napari_virchow import _tiff
+    from napari_virchow.slides import tiff as _tiff
 
     decoded: list[tuple[int, int]] = []
     real = _tiff.TiffLevel._segment

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_virchow import __version__, cache
-from napari_virchow import store as store_mod
+from napari_virchow import __version__
 from napari_virchow.errors import StoreError
-from napari_virchow.store import EmbeddingStore, StoreKey, default_cache_root
+from napari_virchow.store import cache
+from napari_virchow.store import embeddings as store_mod
+from napari_virchow.store.embeddings import EmbeddingStore, StoreKey, default_cache_root
 
 N, DIM, CHUNK = 300, 96, 32
 KEY = StoreKey("fp-0001", "virchow2", "sha256:abcd", 0.5, 224)
@@ -194,7 +195,7 @@ import json, os, sys
 from pathlib import Path
 import numpy as np
 from napari_virchow.errors import StoreError
-from napari_virchow.store import EmbeddingStore, StoreKey
+from napari_virchow.store.embeddings import EmbeddingStore, StoreKey
 from test_store import KEY, N, DIM, CHUNK, expected
 
 ro_root, scratch = Path(sys.argv[1]), Path(sys.argv[2])
@@ -260,7 +261,7 @@ def test_read_only_folder(world_readable_dir: Path, tmp_path: Path) -> None:
 _KILL_CHILD = """
 import sys
 import numpy as np
-from napari_virchow.store import EmbeddingStore
+from napari_virchow.store.embeddings import EmbeddingStore
 from test_store import KEY, N, DIM, CHUNK, expected
 
 s = EmbeddingStore.open(KEY, n_tiles=N, dim=DIM, root=sys.argv[1], chunk_rows=CHUNK)

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from napari_virchow.errors import SlideError
-from napari_virchow.slide import Slide
-from napari_virchow.synthetic import PlantedSource, Region, write_pyramid
-from napari_virchow.tiling import SATURATION_CLIP, TileGrid, detect_tissue
+from napari_virchow.slides.slide import Slide
+from napari_virchow.slides.synthetic import PlantedSource, Region, write_pyramid
+from napari_virchow.slides.tiling import SATURATION_CLIP, TileGrid, detect_tissue
 
 #: 2300 × 1850 px at 0.5 µm/px: 10 × 8 whole tiles of 224 (edge strips dropped), non-square
 WIDTH, HEIGHT = 2300, 1850

@@ -19,7 +19,7 @@ from napari_virchow._torch import llvm_already_loaded
 print("llvm", llvm_already_loaded())
 out = {}
 def work():
-    from napari_virchow.encoders import load_encoder
+    from napari_virchow.models.encoder import load_encoder
     import numpy as np
     enc = load_encoder("virchow2-tiny", weights="random")
     out["shape"] = enc.embed(np.zeros((2, 224, 224, 3), np.uint8)).shape

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_virchow import _jobs
-from napari_virchow._viewport import camera
-from napari_virchow._widget import VirchowWidget
+from napari_virchow import jobs as _jobs
+from napari_virchow._qt.viewport import camera
+from napari_virchow._qt.widget import VirchowWidget
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -174,7 +174,7 @@ def test_search_indexed_slides_opens_the_other_slide_at_the_hit(qtbot, planted_w
                                                                planted_slide: Path, tmp_path: Path) -> None:
     import shutil
 
-    from napari_virchow._search_index import IndexEntry, build_index
+    from napari_virchow.analysis.index import IndexEntry, build_index
     from napari_virchow.session import SlideSession
 
     other_path = tmp_path / "other.tif"
@@ -206,11 +206,11 @@ def test_saving_to_a_bad_place_is_one_message(planted_widget: VirchowWidget, tmp
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from qtpy.QtWidgets import QFileDialog
 
-    from napari_virchow.heads import LinearHead
+    from napari_virchow.analysis.heads import LinearHead
 
     w = planted_widget
     shown: list[str] = []
-    monkeypatch.setattr("napari_virchow._widget.show_error", shown.append)
+    monkeypatch.setattr("napari_virchow._qt.widget.show_error", shown.append)
     layer = w.new_annotation_layer()
     layer.add_polygons([_square(448, 448, 896, 896)])
     monkeypatch.setattr(QFileDialog, "getSaveFileName",

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import WeightsError
+from napari_virchow.errors import WeightsError
 
 if TYPE_CHECKING:
     import torch
@@ -176,7 +176,7 @@ def _suggest(name: str, candidates: list[str]) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _timm_spec(arch: str) -> EncoderSpec:
-    from ._torch import import_timm, torch
+    from napari_virchow._torch import import_timm, torch
 
     timm = import_timm()
 
@@ -266,7 +266,7 @@ def build_model(spec: EncoderSpec | str) -> torch.nn.Module:
     Use ``with torch.device("meta"): build_model("virchow2")`` to inspect a full-size model
     without memory.
     """
-    from ._torch import import_timm
+    from napari_virchow._torch import import_timm
 
     timm = import_timm()
 

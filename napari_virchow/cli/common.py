@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 from tqdm import tqdm
 
-from ._cli_console import CONSOLE, PROG, one_line
-from .errors import VirchowError
+from napari_virchow.cli.console import CONSOLE, PROG, one_line
+from napari_virchow.errors import VirchowError
 
 if TYPE_CHECKING:
-    from ._specs import EncoderSpec
-    from .encoders import Encoder
-    from .store import EmbeddingStore
+    from napari_virchow.models.encoder import Encoder
+    from napari_virchow.models.specs import EncoderSpec
+    from napari_virchow.store.embeddings import EmbeddingStore
 
 __all__ = [
     "CONSOLE", "CliError", "Parser", "RunOptions", "SlideJob", "check_writable", "cohort_parent",
@@ -144,8 +144,8 @@ class RunOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, encoder: str | None = None) -> RunOptions:
         """From parsed options; ``encoder`` is the default when ``--encoder`` is not given."""
-        from ._specs import get_spec
-        from .cache import default_cache_root
+        from napari_virchow.models.specs import get_spec
+        from napari_virchow.store.cache import default_cache_root
 
         name = get_spec(getattr(args, "encoder", None) or encoder or DEFAULT_ENCODER).name  # unknown: one line
         weights = getattr(args, "weights", None)
@@ -158,7 +158,7 @@ class RunOptions:
 
     @property
     def spec(self) -> EncoderSpec:
-        from ._specs import get_spec
+        from napari_virchow.models.specs import get_spec
 
         return get_spec(self.encoder)
 
@@ -210,7 +210,7 @@ def get_encoder(opts: RunOptions) -> Encoder:
     key = (opts.encoder, opts.weights, stamp, opts.device, opts.dtype)
     with _ENCODERS_LOCK:  # held while loading: concurrent tasks wait instead of loading twice
         if key not in _ENCODERS:
-            from .encoders import load_encoder
+            from napari_virchow.models.encoder import load_encoder
 
             _ENCODERS[key] = load_encoder(opts.encoder, weights=opts.weights, device=opts.device, dtype=opts.dtype)
         return _ENCODERS[key]
@@ -223,8 +223,8 @@ class SlideJob:
     """A slide of a command: the open slide, its tile grid at the encoder's µm/px, its store."""
 
     def __init__(self, path: str | os.PathLike[str], opts: RunOptions) -> None:
-        from .slide import Slide
-        from .tiling import TileGrid
+        from napari_virchow.slides.slide import Slide
+        from napari_virchow.slides.tiling import TileGrid
 
         self.path, self.opts, self.spec = Path(path), opts, opts.spec
         self.name = self.path.name
@@ -237,8 +237,8 @@ class SlideJob:
 
     def open_store(self, weights_id: str, *, mode: str = "a") -> EmbeddingStore:
         """The store of this slide under (encoder, ``weights_id``): found by key, no model needed."""
-        from .inference import store_key
-        from .store import EmbeddingStore
+        from napari_virchow.inference import store_key
+        from napari_virchow.store.embeddings import EmbeddingStore
 
         g = self.grid
         key = store_key(self.slide, self.spec.name, g, weights_id=weights_id)
@@ -249,7 +249,7 @@ class SlideJob:
 
     def embed(self, store: EmbeddingStore, indices: np.ndarray | None = None) -> tuple[int, float]:
         """Embed the missing ones of ``indices`` (default: tissue tiles); (tiles embedded, seconds)."""
-        from .inference import iter_embed
+        from napari_virchow.inference import iter_embed
 
         todo = store.missing(self.grid.tissue_indices if indices is None else np.asarray(indices, np.int64))
         if not len(todo):
@@ -303,7 +303,7 @@ def run_slides(slides: Sequence[str], opts: RunOptions, work: Work | None = None
     with tqdm(total=len(slides), desc="slides", unit="slide", file=sys.stderr,
               disable=None if opts.progress and len(slides) > 1 else True) as overall:  # fmt: skip
         if scheduler:
-            from ._cluster_run import embed_on_cluster
+            from napari_virchow.cli.cluster import embed_on_cluster
 
             done = embed_on_cluster(scheduler, slides, replace(opts, progress=False))
         else:

@@ -21,10 +21,10 @@ from typing import IO, TYPE_CHECKING
 
 from platformdirs import user_cache_dir
 
-from .errors import StoreError
+from napari_virchow.errors import StoreError
 
 if TYPE_CHECKING:
-    from .store import StoreKey
+    from napari_virchow.store.embeddings import StoreKey
 
 try:
     import fcntl
@@ -193,7 +193,7 @@ def _store_dirs(root: Path) -> list[Path]:
 
 
 def _info(path: Path) -> StoreInfo:
-    from .store import EmbeddingStore
+    from napari_virchow.store.embeddings import EmbeddingStore
 
     size, last = _size_on_disk(path), _last_used(path)
     try:

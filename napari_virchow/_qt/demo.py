@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _jobs
-from ._sample_data import sample_path
-from .session import SlideSession
+from napari_virchow import jobs as _jobs
+from napari_virchow._sample_data import sample_path
+from napari_virchow.session import SlideSession
 
 __all__ = ["QUERY_POINT", "choose_encoder", "demo_job", "run_demo", "start_demo", "wait_for"]
 
@@ -34,7 +34,7 @@ HOW_TO_GET_WEIGHTS = (
 
 def choose_encoder(weights: str | None) -> tuple[str, str | None, bool]:
     """``(encoder, weights, real)``: Virchow 2 if its weights are found locally, else the fallback."""
-    from .encoders import weights_status
+    from napari_virchow.models.encoder import weights_status
 
     if weights and weights != "random":
         return "virchow2", weights, True
@@ -84,7 +84,7 @@ def start_demo(*, weights: str | None = None, show: bool = True) -> tuple[Any, A
     """
     import napari
 
-    from ._widget import VirchowWidget
+    from napari_virchow._qt.widget import VirchowWidget
 
     encoder, weights, real = choose_encoder(weights)
     if not real:

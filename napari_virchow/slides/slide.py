@@ -27,8 +27,15 @@ import numpy as np
 import openslide
 import tifffile
 
-from ._tiff import TiffPyramid, composite_on_white, match_levels, mpp_from_resolution, page_supported, pyramid_pages
-from .errors import SlideError
+from napari_virchow.errors import SlideError
+from napari_virchow.slides.tiff import (
+    TiffPyramid,
+    composite_on_white,
+    match_levels,
+    mpp_from_resolution,
+    page_supported,
+    pyramid_pages,
+)
 
 __all__ = ["SLIDE_SUFFIXES", "Slide", "SlideError"]
 

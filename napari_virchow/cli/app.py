@@ -1,4 +1,4 @@
-"""Command line: ``napari-virchow <command> ...`` (also ``python -m napari_virchow.cli``).
+"""Command line: ``napari-virchow <command> ...`` (also ``python -m napari_virchow.cli.app``).
 
 Each command is a pair of functions, ``_args_<name>(parser)`` adding its options and
 ``_cmd_<name>(args) -> int`` running it, listed once in ``_COMMANDS`` with the shared option
@@ -22,11 +22,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from . import __version__
-from . import _cli_analysis as _analysis
-from . import _cli_embed as _embed
-from ._cli_common import CONSOLE, PROG, Parser, cohort_parent, common_parent, model_parent, one_line
-from .errors import VirchowError
+from napari_virchow import __version__
+from napari_virchow.cli import analysis as _analysis
+from napari_virchow.cli import embed as _embed
+from napari_virchow.cli.common import CONSOLE, PROG, Parser, cohort_parent, common_parent, model_parent, one_line
+from napari_virchow.errors import VirchowError
 
 _args_embed, _cmd_embed = _embed.args_embed, _embed.cmd_embed
 _args_export, _cmd_export = _embed.args_export, _embed.cmd_export
@@ -37,7 +37,7 @@ _args_search, _cmd_search = _analysis.args_search, _analysis.cmd_search
 
 
 def _cache_root(args: argparse.Namespace) -> Path:
-    from .cache import default_cache_root
+    from napari_virchow.store.cache import default_cache_root
 
     return Path(args.cache).expanduser().absolute() if getattr(args, "cache", None) else default_cache_root()
 
@@ -56,8 +56,9 @@ def _args_encoders(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_encoders(args: argparse.Namespace) -> int:
-    from . import _weights, encoders
-    from ._torch import torch
+    from napari_virchow._torch import torch
+    from napari_virchow.models import encoder as encoders
+    from napari_virchow.models import weights as _weights
 
     device = encoders.resolve_device("auto")
     dtype = encoders.resolve_dtype("auto", device)
@@ -127,7 +128,7 @@ def _size(n: float) -> str:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from .cache import ENV_MAX_GB, cache_max_bytes, clear, list_stores
+    from napari_virchow.store.cache import ENV_MAX_GB, cache_max_bytes, clear, list_stores
 
     root = _cache_root(args)
     if args.action == "clear":
@@ -189,7 +190,7 @@ def _args_demo(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import os
 
-    from ._demo import run_demo
+    from napari_virchow._qt.demo import run_demo
 
     if args.cache:  # the widget's stores follow the same variable the CLI sets
         os.environ["NAPARI_VIRCHOW_CACHE"] = str(args.cache)

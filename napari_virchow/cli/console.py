@@ -16,12 +16,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import VirchowError
+from napari_virchow.errors import VirchowError
 
 __all__ = ["CONSOLE", "PROG", "Console", "one_line"]
 
 PROG = "napari-virchow"
-log = logging.getLogger("napari_virchow.cli")
+log = logging.getLogger("napari_virchow.cli.app")
 
 
 def one_line(text: object) -> str:

@@ -1,6 +1,6 @@
 """Finding, reading, fingerprinting and checking encoder weights.
 
-Private helper of :mod:`napari_virchow.encoders`. Sources, in the order ``load_encoder`` tries
+Private helper of :mod:`napari_virchow.models.encoder`. Sources, in the order ``load_encoder`` tries
 them when no file is given: the Hugging Face cache, then the hub (unless offline). Files are read
 without ever running pickled code: safetensors, or ``torch.load(weights_only=True)``.
 
@@ -29,8 +29,8 @@ from huggingface_hub.errors import (
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ._torch import torch
-from .errors import WeightsError
+from napari_virchow._torch import torch
+from napari_virchow.errors import WeightsError
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._cli_common import (
+from napari_virchow.cli.common import (
     CONSOLE,
     CliError,
     RunOptions,
@@ -23,12 +23,12 @@ from ._cli_common import (
     probability,
     run_slides,
 )
-from ._cli_embed import _SLIDES_HELP, load_cli_head, out_folder, write_file
-from .errors import VirchowError
+from napari_virchow.cli.embed import _SLIDES_HELP, load_cli_head, out_folder, write_file
+from napari_virchow.errors import VirchowError
 
 if TYPE_CHECKING:
-    from .heads import LinearHead
-    from .store import EmbeddingStore
+    from napari_virchow.analysis.heads import LinearHead
+    from napari_virchow.store.embeddings import EmbeddingStore
 
 # --- fit-head -----------------------------------------------------------------------------------
 
@@ -46,9 +46,9 @@ def args_fit_head(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fit_head(args: argparse.Namespace) -> int:
-    from .geojson import read_annotations
-    from .heads import fit_head, save_head
-    from .overlays import rasterize_annotations
+    from napari_virchow.analysis.heads import fit_head, save_head
+    from napari_virchow.analysis.rasters import rasterize_annotations
+    from napari_virchow.io.geojson import read_annotations
 
     if len(args.annotations) != len(args.slides):
         raise CliError(f"{len(args.slides)} slides but {len(args.annotations)} --annotations files; "
@@ -126,9 +126,9 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
 
 
 def _write_heatmap(job: SlideJob, store: EmbeddingStore, head: LinearHead, out: Path, args: argparse.Namespace) -> str:
-    from .export import threshold_features, write_heatmap_tiff
-    from .geojson import safe_output_path, write_annotations
-    from .overlays import tile_raster, upsample
+    from napari_virchow.analysis.rasters import tile_raster, upsample
+    from napari_virchow.io.export import threshold_features, write_heatmap_tiff
+    from napari_virchow.io.geojson import safe_output_path, write_annotations
 
     if head.weights_id and head.weights_id != store.key.weights_id:
         CONSOLE.warn(f"{args.head} was fitted on embeddings of weights {head.weights_id}, these are "
@@ -174,7 +174,7 @@ def args_index(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from ._search_index import IndexEntry, build_index
+    from napari_virchow.analysis.index import IndexEntry, build_index
 
     opts = RunOptions.from_args(args)
     out = Path(args.out)
@@ -214,8 +214,8 @@ def args_search(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from ._search_index import load_index
-    from ._specs import get_spec
+    from napari_virchow.analysis.index import load_index
+    from napari_virchow.models.specs import get_spec
 
     name = get_spec(args.encoder).name if args.encoder else None
     index = load_index(args.index, encoder=name)  # another encoder's index: refused here

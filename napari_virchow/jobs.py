@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .analysis import Hit
-from .errors import VirchowError
-from .session import ClusterResult, SlideSession, TrainResult
-from .slide import Slide
+from napari_virchow.analysis.similarity import Hit
+from napari_virchow.errors import VirchowError
+from napari_virchow.session import ClusterResult, SlideSession, TrainResult
+from napari_virchow.slides.slide import Slide
 
 __all__ = [
     "BatchDone", "Clustered", "IndexHits", "Queried", "Stage", "TooMany", "Trained",
@@ -131,7 +131,7 @@ def compute_job(session: SlideSession, box: Sequence[float], *, limit: int = 200
     if len(todo) > limit and not force:
         rate = getattr(session, "last_tiles_per_s", None)
         if not rate:
-            from .inference import estimate_tiles_per_s
+            from napari_virchow.inference import estimate_tiles_per_s
 
             yield Stage("timing the encoder …")
             rate = estimate_tiles_per_s(session.encoder(), batch_size=session.config.batch_size)
@@ -211,7 +211,7 @@ class IndexHits:
 def index_search_job(session: SlideSession, index_path: str, *, k: int = 20,
                      cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
     """Search a cohort index (``napari-virchow index``) with the current query, other slides only."""
-    from ._search_index import load_index
+    from napari_virchow.analysis.index import load_index
 
     if session.query_vector is None:
         raise VirchowError("pick a query first: press 'Pick query' and click a region of the slide")

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._io import atomic_write
-from .errors import VirchowError
-from .overlays import grid_indices
+from napari_virchow.analysis.rasters import grid_indices
+from napari_virchow.errors import VirchowError
+from napari_virchow.io.files import atomic_write
 
 if TYPE_CHECKING:
-    from .analysis import Hit
+    from napari_virchow.analysis.similarity import Hit
 
 __all__ = [
     "Annotation",

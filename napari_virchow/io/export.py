@@ -12,7 +12,7 @@ reads these unchanged)::
 
 Heatmap TIFF: one pixel per tile (or per sub-tile after smoothing), tiled, pyramidal (reduced
 pages, as OpenSlide's generic TIFF expects), with resolution tags that give it the slide's
-physical size, so QuPath or this package's :class:`~napari_virchow.slide.Slide` overlay it.
+physical size, so QuPath or this package's :class:`~napari_virchow.slides.slide.Slide` overlay it.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from ._io import atomic_write
-from .geojson import PALETTE, Color, tiles_to_features
+from napari_virchow import __version__
+from napari_virchow.io.files import atomic_write
+from napari_virchow.io.geojson import PALETTE, Color, tiles_to_features
 
 __all__ = [
     "FEATURES_FORMAT",
@@ -248,7 +248,7 @@ def write_heatmap_tiff(
     path : output ``.tif``.
     values_raster : (rows, cols) probabilities in [0, 1]; NaN where there is no value. Pixel
         ``(r, c)`` covers level-0 ``[c·T, (c+1)·T) × [r·T, (r+1)·T)`` with ``T = tile_size_l0``
-        (the raster of :func:`~napari_virchow.overlays.tile_raster`, optionally upsampled).
+        (the raster of :func:`~napari_virchow.analysis.rasters.tile_raster`, optionally upsampled).
     mpp_l0 : µm per level-0 pixel of the slide.
     tile_size_l0 : level-0 px per raster pixel (fractional after upsampling).
     slide_dims : level-0 (width, height); the raster must cover it to within one pixel (pixels

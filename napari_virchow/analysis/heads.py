@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write
-from .errors import HeadError
+from napari_virchow.errors import HeadError
+from napari_virchow.io.files import atomic_write
 
 __all__ = ["LinearHead", "fit_head", "load_head", "save_head"]
 

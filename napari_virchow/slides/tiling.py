@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import SlideError
-from .slide import Slide
+from napari_virchow.errors import SlideError
+from napari_virchow.slides.slide import Slide
 
 __all__ = ["RESIZE_TOLERANCE", "TileGrid", "detect_tissue"]
 

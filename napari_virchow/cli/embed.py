@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._cli_common import (
+from napari_virchow.cli.common import (
     CliError,
     RunOptions,
     SlideJob,
@@ -22,8 +22,8 @@ from ._cli_common import (
 )
 
 if TYPE_CHECKING:
-    from .heads import LinearHead
-    from .store import EmbeddingStore
+    from napari_virchow.analysis.heads import LinearHead
+    from napari_virchow.store.embeddings import EmbeddingStore
 
 _SLIDES_HELP = "whole-slide image files (SVS, NDPI, MRXS, SCN, tiled TIFF, ...)"
 _OUT_FIX = "choose another --out DIR"
@@ -44,8 +44,8 @@ def write_file(path: Path, write: Any, *args: Any, **kwargs: Any) -> Path:
 
 def load_cli_head(path: str, opts: RunOptions) -> LinearHead:
     """A head for ``opts.encoder`` (a head of another encoder is refused with one line)."""
-    from .errors import HeadError
-    from .heads import load_head
+    from napari_virchow.analysis.heads import load_head
+    from napari_virchow.errors import HeadError
 
     head = load_head(path, encoder=opts.encoder)
     if head.dim != opts.spec.dim:
@@ -101,9 +101,9 @@ class _H5Work:
         self.out = out
 
     def __call__(self, job: SlideJob, store: EmbeddingStore) -> str:
-        from . import __version__
-        from .export import trident_coords_attrs, write_features_h5
-        from .geojson import safe_output_path
+        from napari_virchow import __version__
+        from napari_virchow.io.export import trident_coords_attrs, write_features_h5
+        from napari_virchow.io.geojson import safe_output_path
 
         idx, emb = job.embedded_tissue(store)
         slide, grid = job.slide, job.grid
@@ -130,12 +130,12 @@ class _GeoJsonWork:
         self.out, self.args, self.head = out, args, head
 
     def __call__(self, job: SlideJob, store: EmbeddingStore) -> str:
-        from .export import cluster_features, threshold_features
+        from napari_virchow.io.export import cluster_features, threshold_features
 
         idx, emb = job.embedded_tissue(store)
         g, stem, notes = job.grid, job.path.stem, []
         if self.args.clusters:
-            from .analysis import fit_clusters
+            from napari_virchow.analysis.clusters import fit_clusters
 
             labels = fit_clusters(emb, k=self.args.clusters).predict(emb)
             feats = cluster_features(labels, g.coords[idx], g.tile_size_l0)
@@ -151,7 +151,7 @@ class _GeoJsonWork:
         return "\n".join(notes)
 
     def _write(self, name: str, features: list[dict[str, Any]], what: str) -> str:
-        from .geojson import safe_output_path, write_annotations
+        from napari_virchow.io.geojson import safe_output_path, write_annotations
 
         path = safe_output_path(self.out, name)
         write_file(path, write_annotations, features)
@@ -163,8 +163,8 @@ def query_features(
     tissue: tuple[np.ndarray, np.ndarray],
 ) -> list[dict[str, Any]]:  # fmt: skip
     """The query tile (class ``Query``) and its ``k`` most similar distinct tissue tiles (``Similar``)."""
-    from .analysis import cosine_similarity, top_k_hits
-    from .geojson import Annotation, annotation_to_feature, hits_to_features
+    from napari_virchow.analysis.similarity import cosine_similarity, top_k_hits
+    from napari_virchow.io.geojson import Annotation, annotation_to_feature, hits_to_features
 
     g = job.grid
     i = g.index_at(*xy)

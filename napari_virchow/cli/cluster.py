@@ -1,7 +1,7 @@
 """Embed a cohort on an existing dask.distributed cluster: one task per slide, one encoder per worker.
 
 The client sends each slide path and the resolved options; a worker opens the slide, loads the
-encoder once per process (:func:`~napari_virchow._cli_common.get_encoder` keeps it), embeds the
+encoder once per process (:func:`~napari_virchow.cli.common.get_encoder` keeps it), embeds the
 missing tissue tiles into the store under ``--cache`` and returns a small summary. Slides, weights
 and the cache must be reachable from the workers at the same paths (a shared file system).
 A task never raises: a broken slide comes back as a summary with ``error`` set, so the other
@@ -19,8 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ._cli_common import CliError, RunOptions, SlideJob, get_encoder, one_line
-from .errors import VirchowError
+from napari_virchow.cli.common import CliError, RunOptions, SlideJob, get_encoder, one_line
+from napari_virchow.errors import VirchowError
 
 __all__ = ["embed_on_cluster", "embed_task", "loaded_encoders"]
 
@@ -45,7 +45,7 @@ def _use_worker_threads() -> None:
         nthreads = int(get_worker().state.nthreads)
     except (ImportError, ValueError, AttributeError):  # not on a worker (called directly)
         return
-    from ._torch import torch
+    from napari_virchow._torch import torch
 
     torch.set_num_threads(max(1, nthreads))
 
@@ -85,7 +85,7 @@ def embed_task(slide: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def loaded_encoders() -> int:
     """Encoders held by this process (run on workers with ``client.run`` to check the reuse)."""
-    from . import _cli_common
+    from napari_virchow.cli import common as _cli_common
 
     return len(_cli_common._ENCODERS)
 

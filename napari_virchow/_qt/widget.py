@@ -41,14 +41,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )  # fmt: skip
 
-from . import _jobs
-from ._layers import overlay_name, show_raster
-from ._reader import METADATA_KEY
-from ._specs import list_encoders
-from ._viewport import ViewportWatcher, camera, visible_box_level0
-from .errors import VirchowError
-from .overlays import mask_below
-from .session import SessionConfig, SlideSession
+from napari_virchow import jobs as _jobs
+from napari_virchow._qt.layers import overlay_name, show_raster
+from napari_virchow._qt.viewport import ViewportWatcher, camera, visible_box_level0
+from napari_virchow._reader import METADATA_KEY
+from napari_virchow.analysis.rasters import mask_below
+from napari_virchow.errors import VirchowError
+from napari_virchow.models.specs import list_encoders
+from napari_virchow.session import SessionConfig, SlideSession
 
 __all__ = ["VirchowWidget"]
 
@@ -254,7 +254,7 @@ class VirchowWidget(QWidget):
     # --- configuration -------------------------------------------------------------------------
     def config(self) -> SessionConfig:
         """The encoder, weights, device and batch size chosen in the widget."""
-        from .inference import leave_one_core
+        from napari_virchow.inference import leave_one_core
 
         weights = "random" if self.random_check.isChecked() else (self.weights_edit.text().strip() or None)
         return SessionConfig(encoder=self.encoder_combo.currentText().strip(), weights=weights,
@@ -540,7 +540,7 @@ class VirchowWidget(QWidget):
 
     def load_head(self, path: str | Path) -> None:
         """Load a head file (refused when made for another encoder) and draw its heatmap."""
-        from .heads import load_head
+        from napari_virchow.analysis.heads import load_head
 
         try:
             session = self.session()
@@ -551,7 +551,7 @@ class VirchowWidget(QWidget):
         self._run(_set_head_job, head)
 
     def _save_head(self) -> None:
-        from .heads import save_head
+        from napari_virchow.analysis.heads import save_head
 
         try:
             head = self.session().head
@@ -576,7 +576,7 @@ class VirchowWidget(QWidget):
 
     def load_geojson(self, path: str | Path) -> Shapes | None:
         """Add QuPath GeoJSON polygons (level-0 px) as an annotation layer."""
-        from .geojson import read_annotations
+        from napari_virchow.io.geojson import read_annotations
 
         try:
             items = read_annotations(path)
@@ -594,7 +594,7 @@ class VirchowWidget(QWidget):
         return layer
 
     def _save_geojson(self) -> None:
-        from .geojson import Annotation, write_annotations
+        from napari_virchow.io.geojson import Annotation, write_annotations
 
         try:
             polygons, classes = self.annotations()
@@ -716,7 +716,7 @@ class VirchowWidget(QWidget):
 def _set_head_job(session: SlideSession, head: Any, *, cancel: threading.Event | None = None) -> Iterator[object]:
     yield _jobs.Stage("applying the head to the embedded tiles …")
     session.set_head(head)
-    from .session import TrainResult
+    from napari_virchow.session import TrainResult
 
     yield _jobs.Trained(TrainResult(head, {}))
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write
-from .analysis import AnalysisError, Hit, _query_vector, l2_normalize
+from napari_virchow.analysis.similarity import AnalysisError, Hit, l2_normalize, query_vector
+from napari_virchow.io.files import atomic_write
 
 __all__ = ["AUTO_FLAT_MAX", "IndexEntry", "SlideIndex", "build_index", "load_index"]
 
@@ -166,7 +166,7 @@ class SlideIndex:
         fingerprint) leaves one slide out, usually the one the query comes from. Hits on slides
         whose files are gone come back with ``exists=False``.
         """
-        q = _query_vector(query, self.dim)[None, :]
+        q = query_vector(query, self.dim)[None, :]
         slides = self.meta["slides"]
         excluded = None
         for i, s in enumerate(slides):

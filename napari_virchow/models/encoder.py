@@ -35,8 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _weights
-from ._specs import (
+from napari_virchow._torch import torch
+from napari_virchow.errors import WeightsError
+from napari_virchow.models import weights as _weights
+from napari_virchow.models.specs import (
     HF_PREFIX,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -47,8 +49,6 @@ from ._specs import (
     list_encoders,
     register_encoder,
 )
-from ._torch import torch
-from .errors import WeightsError
 
 F = torch.nn.functional
 

@@ -42,8 +42,9 @@ from zarr.codecs import ZstdCodec
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
-from . import __version__
-from .cache import (
+from napari_virchow import __version__
+from napari_virchow.errors import StoreError
+from napari_virchow.store.cache import (
     STORE_NAME_RE,
     cache_max_bytes,
     default_cache_root,
@@ -52,7 +53,6 @@ from .cache import (
     remove_store,
     store_folder_name,
 )
-from .errors import StoreError
 
 try:  # POSIX; without it (Windows) writes in one process are still serialised by a thread lock
     import fcntl

@@ -7,7 +7,7 @@ from typing import Any
 import napari
 from napari.layers import Image, Labels, Layer
 
-from .overlays import Raster
+from napari_virchow.analysis.rasters import Raster
 
 __all__ = ["overlay_name", "show_raster"]
 
