@@ -37,8 +37,7 @@ from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.synthetic import SampleSource, write_pyramid
 from napari_virchow.slides.tiling import TileGrid
 from napari_virchow.store.embeddings import EmbeddingStore, StoreKey
-
-from .conftest import SAMPLE_DIR, run_as_nobody
+from tests.conftest import SAMPLE_DIR, run_as_nobody
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SVS = SAMPLE_DIR / "cmu_small_region.svs"

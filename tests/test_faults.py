@@ -40,8 +40,7 @@ from napari_virchow.session import SessionConfig, SlideSession
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
 from napari_virchow.store.cache import list_stores
-
-from .conftest import PLANTED_PATTERNS, PLANTED_SIZE
+from tests.conftest import PLANTED_PATTERNS, PLANTED_SIZE
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
 

@@ -86,7 +86,7 @@ def _square(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
 
 
 def _planted_truth(session) -> np.ndarray:
-    from .conftest import PLANTED_PATTERNS
+    from tests.conftest import PLANTED_PATTERNS
 
     g = session.grid
     centre = g.coords + g.tile_size_l0 / 2

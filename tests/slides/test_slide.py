@@ -14,8 +14,7 @@ import tifffile
 from napari_virchow import SlideError
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.synthetic import SampleSource, write_pyramid
-
-from .conftest import run_as_nobody
+from tests.conftest import run_as_nobody
 
 
 def test_sample_svs_metadata(sample_svs: Path) -> None:

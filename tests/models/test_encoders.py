@@ -434,7 +434,7 @@ def test_cli_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_runs_as_module() -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run(
         [sys.executable, "-m", "napari_virchow.cli", "--version"],
         capture_output=True,

@@ -31,8 +31,7 @@ from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.synthetic import PlantedSource, Region, write_pyramid
 from napari_virchow.slides.tiling import TileGrid
 from napari_virchow.store.cache import list_stores
-
-from .conftest import PLANTED_PATTERNS, run_as_nobody
+from tests.conftest import PLANTED_PATTERNS, run_as_nobody
 
 TINY = ["--encoder", "virchow2-tiny", "--weights", "random", "--no-progress"]
 T = 224  # level-0 px per tile at 0.5 µm/px
