@@ -358,6 +358,7 @@ def iter_embed(
     grid = grid if grid is not None else _default_grid(slide, encoder)
     own_store = store is None
     store = store if store is not None else open_store(slide, encoder, grid, cache_root=cache_root)
+    writer: _Writer | None = None
     try:
         _check_store(store, grid, encoder)
         requested = _requested(grid, bbox, indices)
@@ -390,6 +391,10 @@ def iter_embed(
             if error is not None and not (cancel is not None and cancel.is_set()):
                 raise error
     finally:
+        # Ctrl-C (or any exception) may land while a batch is being written: the write finishes
+        # before the store, and its cross-process lock, are released. No thread outlives a store.
+        if writer is not None:
+            writer.finish()
         if own_store:
             store.close()
 
@@ -413,6 +418,17 @@ class _Writer(threading.Thread):
         super().join(timeout)
         if self._error is not None:
             raise self._error
+
+    def finish(self) -> None:
+        """Wait for the write to end, even through further Ctrl-C (re-raised once it has)."""
+        interrupted: BaseException | None = None
+        while self.is_alive():
+            try:
+                super().join()
+            except KeyboardInterrupt as exc:  # a second Ctrl-C: the write still completes first
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
 
 def _next(

@@ -410,6 +410,7 @@ class EmbeddingStore(StoreWriting):
         The object must not be used afterwards.
         """
         with self._thread_lock:  # a write holds it: the cross-process lock outlives the write
+            self._closed = True
             for fh in (self._lock_fh, self._inuse_fh):
                 if fh is not None:
                     fh.close()

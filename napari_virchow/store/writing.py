@@ -58,6 +58,7 @@ class StoreWriting:
     _repaired: bool
     _last_updated: float
     _depth: int = 0
+    _closed: bool = False
     n_tiles: int
     dim: int
     coords: np.ndarray | None
@@ -203,6 +204,8 @@ class StoreWriting:
         # thread); flock covers other processes and other store objects on the same folder.
         # Re-entrant (repair -> _write); flock is taken once, by the outermost holder.
         with self._thread_lock:
+            if self._closed:  # e.g. a thread that got here after close(): never write unlocked
+                raise StoreError(f"store at {self.path} was closed; open it again")
             self._depth = getattr(self, "_depth", 0) + 1
             outer = self._depth == 1 and fcntl is not None and self._lock_fh is not None
             if outer:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from napari_virchow.errors import StoreError
+from napari_virchow.store import atomic
 from napari_virchow.store.embeddings import EmbeddingStore
 from tests.store.test_store import DIM, N, expected, open_store
 
@@ -190,3 +193,29 @@ def test_chunk_deleted_while_open_is_still_detected(tmp_path: Path) -> None:
         with pytest.raises(StoreError, match="damaged"):
             s.read(np.arange(96, 128))
 
+
+
+@pytest.mark.timeout(60)
+def test_close_waits_for_a_write_in_flight_and_later_writes_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, started = atomic.atomic_put, threading.Event()
+
+    def slow(path: Path, data: bytes, **kw: object) -> None:
+        if "embeddings" in path.parts:
+            started.set()
+            time.sleep(0.3)
+        real(path, data, **kw)  # type: ignore[arg-type]
+
+    s = open_store(tmp_path)
+    monkeypatch.setattr(atomic, "atomic_put", slow)
+    writer = threading.Thread(target=s.write, args=(np.arange(10), expected(np.arange(10))))
+    writer.start()
+    started.wait(10)
+    s.close()  # returns only once the write (rows and done flags) is complete
+    writer.join(5)
+    monkeypatch.undo()
+    with open_store(tmp_path, mode="r") as r:
+        assert r.n_done == 10
+    with pytest.raises(StoreError, match="read-only|closed"):
+        s.write([11], expected([11]))
