@@ -78,6 +78,15 @@ DEFAULT_CHUNK_ROWS = 256
 # -- the store ---------------------------------------------------------------------------------
 
 
+def _file_version(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime_ns, size) of ``path``, None when it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class EmbeddingStore(StoreWriting):
     """Per-tile embeddings of one slide under one encoder; see the module docstring for layout.
 
@@ -96,6 +105,8 @@ class EmbeddingStore(StoreWriting):
         self._last_updated = 0.0
         self._repaired = False
         self._present: set[int] = set()  # embeddings chunks whose file was seen (never deleted)
+        self._flags_memo: tuple[tuple[int, int, int] | None, np.ndarray] | None = None
+        self._rows_checked: tuple[int, int, int] | None = None  # done version whose rows were found
         try:
             self._open_zarr()
             if mode == "a":
@@ -284,17 +295,30 @@ class EmbeddingStore(StoreWriting):
             raise mismatch(self.path, "tile coordinates differ from the stored grid")
 
     def _flags(self) -> np.ndarray:
-        """The done flags, checked: a missing or damaged done chunk raises a StoreError."""
+        """The done flags (a copy), checked: a missing or damaged done chunk raises a StoreError.
+
+        Decoded again only when the chunk file changed (every write replaces it: a new inode), so
+        the many small reads of a viewer cost one ``stat``.
+        """
+        version = _file_version(chunk_path(self.path, self._done, (0,)))
+        memo = self._flags_memo
+        if version is not None and memo is not None and memo[0] == version:
+            return memo[1].copy()
         flags, why = read_flags(self.path, self._done, must_exist=self._strict)
         if flags is None:
             raise self._damage(f"done flags: {why}")
-        return flags.astype(bool, copy=False)
+        flags = flags.astype(bool, copy=False)
+        self._flags_memo = (version, flags)
+        return flags.copy()
 
     def _checked_done(self) -> np.ndarray:
         """Done flags whose rows are known to exist (mode "a": after one :meth:`repair`)."""
         if self.mode == "a" and not self._repaired:
             self.repair()
         done = self._flags()
+        version = self._flags_memo[0] if self._flags_memo is not None else None
+        if version is not None and version == self._rows_checked:
+            return done
         step = row_chunks(self._emb)
         marked = np.unique(np.flatnonzero(done) // step)
         for chunk in marked[~np.isin(marked, list(self._present))] if len(self._present) else marked:
@@ -302,6 +326,7 @@ class EmbeddingStore(StoreWriting):
                 n = int(done[chunk * step : (chunk + 1) * step].sum())
                 raise self._damage(f"embeddings chunk {int(chunk)} is missing ({n} tiles marked done)")
             self._present.add(int(chunk))
+        self._rows_checked = version
         return done
 
     def _damage(self, why: str) -> StoreError:

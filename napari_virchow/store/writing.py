@@ -55,6 +55,8 @@ class StoreWriting:
     _thread_lock: threading.RLock
     _lock_fh: IO[bytes] | None
     _present: set[int]
+    _flags_memo: tuple[tuple[int, int, int] | None, np.ndarray] | None
+    _rows_checked: tuple[int, int, int] | None
     _repaired: bool
     _last_updated: float
     _depth: int = 0
@@ -117,6 +119,7 @@ class StoreWriting:
                     self._coords = self._write(lambda: write_coords(self._group, coords, overwrite=True), "coordinates")
                 self._write(lambda: self._done.__setitem__(slice(None), trusted), "done flags")
             self._present.clear()
+            self._flags_memo = self._rows_checked = None
             self._repaired = True
         if not report.ok:
             logger.warning("repaired embedding store %s: %s; %d tiles will be recomputed",
