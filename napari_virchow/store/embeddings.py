@@ -54,6 +54,7 @@ from napari_virchow.store.cache import (
     open_inuse_shared,
     remove_store,
 )
+from napari_virchow.store.claims import Claims
 from napari_virchow.store.integrity import DAMAGE, DamageReport, chunk_path, read_flags, row_chunks
 from napari_virchow.store.key import StoreKey
 from napari_virchow.store.layout import (
@@ -107,6 +108,7 @@ class EmbeddingStore(StoreWriting):
         self._present: set[int] = set()  # embeddings chunks whose file was seen (never deleted)
         self._flags_memo: tuple[tuple[int, int, int] | None, np.ndarray] | None = None
         self._rows_checked: tuple[int, int, int] | None = None  # done version whose rows were found
+        self.claims = Claims(self.path)  # chunks this object computes (shared with other processes)
         try:
             self._open_zarr()
             if mode == "a":
@@ -340,6 +342,11 @@ class EmbeddingStore(StoreWriting):
         return int(self._emb.shape[0])
 
     @property
+    def chunk_rows(self) -> int:
+        """Rows per ``embeddings`` chunk (the unit of writes and of work shared between processes)."""
+        return row_chunks(self._emb)
+
+    @property
     def dim(self) -> int:
         """Embedding width."""
         return int(self._emb.shape[1])
@@ -436,6 +443,7 @@ class EmbeddingStore(StoreWriting):
         """
         with self._thread_lock:  # a write holds it: the cross-process lock outlives the write
             self._closed = True
+            self.claims.release_all()
             for fh in (self._lock_fh, self._inuse_fh):
                 if fh is not None:
                     fh.close()

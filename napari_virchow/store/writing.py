@@ -17,6 +17,7 @@ import numpy as np
 import zarr
 
 from napari_virchow.errors import StoreError
+from napari_virchow.store.claims import Claims
 from napari_virchow.store.integrity import DAMAGE, DamageReport, scan
 from napari_virchow.store.layout import (
     FORMAT_VERSION,
@@ -55,6 +56,8 @@ class StoreWriting:
     _thread_lock: threading.RLock
     _lock_fh: IO[bytes] | None
     _present: set[int]
+    claims: Claims
+    chunk_rows: int
     _flags_memo: tuple[tuple[int, int, int] | None, np.ndarray] | None
     _rows_checked: tuple[int, int, int] | None
     _repaired: bool
@@ -185,6 +188,7 @@ class StoreWriting:
             done = self._flags()
             done[idx] = True
             self._write(lambda: self._done.__setitem__(slice(None), done), "done flags")
+        self.claims.stored(idx, self.chunk_rows)
         self._touch()
 
     def _write(self, action: Any, what: str) -> Any:
