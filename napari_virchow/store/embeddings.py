@@ -15,15 +15,10 @@ over the old one (:mod:`~napari_virchow.store.atomic`), so a chunk file is alway
 the new version, never torn. A write puts the rows first and flips ``done`` afterwards, under the
 lock, so a kill at any moment leaves at worst rows written but not marked done (recomputed).
 
-Integrity (:mod:`~napari_virchow.store.integrity`): no value is returned unverified. Every chunk
-carries a checksum that zarr checks on each decode; the presence of every chunk file a done row
-needs, and of the ``done``/``coords`` chunks, is checked before use (once per chunk and open: zarr
-would read a missing chunk as zeros); a done row holding only zeros is damage. Reading commands
-(mode "r") report damage once, as a :class:`StoreError` naming the store and the fix; a writable
-open (mode "a") repairs instead: :meth:`EmbeddingStore.repair` decodes every chunk once, deletes
-chunk files that fail their checksum, rebuilds lost done flags from the rows present, rewrites lost
-coordinates and marks the damaged tiles not done, so the next ``embed`` recomputes exactly those.
-The same pieces are public: :meth:`~EmbeddingStore.verify` and :meth:`~EmbeddingStore.invalidate`.
+Integrity (:mod:`~napari_virchow.store.integrity`): no value is returned unverified. Reads (mode
+"r") report damage once, as a :class:`StoreError` naming the store and the fix (``napari-virchow
+embed SLIDE``); a writable open repairs it (:meth:`EmbeddingStore.repair`), so ``embed`` recomputes
+exactly the damaged tiles. Public: :meth:`~EmbeddingStore.verify`, :meth:`~EmbeddingStore.invalidate`.
 
 Format 1 stores (before checksums on ``done``/``coords``): decision -- they are *migrated*, not
 refused, so no computed embedding is lost. Read-only, they are served with every check that
@@ -55,13 +50,12 @@ from napari_virchow.store.cache import (
     remove_store,
 )
 from napari_virchow.store.claims import Claims
-from napari_virchow.store.integrity import DAMAGE, DamageReport, chunk_path, read_flags, row_chunks
+from napari_virchow.store.integrity import DAMAGE, DamageReport, read_flags, row_chunks
 from napari_virchow.store.key import StoreKey
 from napari_virchow.store.layout import (
     FORMAT,
     FORMAT_VERSION,
-    READABLE_VERSIONS,
-    attrs_digest,
+    check_attrs,
     create_store,
     keep_empty,
     write_coords,
@@ -77,15 +71,6 @@ DEFAULT_CHUNK_ROWS = 256
 
 
 # -- the store ---------------------------------------------------------------------------------
-
-
-def _file_version(path: Path) -> tuple[int, int, int] | None:
-    """(inode, mtime_ns, size) of ``path``, None when it is missing."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class EmbeddingStore(StoreWriting):
@@ -138,31 +123,12 @@ class EmbeddingStore(StoreWriting):
             self._coords = keep_empty(coords) if isinstance(coords, zarr.Array) else None
         except DAMAGE as exc:
             raise damaged(self.path, exc) from exc
-        if attrs.get("format") != FORMAT:
-            raise damaged(self.path, "not a napari-virchow embedding store")
-        if attrs.get("format_version") not in READABLE_VERSIONS:
-            raise mismatch(
-                self.path,
-                f"store format {attrs.get('format_version')} written by napari-virchow "
-                f"{attrs.get('package_version')}, this version reads formats {READABLE_VERSIONS}",
-            )
-        if self._strict and attrs.get("attrs_digest") != attrs_digest(attrs):
-            raise damaged(self.path, "its provenance metadata (zarr.json) fails its checksum")
+        n, dim, self.key, self._strict = check_attrs(self.path, attrs)
         self._attrs = attrs
-        try:
-            n, dim = int(attrs["n_tiles"]), int(attrs["dim"])
-            self.key = StoreKey(**{f: attrs[f] for f in StoreKey.__dataclass_fields__})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise damaged(self.path, f"provenance attrs incomplete: {exc}") from exc
         if not isinstance(self._emb, zarr.Array) or self._emb.shape != (n, dim):
             raise damaged(self.path, f"embeddings array is not ({n}, {dim})")
         if not isinstance(self._done, zarr.Array) or self._done.shape != (n,):
             raise damaged(self.path, f"done array is not ({n},)")
-
-    @property
-    def _strict(self) -> bool:
-        # Format 2 checksums every chunk and always writes the done/coords chunks.
-        return self._group.attrs.get("format_version") == FORMAT_VERSION
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -295,44 +261,6 @@ class EmbeddingStore(StoreWriting):
         if stored is not None and not np.array_equal(stored, coords):
             # Same shape but other tiles (e.g. another tissue mask): row i would mean another tile.
             raise mismatch(self.path, "tile coordinates differ from the stored grid")
-
-    def _flags(self) -> np.ndarray:
-        """The done flags (a copy), checked: a missing or damaged done chunk raises a StoreError.
-
-        Decoded again only when the chunk file changed (every write replaces it: a new inode), so
-        the many small reads of a viewer cost one ``stat``.
-        """
-        version = _file_version(chunk_path(self.path, self._done, (0,)))
-        memo = self._flags_memo
-        if version is not None and memo is not None and memo[0] == version:
-            return memo[1].copy()
-        flags, why = read_flags(self.path, self._done, must_exist=self._strict)
-        if flags is None:
-            raise self._damage(f"done flags: {why}")
-        flags = flags.astype(bool, copy=False)
-        self._flags_memo = (version, flags)
-        return flags.copy()
-
-    def _checked_done(self) -> np.ndarray:
-        """Done flags whose rows are known to exist (mode "a": after one :meth:`repair`)."""
-        if self.mode == "a" and not self._repaired:
-            self.repair()
-        done = self._flags()
-        version = self._flags_memo[0] if self._flags_memo is not None else None
-        if version is not None and version == self._rows_checked:
-            return done
-        step = row_chunks(self._emb)
-        marked = np.unique(np.flatnonzero(done) // step)
-        for chunk in marked[~np.isin(marked, list(self._present))] if len(self._present) else marked:
-            if not chunk_path(self.path, self._emb, (int(chunk), 0)).is_file():
-                n = int(done[chunk * step : (chunk + 1) * step].sum())
-                raise self._damage(f"embeddings chunk {int(chunk)} is missing ({n} tiles marked done)")
-            self._present.add(int(chunk))
-        self._rows_checked = version
-        return done
-
-    def _damage(self, why: str) -> StoreError:
-        return damaged(self.path, why, self._attrs.get("slide_path"), repairable=True)
 
     # -- reading ---------------------------------------------------------------------------
 

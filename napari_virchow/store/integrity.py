@@ -17,12 +17,13 @@ ones, or, when they are lost, the rows actually present); it never changes the s
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-__all__ = ["DAMAGE", "DamageReport", "chunk_path", "row_chunks", "scan"]
+__all__ = ["DAMAGE", "DamageReport", "chunk_path", "file_version", "read_flags", "row_chunks", "scan"]
 
 # What zarr raises for a damaged node/chunk: zarr.errors.* are ValueErrors, a bad checksum gives
 # a ValueError, a codec error a RuntimeError, a missing file a FileNotFoundError (OSError).
@@ -66,6 +67,15 @@ class DamageReport:
             return "no damage"
         more = f" (+{len(self.problems) - n_shown} more)" if len(self.problems) > n_shown else ""
         return "; ".join(self.problems[:n_shown]) + more
+
+
+def file_version(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime_ns, size) of ``path``, None when it is missing: changes with every replace."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def chunk_path(root: Path, arr: zarr.Array, chunk: tuple[int, ...]) -> Path:

@@ -30,9 +30,10 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from napari_virchow import __version__
 from napari_virchow.store.atomic import AtomicLocalStore
 from napari_virchow.store.cache import store_folder_name
-from napari_virchow.store.messages import os_error
+from napari_virchow.store.key import StoreKey
+from napari_virchow.store.messages import damaged, mismatch, os_error
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "attrs_digest", "create_store"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "attrs_digest", "check_attrs", "create_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,31 @@ def attrs_digest(attrs: Mapping[str, Any]) -> str:
     """SHA-256 (hex) of the canonical JSON of the provenance attrs, ``updated`` excluded."""
     body = {k: v for k, v in attrs.items() if k not in _UNDIGESTED}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_attrs(path: Path, attrs: Mapping[str, Any]) -> tuple[int, int, StoreKey, bool]:
+    """Validate a store's provenance attrs: (n_tiles, dim, key, strict) or a StoreError.
+
+    ``strict``: format 2, whose every chunk carries a checksum and whose done/coords chunks exist.
+    """
+    if attrs.get("format") != FORMAT:
+        raise damaged(path, "not a napari-virchow embedding store")
+    version = attrs.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise mismatch(
+            path,
+            f"store format {version} written by napari-virchow {attrs.get('package_version')}, "
+            f"this version reads formats {READABLE_VERSIONS}",
+        )
+    strict = version == FORMAT_VERSION
+    if strict and attrs.get("attrs_digest") != attrs_digest(attrs):
+        raise damaged(path, "its provenance metadata (zarr.json) fails its checksum")
+    try:
+        n, dim = int(attrs["n_tiles"]), int(attrs["dim"])
+        key = StoreKey(**{f: attrs[f] for f in StoreKey.__dataclass_fields__})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise damaged(path, f"provenance attrs incomplete: {exc}") from exc
+    return n, dim, key, strict
 
 
 def now() -> str:
@@ -106,7 +132,7 @@ def write_coords(group: zarr.Group, coords: np.ndarray, *, overwrite: bool = Fal
 
 def create_store(
     root: Path,
-    key: Any,
+    key: StoreKey,
     *,
     n_tiles: int,
     dim: int,

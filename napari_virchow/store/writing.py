@@ -1,4 +1,4 @@
-"""The write side of :class:`~napari_virchow.store.embeddings.EmbeddingStore`: writing, repairing, locking.
+"""The checked side of :class:`~napari_virchow.store.embeddings.EmbeddingStore`: done flags, writes, repairs, locks.
 
 A mixin, so that the store stays one object for callers while each module keeps one job.
 """
@@ -18,7 +18,7 @@ import zarr
 
 from napari_virchow.errors import StoreError
 from napari_virchow.store.claims import Claims
-from napari_virchow.store.integrity import DAMAGE, DamageReport, scan
+from napari_virchow.store.integrity import DAMAGE, DamageReport, chunk_path, file_version, read_flags, row_chunks, scan
 from napari_virchow.store.layout import (
     FORMAT_VERSION,
     attrs_digest,
@@ -45,7 +45,7 @@ _UPDATED_EVERY_S = 60.0
 
 
 class StoreWriting:
-    """Writing, verifying and repairing methods of an embedding store (mixed into EmbeddingStore)."""
+    """Checked done flags, writing, verifying and repairing of an embedding store (mixed into EmbeddingStore)."""
 
     path: Path
     _group: zarr.Group
@@ -68,10 +68,49 @@ class StoreWriting:
     dim: int
     coords: np.ndarray | None
     _strict: bool
-    _flags: Callable[[], np.ndarray]
-    _damage: Callable[[str], StoreError]
+    mode: str
     _indices: Callable[[np.ndarray], np.ndarray]
     _touch: Callable[[], None]
+
+    # -- checked done flags ----------------------------------------------------------------
+
+    def _flags(self) -> np.ndarray:
+        """The done flags (a copy), checked: a missing or damaged done chunk raises a StoreError.
+
+        Decoded again only when the chunk file changed (every write replaces it: a new inode), so
+        the many small reads of a viewer cost one ``stat``.
+        """
+        version = file_version(chunk_path(self.path, self._done, (0,)))
+        memo = self._flags_memo
+        if version is not None and memo is not None and memo[0] == version:
+            return memo[1].copy()
+        flags, why = read_flags(self.path, self._done, must_exist=self._strict)
+        if flags is None:
+            raise self._damage(f"done flags: {why}")
+        flags = flags.astype(bool, copy=False)
+        self._flags_memo = (version, flags)
+        return flags.copy()
+
+    def _checked_done(self) -> np.ndarray:
+        """Done flags whose rows are known to exist (mode "a": after one :meth:`repair`)."""
+        if self.mode == "a" and not self._repaired:
+            self.repair()
+        done = self._flags()
+        version = self._flags_memo[0] if self._flags_memo is not None else None
+        if version is not None and version == self._rows_checked:
+            return done
+        step = row_chunks(self._emb)
+        marked = np.unique(np.flatnonzero(done) // step)
+        for chunk in marked[~np.isin(marked, list(self._present))] if len(self._present) else marked:
+            if not chunk_path(self.path, self._emb, (int(chunk), 0)).is_file():
+                n = int(done[chunk * step : (chunk + 1) * step].sum())
+                raise self._damage(f"embeddings chunk {int(chunk)} is missing ({n} tiles marked done)")
+            self._present.add(int(chunk))
+        self._rows_checked = version
+        return done
+
+    def _damage(self, why: str) -> StoreError:
+        return damaged(self.path, why, self._attrs.get("slide_path"), repairable=True)
 
     # -- verifying and repairing ----------------------------------------------------------
 
@@ -141,6 +180,7 @@ class StoreWriting:
             attrs["attrs_digest"] = attrs_digest(attrs)
             self._group.attrs.update(attrs)
             self._attrs = self._group.attrs.asdict()
+            self._strict = True
 
         self._write(rewrite, "the upgraded store")
         found = self._group.get("coords")
