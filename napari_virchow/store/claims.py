@@ -105,15 +105,19 @@ def shared_batches(
     died), and what is still missing is yielded. Claims left at the end (cancel, error, generator
     closed) are released.
     """
-    step = store.chunk_rows
-    chunks = todo // step
+    if not len(todo):
+        return
+    chunks = todo // store.chunk_rows
+    order = np.argsort(chunks, kind="stable")
+    starts = np.flatnonzero(np.diff(chunks[order], prepend=-1))
+    members = dict(zip(chunks[order][starts].tolist(), np.split(todo[order], starts[1:]), strict=True))
     wanted: dict[int, set[int] | None] = {}  # chunk -> tiles this process computes; None: deferred
     deferred: dict[int, list[int]] = {}
     batch: list[int] = []
     try:
         for tile, chunk in zip(todo.tolist(), chunks.tolist(), strict=True):
             if chunk not in wanted:
-                left = store.missing(todo[chunks == chunk])
+                left = store.missing(members[chunk])
                 wanted[chunk] = set(left.tolist()) if not left.size or store.claims.take(chunk, left) else None
             mine = wanted[chunk]
             if mine is None:
