@@ -78,6 +78,11 @@ class EmbeddingStore(StoreWriting):
 
     Use :meth:`open` (by key) or :meth:`from_path` (by folder); both return an opened store that
     holds a shared "in use" lock until :meth:`close` (or the end of a ``with`` block).
+
+    Reading: :attr:`done`, :meth:`missing`, :meth:`read`, :meth:`read_done` (verified rows only).
+    Writing: :meth:`write`. Integrity: :meth:`verify` (a :class:`DamageReport`), :meth:`repair`,
+    :meth:`invalidate`. Sharing work between processes: :attr:`claims` (see
+    :func:`napari_virchow.store.claims.shared_batches`).
     """
 
     def __init__(self, path: Path, *, mode: Literal["r", "a"] = "r", touch: bool = True) -> None:
