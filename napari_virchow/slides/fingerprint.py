@@ -11,12 +11,13 @@ are hashed in order. The result does not depend on the thread count.
 
 Hashing a multi-GB slide takes seconds, so the result is remembered in a memo folder
 (``$NAPARI_VIRCHOW_FINGERPRINTS``, default ``<user cache>/napari-virchow/fingerprints``), one tiny
-file per file version, keyed by (device, inode, size, mtime in ns) of every hashed file and never by
-path: ``mv`` (same inode) keeps the entry, a copy re-hashes to the same fingerprint, ``touch``
-re-hashes to the same fingerprint, and any write (which moves the mtime) re-hashes. Memo files are
-written atomically; one that cannot be read or parsed is ignored and recomputed; a memo folder that
-cannot be written only costs the re-hash. An edit that restores the old mtime by hand (``touch -r``)
-is not seen -- the same trade-off as make and rsync.
+file per file version, keyed by (device, inode, size, mtime in ns) of every hashed file, never by
+path, and checked against a digest of the file's first and last 64 KiB (a reused inode is not
+taken for the old file). So ``mv`` (same inode) keeps the entry; a copy and ``touch`` re-hash to the
+same fingerprint; any write (which moves the mtime) re-hashes. Memo files are written atomically;
+one that cannot be read or parsed is ignored and recomputed; a memo folder that cannot be written
+only costs the re-hash. An edit that restores the old mtime by hand (``touch -r``) and keeps the
+head and tail is not seen -- the trade-off make and rsync make too.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from platformdirs import user_cache_dir
 
 from napari_virchow.io.files import atomic_write
 
-__all__ = ["ENV_MEMO", "content_files", "file_token", "fingerprint", "hash_files", "memo_dir"]
+__all__ = ["ENV_MEMO", "content_files", "file_token", "fingerprint", "hash_files", "memo_dir", "sample_digest"]
 
 logger = logging.getLogger(__name__)
 
 ENV_MEMO = "NAPARI_VIRCHOW_FINGERPRINTS"
 BLOCK = 16 << 20
+SAMPLE = 64 << 10
 #: the memo keeps at most this many entries (the oldest are dropped)
 MEMO_MAX_ENTRIES = 4096
 _VERSION = 1
@@ -100,18 +102,32 @@ def hash_files(files: list[Path], *, threads: int | None = None) -> str:
     return top.hexdigest()
 
 
-def _memo_get(token: str) -> str | None:
+def sample_digest(path: Path) -> str:
+    """Digest of the first and last :data:`SAMPLE` bytes: a memo entry must match it too.
+
+    Guards against a reused inode (a deleted slide's, given to a new file of the same size within
+    one mtime tick on a coarse-clock file system) serving another file's fingerprint.
+    """
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = os.pread(fh.fileno(), SAMPLE, 0)
+        tail = os.pread(fh.fileno(), SAMPLE, max(size - SAMPLE, 0))
+    return hashlib.blake2b(head + tail, digest_size=16).hexdigest()
+
+
+def _memo_get(token: str, sample: str) -> str | None:
     try:
         entry = json.loads((memo_dir() / token).read_text())
-        fp = entry["fingerprint"] if entry.get("v") == _VERSION and entry.get("token") == token else None
+        ok = entry.get("v") == _VERSION and entry.get("token") == token and entry.get("sample") == sample
+        fp = entry["fingerprint"] if ok else None
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None  # absent, unreadable or damaged: recomputed
     return fp if isinstance(fp, str) and _HEX32.match(fp) else None
 
 
-def _memo_put(token: str, fp: str, source: Path) -> None:
+def _memo_put(token: str, sample: str, fp: str) -> None:
     folder = memo_dir()
-    body = json.dumps({"v": _VERSION, "token": token, "fingerprint": fp, "file": str(source)})
+    body = json.dumps({"v": _VERSION, "token": token, "sample": sample, "fingerprint": fp})
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / token, lambda tmp: Path(tmp).write_text(body))
@@ -134,11 +150,11 @@ def _prune(folder: Path) -> None:
 def fingerprint(path: str | os.PathLike[str]) -> str:
     """Content fingerprint (32 hex) of the slide at ``path``; instant when the memo has it."""
     files = content_files(Path(path))
-    token = file_token(files)
-    found = _memo_get(token)
+    token, sample = file_token(files), sample_digest(files[0])
+    found = _memo_get(token, sample)
     if found is not None:
         return found
     fp = hash_files(files)
     if file_token(files) == token:  # not modified while hashing: safe to remember
-        _memo_put(token, fp, Path(path))
+        _memo_put(token, sample, fp)
     return fp

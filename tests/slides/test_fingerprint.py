@@ -138,3 +138,21 @@ def test_content_not_path_and_thread_count_independent(
     assert one == fp_mod.hash_files([sample_pyramid], threads=3)
     monkeypatch.setattr(fp_mod, "BLOCK", 8192)
     assert fp_mod.hash_files([sample_pyramid], threads=1) != one  # the tree shape is part of the hash
+
+
+def test_same_stat_other_head_is_not_served_from_the_memo(
+    sample_pyramid: Path, tmp_path: Path, hashes: list[list[Path]]
+) -> None:
+    """A reused inode (same size and mtime, another file) must not get the old fingerprint."""
+    path = tmp_path / "slide.tif"
+    shutil.copy(sample_pyramid, path)
+    before = fingerprint(path)
+    st, token = path.stat(), fp_mod.file_token([path])
+    with open(path, "r+b") as fh:  # the last byte: another file of the same size
+        fh.seek(st.st_size - 1)
+        last = fh.read(1)
+        fh.seek(st.st_size - 1)
+        fh.write(bytes([last[0] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fp_mod.file_token([path]) == token  # same device, inode, size and mtime
+    assert fingerprint(path) != before and len(hashes) == 2
