@@ -69,7 +69,6 @@ def slide_layer_data(slide: Slide) -> LayerData:
             "path": str(slide.path),
             "mpp": slide.mpp,
             "mpp_source": slide.mpp_source,
-            "fingerprint": slide.fingerprint,
             "vendor": slide.vendor,
             "objective_power": slide.objective_power,
             "dimensions": slide.dimensions,

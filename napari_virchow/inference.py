@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,7 @@ from napari_virchow.errors import StoreError
 from napari_virchow.models.encoder import Encoder
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
+from napari_virchow.store.claims import shared_batches
 from napari_virchow.store.embeddings import EmbeddingStore, StoreKey
 
 __all__ = [
@@ -258,7 +259,7 @@ def _note(exc: BaseException, text: str) -> None:
 
 
 def _tile_batches(
-    grid: TileGrid, batches: list[np.ndarray], readers: int, cancel: threading.Event | None
+    grid: TileGrid, batches: Iterable[np.ndarray], readers: int, cancel: threading.Event | None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(indices, tiles) per batch, read in this thread or prefetched by ``readers`` threads."""
     if readers == 0:
@@ -358,6 +359,8 @@ def iter_embed(
     grid = grid if grid is not None else _default_grid(slide, encoder)
     own_store = store is None
     store = store if store is not None else open_store(slide, encoder, grid, cache_root=cache_root)
+    writer: _Writer | None = None
+    batches: Generator[np.ndarray, None, None] | None = None
     try:
         _check_store(store, grid, encoder)
         requested = _requested(grid, bbox, indices)
@@ -369,7 +372,8 @@ def iter_embed(
             raise ValueError(f"batch_size must be >= 1, got {size}")
         n_cached, n_computed = len(requested) - len(todo), 0
         embed = _Embedder(encoder, size)
-        batches = [todo[i : i + size] for i in range(0, len(todo), size)]
+        # Chunks another live process is computing are skipped, then waited for: two runs share.
+        batches = shared_batches(store, todo, size, cancel)
         reader = _tile_batches(grid, batches, resolve_readers(readers, encoder.device), cancel)
         with contextlib.closing(reader), _torch_threads(threads):
             batch, error = _next(reader)
@@ -390,6 +394,12 @@ def iter_embed(
             if error is not None and not (cancel is not None and cancel.is_set()):
                 raise error
     finally:
+        # Ctrl-C (or any exception) may land while a batch is being written: the write finishes
+        # before the store, and its cross-process lock, are released. No thread outlives a store.
+        if writer is not None:
+            writer.finish()
+        if batches is not None:
+            batches.close()  # releases this run's chunk claims
         if own_store:
             store.close()
 
@@ -413,6 +423,17 @@ class _Writer(threading.Thread):
         super().join(timeout)
         if self._error is not None:
             raise self._error
+
+    def finish(self) -> None:
+        """Wait for the write to end, even through further Ctrl-C (re-raised once it has)."""
+        interrupted: BaseException | None = None
+        while self.is_alive():
+            try:
+                super().join()
+            except KeyboardInterrupt as exc:  # a second Ctrl-C: the write still completes first
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
 
 def _next(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from pickle import UnpicklingError  # the class torch.load raises on refusal; nothing here unpickles
@@ -40,6 +41,12 @@ PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _STRIPPABLE_PREFIXES = ("module.", "model.")
 _TRUE = {"1", "on", "yes", "true"}
+_FILE_KINDS = {
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 def hf_cache_dir() -> Path:
@@ -170,6 +177,25 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _check_regular_file(p: Path) -> None:
+    """Refuse, naming what it is, a path that cannot hold weights (missing, device, empty)."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise WeightsError(f"weights file not found: {p}. Fix: check the path.") from None
+    except OSError as exc:
+        raise WeightsError(
+            f"cannot read weights file {p} ({exc.strerror}). Fix: check the path and permissions."
+        ) from exc
+    if not stat.S_ISREG(st.st_mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise WeightsError(f"{p} is {kind}, not a weights file. Fix: pass the .safetensors file itself.")
+    if st.st_size == 0:
+        raise WeightsError(
+            f"weights file {p} is empty (0 bytes): the download or copy is incomplete. Fix: copy it again."
+        )
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> tuple[Path, dict[str, torch.Tensor]]:
     """Read a state dict from a weights file, or from a folder holding ``model.safetensors``.
 
@@ -189,8 +215,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[Path, dict[str, torch
         if not inside:
             raise WeightsError(f"folder {p} holds neither model.safetensors nor pytorch_model.bin.")
         p = inside[0]
-    if not p.is_file():
-        raise WeightsError(f"weights file not found: {p}. Fix: check the path.")
+    _check_regular_file(p)
     suffix = p.suffix.lower()
     if suffix in SAFE_SUFFIXES:
         try:
@@ -269,6 +294,7 @@ def match_state_dict(
         if k in sd and sd[k].shape != v.shape
     ]
     if not (missing or unexpected or shapes):
+        check_values(sd, reference, source=source, n_shown=n_shown)
         return sd
 
     def first(items: list[str]) -> str:
@@ -287,3 +313,28 @@ def match_state_dict(
     raise WeightsError(
         f"weights in {source} do not fit encoder '{encoder}' -- " + "; ".join(parts) + "." + _hint(missing, unexpected)
     )
+
+
+def check_values(
+    sd: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], *, source: str, n_shown: int = 3
+) -> None:
+    """Refuse tensors that are not floating point where the model's are, and NaN/inf values.
+
+    Weights with NaN or inf load fine and then make every embedding NaN: refused here, at load
+    time, naming the file, rather than slide after slide later.
+    """
+    ints = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in sd.items()
+            if reference[k].is_floating_point() and not v.is_floating_point()]  # fmt: skip
+    if ints:
+        raise WeightsError(
+            f"weights in {source} are not floating point: {len(ints)} tensors such as "
+            f"{', '.join(ints[:n_shown])} hold integers (a quantised or wrongly converted file). "
+            "Fix: use the original float32/bfloat16/float16 checkpoint."
+        )
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(
+            f"weights in {source} contain NaN or infinite values in {len(bad)} tensors "
+            f"({', '.join(bad[:n_shown])}{', ...' if len(bad) > n_shown else ''}): the file is corrupt "
+            "or comes from a diverged training run. Fix: download or copy the weights again."
+        )

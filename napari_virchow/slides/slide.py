@@ -11,16 +11,12 @@ same pixels faster; TIFFs OpenSlide refuses (stripped or single-level) open thro
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
-import warnings
 import weakref
-from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import dask.array as da
 import numpy as np
@@ -28,6 +24,16 @@ import openslide
 import tifffile
 
 from napari_virchow.errors import SlideError
+from napari_virchow.slides import fingerprint as _fingerprint
+from napari_virchow.slides.diagnose import (
+    SLIDE_SUFFIXES,
+    check_complete,
+    check_file,
+    diagnose,
+    tifffile_problems,
+    warn_missing_mpp,
+)
+from napari_virchow.slides.levels import LevelArray, Reader, aligned_chunk, coarsen
 from napari_virchow.slides.tiff import (
     TiffPyramid,
     composite_on_white,
@@ -37,75 +43,16 @@ from napari_virchow.slides.tiff import (
     pyramid_pages,
 )
 
-__all__ = ["SLIDE_SUFFIXES", "Slide", "SlideError"]
+__all__ = ["SLIDE_SUFFIXES", "Slide", "SlideError", "warn_missing_mpp"]
 
 log = logging.getLogger(__name__)
 
-SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
-)  # fmt: skip
-
 #: vendors whose levels are plain tiled TIFF pages, decodable without OpenSlide's quirks
 TIFF_VENDORS = {"aperio", "generic-tiff"}
-#: chunk edge: large, so dask's ~0.5 ms per task is noise; reads stay exact thanks to slice fusion
-CHUNK_TARGET = 2048
 #: add lazily coarsened levels until the smallest level fits in this many pixels per side
 COARSEST_SIDE = 1024
 
 Backend = Literal["auto", "openslide", "tifffile"]
-Reader = Callable[[int, int, int, int], np.ndarray]
-
-
-class _LevelArray:
-    """Array-like over one level for :func:`dask.array.from_array` (reads only what is asked)."""
-
-    def __init__(self, shape: tuple[int, int], read: Reader) -> None:
-        self.shape = (shape[0], shape[1], 3)
-        self.dtype = np.dtype(np.uint8)
-        self.ndim = 3
-        self._read = read
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        # dask fuses napari's view slice into this call (from_array(fancy=True)), so only the
-        # stored tiles under the view are decoded, however large the chunks are
-        key = key if isinstance(key, tuple) else (key,)
-        key = key + (slice(None),) * (3 - len(key))
-        spans, rest = [], []
-        for axis, k in enumerate(key[:2]):
-            if isinstance(k, slice):
-                start, stop, step = k.indices(self.shape[axis])
-                spans.append((start, max(stop, start)))
-                rest.append(slice(None, None, step))
-            else:  # an integer or fancy index: read the span it touches, then index it
-                idx = np.asarray(k)
-                idx = np.where(idx < 0, idx + self.shape[axis], idx)
-                lo = int(idx.min()) if idx.size else 0
-                spans.append((lo, int(idx.max()) + 1 if idx.size else 0))
-                rest.append(idx - lo)
-        (y0, y1), (x0, x1) = spans
-        block = self._read(y0, y1, x0, x1)[:, :, key[2]]
-        return block[:, rest[1]][rest[0]]  # columns first: an integer row index drops axis 0
-
-
-def _aligned_chunk(unit: int, size: int) -> int:
-    """The multiple of the stored tile size closest to :data:`CHUNK_TARGET`, within the level."""
-    return min(max(unit, round(CHUNK_TARGET / unit) * unit), max(size, 1))
-
-
-def _halve_block(block: np.ndarray) -> np.ndarray:
-    h, w = block.shape[0] // 2 * 2, block.shape[1] // 2 * 2
-    pooled = block[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3), dtype=np.float32)
-    return (pooled + 0.5).astype(np.uint8)
-
-
-def _coarsen(level: da.Array) -> da.Array:
-    """Lazily average 2 × 2 pixels (only chunks napari asks for are ever read)."""
-    h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
-    level = level[:h, :w]
-    if any(c % 2 for axis in level.chunks[:2] for c in axis):
-        level = level.rechunk({0: CHUNK_TARGET, 1: CHUNK_TARGET})
-    chunks = tuple(tuple(c // 2 for c in axis) for axis in level.chunks[:2]) + (level.chunks[2],)
-    return level.map_blocks(_halve_block, chunks=chunks, dtype=np.uint8)
 
 
 class Slide:
@@ -131,7 +78,7 @@ class Slide:
     def __init__(self, path: str | os.PathLike[str], *, mpp: float | None = None,
                  backend: Backend = "auto") -> None:  # fmt: skip
         self.path = Path(path)
-        _check_file(self.path)
+        check_file(self.path)
         if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
             raise SlideError(f"{self.path.name}: mpp override must be a positive number, got {mpp!r}")
         self._osr: openslide.OpenSlide | None = None
@@ -175,7 +122,7 @@ class Slide:
             raise SlideError(f"{name}: OpenSlide does not recognise this file.")
         elif self.path.suffix.lower() not in (".tif", ".tiff"):
             # a vendor file (.svs, .ndpi, ...) OpenSlide cannot parse is broken, not a plain TIFF
-            raise SlideError(_diagnose(self.path))
+            raise SlideError(diagnose(self.path))
         else:
             self._tiff = self._open_plain_tiff()
         self._check_complete()
@@ -193,7 +140,7 @@ class Slide:
     def _open_plain_tiff(self) -> TiffPyramid:
         name = self.path.name
         try:
-            with _tifffile_problems() as problems, tifffile.TiffFile(self.path) as tif:
+            with tifffile_problems() as problems, tifffile.TiffFile(self.path) as tif:
                 tif.pages.useframes = False
                 len(tif.pages)  # walks every IFD: a cut-off chain shows up as a logged problem
                 if problems:
@@ -218,28 +165,7 @@ class Slide:
 
     def _check_complete(self) -> None:
         """Fail at open, not mid-analysis, when the file is cut short."""
-        name = self.path.name
-        if self._tiff is not None:
-            size = self.path.stat().st_size
-            end = max(level.data_end() for level in self._tiff.levels)
-            if end > size:
-                raise SlideError(
-                    f"{name} is truncated: its tiles reach byte {end:,} but the file has "
-                    f"{size:,}. Copy the slide again (the transfer was incomplete)."
-                )
-            return
-        assert self._osr is not None
-        try:  # reading the last tile of the first and last level touches the far end of the data
-            for level in (0, self._osr.level_count - 1):
-                w, h = self._osr.level_dimensions[level]
-                ds = self._osr.level_downsamples[level]
-                x, y = max(w - 256, 0), max(h - 256, 0)
-                self._osr.read_region((int(x * ds), int(y * ds)), level, (min(w, 256), min(h, 256)))
-        except openslide.OpenSlideError as exc:
-            raise SlideError(
-                f"{name}: reading tiles failed ({exc}); the file is probably truncated or corrupt. "
-                "Copy it again from the scanner."
-            ) from exc
+        check_complete(self.path, self._tiff, self._osr)
 
     def _file_mpp(self) -> float | None:
         if self._osr is not None:
@@ -325,20 +251,20 @@ class Slide:
 
     @cached_property
     def fingerprint(self) -> str:
-        """A cheap content hash (OpenSlide quickhash, or file head/tail bytes) for cache keys."""
-        h = hashlib.blake2b(digest_size=16)
-        quick = self.properties.get("openslide.quickhash-1")
-        if quick:
-            h.update(quick.encode())
-        else:
-            size = self.path.stat().st_size
-            h.update(str(size).encode())
-            with open(self.path, "rb") as f:
-                h.update(f.read(1 << 20))
-                f.seek(max(size - (1 << 20), 0))
-                h.update(f.read(1 << 20))
-        h.update(repr(self.file_level_dimensions).encode())
-        return h.hexdigest()
+        """Content hash of every byte of the slide's files (every level's pixels), for cache keys.
+
+        Computed once per file version and remembered (see :mod:`~napari_virchow.slides.fingerprint`):
+        reopening an unchanged, touched or moved slide does not re-hash it.
+        """
+        try:
+            return _fingerprint.fingerprint(self.path)
+        except OSError as exc:
+            raise SlideError(f"{self.path.name}: reading the file to fingerprint it failed ({exc}).") from exc
+
+    @cached_property
+    def _token(self) -> str:
+        # dask graph names: unique per file version, without hashing the content
+        return _fingerprint.file_token([self.path])
 
     # --- pixels --------------------------------------------------------------------------
     def _level_reader(self, level: int) -> tuple[Reader, tuple[int, int]]:
@@ -385,15 +311,15 @@ class Slide:
         arrays: list[da.Array] = []
         for level, (w, h) in enumerate(self.file_level_dimensions):
             read, (uh, uw) = self._level_reader(level)
-            chunks = (_aligned_chunk(uh, h), _aligned_chunk(uw, w), 3)
+            chunks = (aligned_chunk(uh, h), aligned_chunk(uw, w), 3)
             arrays.append(
                 da.from_array(
-                    _LevelArray((h, w), read), chunks=chunks, name=f"slide-{self.fingerprint}-{level}",
+                    LevelArray((h, w), read), chunks=chunks, name=f"slide-{self._token}-{level}",
                     asarray=False, fancy=True, lock=False, meta=np.empty((0, 0, 0), np.uint8),
                 )
             )  # fmt: skip
         while max(arrays[-1].shape[:2]) > COARSEST_SIDE and min(arrays[-1].shape[:2]) >= 2:
-            arrays.append(_coarsen(arrays[-1]))
+            arrays.append(coarsen(arrays[-1]))
         return arrays
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
@@ -464,97 +390,8 @@ class Slide:
         )
 
 
-class _ProblemLog(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # drop tifffile's "<tifffile.TiffPages @8>" prefix: users need the problem, not the object
-        self.messages.append(re.sub(r"<[^>]*>\s*", "", record.getMessage()))
-
-
-class _tifffile_problems:
-    """Collect what tifffile logs (it logs, rather than raises, on broken IFD chains)."""
-
-    def __enter__(self) -> list[str]:
-        self._handler = _ProblemLog()
-        self._logger = logging.getLogger("tifffile")
-        self._logger.addHandler(self._handler)
-        self._propagate, self._logger.propagate = self._logger.propagate, False
-        return self._handler.messages
-
-    def __exit__(self, *exc: object) -> None:
-        self._logger.removeHandler(self._handler)
-        self._logger.propagate = self._propagate
-
-
-def _diagnose(path: Path) -> str:
-    """Why OpenSlide refused a vendor-format file, in one sentence with the fix."""
-    name, suffix = path.name, path.suffix.lower()
-    if suffix not in SLIDE_SUFFIXES:
-        # a .png, .jpg, .czi ... OpenSlide did not recognise: not damaged, just not a slide format
-        kind = f"a {suffix} file" if suffix else "a file without a suffix"
-        return (
-            f"{name} is {kind}, not a whole-slide format this plugin reads (supported: "
-            f"{', '.join(SLIDE_SUFFIXES)}). Convert it to a pyramidal TIFF "
-            "(e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`)."
-        )
-    try:
-        with _tifffile_problems() as problems, tifffile.TiffFile(path) as tif:
-            len(tif.pages)
-    except (tifffile.TiffFileError, ValueError, OSError) as exc:
-        if "not a TIFF" in str(exc) and suffix in (".svs", ".ndpi", ".scn", ".bif", ".svslide"):
-            with open(path, "rb") as f:
-                head = f.read(8)
-            return (
-                f"{name} is not a slide: a {suffix} file is a TIFF, but this one starts with "
-                f"{head!r}. Check that you picked the right file."
-            )
-        problems = [str(exc)]
-    detail = f" ({problems[0]})" if problems else ""
-    return (
-        f"OpenSlide cannot read {name}{detail}: the file is truncated, corrupt, or not a "
-        f"{suffix} slide. Copy it again from the scanner, or convert it to a pyramidal TIFF."
-    )
-
-
 def _release(tiff: TiffPyramid | None, osr: openslide.OpenSlide | None) -> None:
     if tiff is not None:
         tiff.close()
     if osr is not None:
         osr.close()
-
-
-def _check_file(path: Path) -> None:
-    """Refuse what cannot be a slide before any library sees it, with a message that helps."""
-    name = path.name or str(path)
-    if not path.exists():
-        raise SlideError(f"{path}: no such file. Check the path (and that the drive is mounted).")
-    if path.is_dir():
-        raise SlideError(
-            f"{name} is a folder, not a slide file. Open the slide file itself "
-            "(for MIRAX, the .mrxs file that sits next to this folder)."
-        )
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except PermissionError as exc:
-        raise SlideError(
-            f"{name}: permission denied reading the file. Ask for read access or copy it somewhere you own."
-        ) from exc
-    except OSError as exc:
-        raise SlideError(f"{name}: cannot be read ({exc.strerror}).") from exc
-    if not head:
-        raise SlideError(f"{name} is empty (0 bytes): the copy is incomplete. Copy the slide again.")
-
-
-def warn_missing_mpp(slide: Slide) -> None:
-    """Warn (once per open) that analysis needs an µm/px override for this slide."""
-    if slide.mpp is None:
-        warnings.warn(
-            f"{slide.path.name} has no µm/px in its metadata: it is shown at scale 1 (pixels), and "
-            "analysis needs an override (µm/px field in the widget, or --mpp-override).",
-            UserWarning,
-            stacklevel=2,
-        )

@@ -1,208 +1,88 @@
-"""Resumable, crash-safe embedding store: a zarr v3 group per (slide, encoder, weights, mpp, tile).
+"""Resumable, crash-safe, verified embedding store: a zarr v3 group per (slide, encoder, weights, mpp, tile).
 
 Layout of a store folder ``<root>/<slide stem>--<encoder>--<digest16>/``::
 
-    zarr.json        group metadata; attrs = provenance (see ``EmbeddingStore.attrs``)
-    embeddings/      float16 (n_tiles, dim), chunks of ``chunk_rows`` rows, zstd with checksum
-    done/            bool (n_tiles,), ONE chunk: a batch is flipped to done by one file replace
-    coords/          int64 (n_tiles, 2) level-0 px, written once (optional)
+    zarr.json        group metadata; attrs = provenance (see ``EmbeddingStore.attrs``) + attrs_digest
+    embeddings/      float16 (n_tiles, dim), chunks of ``chunk_rows`` rows, zstd (checksum) + crc32c
+    done/            bool (n_tiles,), ONE chunk (zstd + crc32c): a batch is flipped to done by one file replace
+    coords/          int64 (n_tiles, 2) level-0 px, ONE chunk (zstd + crc32c), written once
     .lock            fcntl.flock'ed exclusively around every write (read-modify-write of chunks)
     .inuse           flock'ed shared while a process has the store open: eviction skips it
     last_used        its mtime is the LRU clock (touching it is one utime, no rewrite)
 
 Crash safety: every file (chunk or metadata) is written to a temporary file, fsync'ed and renamed
-over the old one, so a chunk file is always either the old or the new version, never torn; zarr
->= 3.1.3 does the same, but 3.0 - 3.1.2 wrote chunk files in place, so the store does not rely on
-it. A write puts the rows first and flips ``done`` afterwards, under the lock, so a kill at any
-moment leaves at worst rows written but not marked done (recomputed on resume).
+over the old one (:mod:`~napari_virchow.store.atomic`), so a chunk file is always either the old or
+the new version, never torn. A write puts the rows first and flips ``done`` afterwards, under the
+lock, so a kill at any moment leaves at worst rows written but not marked done (recomputed).
+
+Integrity (:mod:`~napari_virchow.store.integrity`): no value is returned unverified. Reads (mode
+"r") report damage once, as a :class:`StoreError` naming the store and the fix (``napari-virchow
+embed SLIDE``); a writable open repairs it (:meth:`EmbeddingStore.repair`), so ``embed`` recomputes
+exactly the damaged tiles. Public: :meth:`~EmbeddingStore.verify`, :meth:`~EmbeddingStore.invalidate`.
+
+Format 1 stores (before checksums on ``done``/``coords``): decision -- they are *migrated*, not
+refused, so no computed embedding is lost. Read-only, they are served with every check that
+applies (zstd checksums of the embeddings, chunk presence, done rows cross-checked against the rows
+present: a flipped done bit shows as a done all-zero row); their first writable open verifies all
+chunks, rewrites ``done`` (keeping only verified rows) and ``coords`` with crc32c, and stamps them
+format 2 with an attrs digest.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
-import errno
-import hashlib
-import json
 import logging
 import os
-import shutil
 import threading
-import time
-import uuid
-from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Literal
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
-from zarr.core.buffer import Buffer
-from zarr.storage import LocalStore
 
-from napari_virchow import __version__
 from napari_virchow.errors import StoreError
+from napari_virchow.store.atomic import AtomicLocalStore
 from napari_virchow.store.cache import (
-    STORE_NAME_RE,
     cache_max_bytes,
     default_cache_root,
     enforce_limit,
     open_inuse_shared,
     remove_store,
-    store_folder_name,
 )
+from napari_virchow.store.claims import Claims
+from napari_virchow.store.integrity import DAMAGE, DamageReport, read_flags, row_chunks
+from napari_virchow.store.key import StoreKey
+from napari_virchow.store.layout import (
+    FORMAT,
+    FORMAT_VERSION,
+    check_attrs,
+    create_store,
+    keep_empty,
+    write_coords,
+)
+from napari_virchow.store.messages import damaged, mismatch, os_error
+from napari_virchow.store.writing import StoreWriting
 
-try:  # POSIX; without it (Windows) writes in one process are still serialised by a thread lock
-    import fcntl
-except ImportError:  # pragma: no cover - not on the platforms tested here
-    fcntl = None  # type: ignore[assignment]
-
-__all__ = ["FORMAT", "FORMAT_VERSION", "EmbeddingStore", "StoreKey", "default_cache_root"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "DamageReport", "EmbeddingStore", "StoreKey", "default_cache_root"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "napari-virchow-embeddings"
-FORMAT_VERSION = 1
 DEFAULT_CHUNK_ROWS = 256
-# How often (s) one store object rewrites the "updated" attr: metadata is rewritten at most this
-# often instead of on every batch.
-_UPDATED_EVERY_S = 60.0
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
-_READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
-# What zarr raises for a damaged node/chunk: zarr.errors.* are ValueErrors, a bad chunk gives a
-# codec RuntimeError, garbled JSON a ValueError, a missing file a FileNotFoundError (OSError).
-_DAMAGE = (OSError, ValueError, KeyError, TypeError, RuntimeError)
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreKey:
-    """Identity of a store: embeddings are never mixed across any of these fields."""
-
-    slide_fingerprint: str
-    encoder: str
-    weights_id: str
-    mpp: float
-    tile_size: int
-
-    def __post_init__(self) -> None:
-        for name in ("slide_fingerprint", "encoder", "weights_id"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"StoreKey.{name} must be a non-empty string")
-        if not np.isfinite(self.mpp) or self.mpp <= 0:
-            raise ValueError(f"StoreKey.mpp must be a positive number, got {self.mpp!r}")
-        if int(self.tile_size) != self.tile_size or self.tile_size <= 0:
-            raise ValueError(f"StoreKey.tile_size must be a positive int, got {self.tile_size!r}")
-
-    def as_dict(self) -> dict[str, Any]:
-        """The key as plain JSON types (mpp rounded to 1e-6 so float noise maps to one store)."""
-        return {
-            "slide_fingerprint": self.slide_fingerprint,
-            "encoder": self.encoder,
-            "weights_id": self.weights_id,
-            "mpp": round(float(self.mpp), 6),
-            "tile_size": int(self.tile_size),
-        }
-
-    @property
-    def digest(self) -> str:
-        """SHA-256 (hex) of the canonical JSON of the key."""
-        blob = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-
-# -- atomic file writes ----------------------------------------------------------------------
-
-
-def _atomic_put(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` so that readers and crashes see the old or the new file only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Dot-prefixed so zarr listings and the LRU walk ignore leftovers of a killed writer.
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            # fsync so that after a power cut too the rows reach disk before `done` does.
-            os.fsync(fh.fileno())
-        if exclusive:
-            os.link(tmp, path)  # raises FileExistsError instead of replacing
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-class _AtomicLocalStore(LocalStore):
-    """zarr LocalStore whose every ``set`` is temp file + fsync + rename, whatever zarr version."""
-
-    async def set(self, key: str, value: Buffer) -> None:  # noqa: D102 - zarr's docstring
-        await self._put(key, value, exclusive=False)
-
-    async def set_if_not_exists(self, key: str, value: Buffer) -> None:  # noqa: D102
-        with contextlib.suppress(FileExistsError):
-            await self._put(key, value, exclusive=True)
-
-    def set_sync(self, key: str, value: Buffer) -> None:  # noqa: D102
-        self._ensure_open_sync()
-        self._check_writable()
-        _atomic_put(self.root / key, value.to_bytes())
-
-    async def _put(self, key: str, value: Buffer, *, exclusive: bool) -> None:
-        if not self._is_open:
-            await self._open()
-        self._check_writable()
-        # Looked up through the module at call time so tests can inject failures (disk full).
-        await asyncio.to_thread(_atomic_put, self.root / key, value.to_bytes(), exclusive=exclusive)
-
-
-# -- errors ----------------------------------------------------------------------------------
-
-
-def _os_error(exc: OSError, path: Path, action: str) -> StoreError:
-    """Translate an OSError into a StoreError that names the folder and the fix."""
-    if exc.errno in _DISK_FULL:
-        return StoreError(f"disk full while {action} {path}; free space or use --cache DIR")
-    if exc.errno in _READ_ONLY or isinstance(exc, PermissionError):
-        return StoreError(
-            f"cannot write to the embedding cache folder {path} ({exc.strerror}); "
-            "use --cache DIR with a writable folder (or set NAPARI_VIRCHOW_CACHE)"
-        )
-    return StoreError(f"{action} {path} failed: {exc}; check the folder or use --cache DIR")
-
-
-def _fix_hint(path: Path) -> str:
-    stem = STORE_NAME_RE.match(path.name)
-    slide = stem.group("slide") if stem else path.name
-    return f"clear it with `napari-virchow cache clear --slide {slide}` (or delete {path}) or use another --cache DIR"
-
-
-def _damaged(path: Path, why: object) -> StoreError:
-    return StoreError(f"embedding store at {path} is damaged ({why}); {_fix_hint(path)}")
-
-
-def _mismatch(path: Path, what: str) -> StoreError:
-    return StoreError(
-        f"store at {path} was made by another encoder/version ({what}); it is never mixed: {_fix_hint(path)}"
-    )
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # -- the store ---------------------------------------------------------------------------------
 
 
-class EmbeddingStore:
+class EmbeddingStore(StoreWriting):
     """Per-tile embeddings of one slide under one encoder; see the module docstring for layout.
 
     Use :meth:`open` (by key) or :meth:`from_path` (by folder); both return an opened store that
     holds a shared "in use" lock until :meth:`close` (or the end of a ``with`` block).
+
+    Reading: :attr:`done`, :meth:`missing`, :meth:`read`, :meth:`read_done` (verified rows only).
+    Writing: :meth:`write`. Integrity: :meth:`verify` (a :class:`DamageReport`), :meth:`repair`,
+    :meth:`invalidate`. Sharing work between processes: :attr:`claims` (see
+    :func:`napari_virchow.store.claims.shared_batches`).
     """
 
     def __init__(self, path: Path, *, mode: Literal["r", "a"] = "r", touch: bool = True) -> None:
@@ -210,10 +90,15 @@ class EmbeddingStore:
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         self.path = Path(path)
         self.mode = mode
-        self._thread_lock = threading.Lock()
+        self._thread_lock = threading.RLock()
         self._lock_fh: IO[bytes] | None = None
         self._inuse_fh = open_inuse_shared(self.path)
         self._last_updated = 0.0
+        self._repaired = False
+        self._present: set[int] = set()  # embeddings chunks whose file was seen (never deleted)
+        self._flags_memo: tuple[tuple[int, int, int] | None, np.ndarray] | None = None
+        self._rows_checked: tuple[int, int, int] | None = None  # done version whose rows were found
+        self.claims = Claims(self.path)  # chunks this object computes (shared with other processes)
         try:
             self._open_zarr()
             if mode == "a":
@@ -221,7 +106,7 @@ class EmbeddingStore:
                 try:
                     self._lock_fh = open(self.path / ".lock", "ab")  # noqa: SIM115 - kept open
                 except OSError as exc:
-                    raise _os_error(exc, self.path, "opening") from exc
+                    raise os_error(exc, self.path, "opening") from exc
                 with self._locked():
                     self._remove_orphan_temps()
         except BaseException:
@@ -232,34 +117,23 @@ class EmbeddingStore:
 
     def _open_zarr(self) -> None:
         if not (self.path / "zarr.json").is_file():
-            raise _damaged(self.path, "zarr.json is missing")
+            raise damaged(self.path, "zarr.json is missing")
         try:
-            store = _AtomicLocalStore(self.path, read_only=self.mode == "r")
+            store = AtomicLocalStore(self.path, read_only=self.mode == "r")
             self._group = zarr.open_group(store=store, mode="r" if self.mode == "r" else "r+")
             attrs = self._group.attrs.asdict()
             self._emb = self._group["embeddings"]
-            self._done = self._group["done"]
-            self._coords = self._group.get("coords")
-        except _DAMAGE as exc:
-            raise _damaged(self.path, exc) from exc
-        if attrs.get("format") != FORMAT:
-            raise _damaged(self.path, "not a napari-virchow embedding store")
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise _mismatch(
-                self.path,
-                f"store format {attrs.get('format_version')} written by napari-virchow "
-                f"{attrs.get('package_version')}, this version reads format {FORMAT_VERSION}",
-            )
+            self._done = keep_empty(self._group["done"])
+            coords = self._group.get("coords")
+            self._coords = keep_empty(coords) if isinstance(coords, zarr.Array) else None
+        except DAMAGE as exc:
+            raise damaged(self.path, exc) from exc
+        n, dim, self.key, self._strict = check_attrs(self.path, attrs)
         self._attrs = attrs
-        try:
-            n, dim = int(attrs["n_tiles"]), int(attrs["dim"])
-            self.key = StoreKey(**{f: attrs[f] for f in StoreKey.__dataclass_fields__})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _damaged(self.path, f"provenance attrs incomplete: {exc}") from exc
         if not isinstance(self._emb, zarr.Array) or self._emb.shape != (n, dim):
-            raise _damaged(self.path, f"embeddings array is not ({n}, {dim})")
+            raise damaged(self.path, f"embeddings array is not ({n}, {dim})")
         if not isinstance(self._done, zarr.Array) or self._done.shape != (n,):
-            raise _damaged(self.path, f"done array is not ({n},)")
+            raise damaged(self.path, f"done array is not ({n},)")
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -290,10 +164,12 @@ class EmbeddingStore:
         slide_path, tile_size_l0 : optional
             Provenance, recorded at creation.
         coords : ndarray, optional
-            (n_tiles, 2) level-0 px; written once, and on reopen compared with the stored ones.
+            (n_tiles, 2) level-0 px; written once, and on reopen compared with the stored ones
+            (rewritten when the stored ones are damaged and the store is writable).
         mode : {"a", "r", "w"}
-            "a" creates or reopens for writing, "r" opens an existing store read-only (works in
-            a read-only folder), "w" deletes an existing store and starts over.
+            "a" creates or reopens for writing and repairs damage (:meth:`repair`), "r" opens an
+            existing store read-only (works in a read-only folder; damage is reported), "w"
+            deletes an existing store and starts over.
         chunk_rows : int
             Rows per ``embeddings`` chunk, used at creation only.
 
@@ -304,7 +180,8 @@ class EmbeddingStore:
         Raises
         ------
         StoreError
-            Missing (mode "r"), damaged, made for another key/shape/format, not writable, disk full.
+            Missing (mode "r"), damaged (mode "r"), made for another key/shape/format, not
+            writable, disk full.
         """
         if mode not in ("a", "r", "w"):
             raise ValueError(f"mode must be 'a', 'r' or 'w', got {mode!r}")
@@ -333,20 +210,15 @@ class EmbeddingStore:
                     "`napari-virchow embed` first or pick the --cache DIR that holds them"
                 )
             limit = cache_max_bytes()  # a bad setting fails before anything is created
-            path = _create(
-                root,
-                key,
-                n_tiles=n_tiles,
-                dim=dim,
-                slide_path=slide_path,
-                coords=coords,
-                tile_size_l0=tile_size_l0,
-                chunk_rows=chunk_rows,
-            )
+            path = create_store(root, key, n_tiles=n_tiles, dim=dim, slide_path=slide_path, coords=coords,
+                                tile_size_l0=tile_size_l0, chunk_rows=chunk_rows)  # fmt: skip
             created = True
         store = cls(path, mode="r" if mode == "r" else "a")
         try:
-            store._check_matches(key, n_tiles, dim, coords)
+            store._check_key(key, n_tiles, dim)
+            if store.mode == "a" and not created:
+                store.repair(coords=coords)
+            store._check_coords(coords)
         except BaseException:
             store.close()
             raise
@@ -371,26 +243,29 @@ class EmbeddingStore:
         hits = sorted(root.glob(f"*--{key.digest[:16]}")) if root.is_dir() else []
         return next((p for p in hits if p.is_dir()), None)
 
-    def _check_matches(self, key: StoreKey, n_tiles: int, dim: int, coords: np.ndarray | None) -> None:
+    def _check_key(self, key: StoreKey, n_tiles: int, dim: int) -> None:
         if self.key.as_dict() != key.as_dict():
             diff = [
                 f"{k}: {v!r} != {key.as_dict()[k]!r}" for k, v in self.key.as_dict().items() if key.as_dict()[k] != v
             ]
-            raise _mismatch(self.path, ", ".join(diff))
+            raise mismatch(self.path, ", ".join(diff))
         if (self.n_tiles, self.dim) != (n_tiles, dim):
-            raise _mismatch(self.path, f"{self.n_tiles} tiles x {self.dim} dims, asked {n_tiles} x {dim}")
+            raise mismatch(self.path, f"{self.n_tiles} tiles x {self.dim} dims, asked {n_tiles} x {dim}")
+
+    def _check_coords(self, coords: np.ndarray | None) -> None:
         if coords is None:
             return
         if self._coords is None and self.mode == "a":
             with self._locked():
                 # Re-read under the lock: another process may have written them meanwhile.
-                self._coords = self._group.get("coords")
+                found = self._group.get("coords")
+                self._coords = keep_empty(found) if isinstance(found, zarr.Array) else None
                 if self._coords is None:
-                    self._write_coords(coords)
-        stored = self.coords
+                    self._coords = self._write(lambda: write_coords(self._group, coords), "coordinates")
+        stored = self.coords  # verified: damage is reported as damage, not as another grid
         if stored is not None and not np.array_equal(stored, coords):
             # Same shape but other tiles (e.g. another tissue mask): row i would mean another tile.
-            raise _mismatch(self.path, "tile coordinates differ from the stored grid")
+            raise mismatch(self.path, "tile coordinates differ from the stored grid")
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -398,6 +273,11 @@ class EmbeddingStore:
     def n_tiles(self) -> int:
         """Number of tiles (rows)."""
         return int(self._emb.shape[0])
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per ``embeddings`` chunk (the unit of writes and of work shared between processes)."""
+        return row_chunks(self._emb)
 
     @property
     def dim(self) -> int:
@@ -413,11 +293,8 @@ class EmbeddingStore:
 
     @property
     def done(self) -> np.ndarray:
-        """Boolean mask of tiles whose embedding is stored (read fresh from disk)."""
-        try:
-            return np.asarray(self._done[:], dtype=bool)
-        except _DAMAGE as exc:
-            raise _damaged(self.path, exc) from exc
+        """Boolean mask of tiles whose embedding is stored (read fresh from disk, checked)."""
+        return self._checked_done()
 
     @property
     def n_done(self) -> int:
@@ -429,20 +306,27 @@ class EmbeddingStore:
         """(n_tiles, 2) int64 level-0 px tile origins, or None if never given."""
         if self._coords is None:
             return None
-        try:
-            return np.asarray(self._coords[:], dtype=np.int64)
-        except _DAMAGE as exc:
-            raise _damaged(self.path, exc) from exc
+        values, why = read_flags(self.path, self._coords, must_exist=self._strict)
+        if values is None:
+            raise self._damage(f"tile coordinates: {why}")
+        return values.astype(np.int64, copy=False)
 
     def missing(self, indices: np.ndarray | None = None) -> np.ndarray:
         """Those of ``indices`` (default: all tiles) not done yet, in the given order."""
-        done = self.done
+        done = self._checked_done()
         idx = np.arange(self.n_tiles) if indices is None else self._indices(indices)
         return idx[~done[idx]]
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        """Rows ``indices`` as float32 (len, dim); rows not done read as zeros or stale values."""
+        """Rows ``indices`` as float32 (len, dim); every one must be done (else a StoreError)."""
         idx = self._indices(indices)
+        done = self._checked_done()
+        if not done[idx].all():
+            todo = np.unique(idx[~done[idx]])
+            raise StoreError(
+                f"{len(todo)} requested tiles (e.g. {todo[:5].tolist()}) are not in the embedding store at "
+                f"{self.path}; embed them first (`napari-virchow embed`)"
+            )
         self._touch()
         return self._read_rows(idx)
 
@@ -450,19 +334,24 @@ class EmbeddingStore:
         """All done tiles: (indices int64, embeddings float32 (n_done, dim))."""
         # `done` is read before the rows: a row marked done was written before its flag, so the
         # rows read next are at least that new even while another process is writing.
-        idx = np.flatnonzero(self.done)
+        idx = np.flatnonzero(self._checked_done())
         self._touch()
         return idx, self._read_rows(idx)
 
     def _read_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Rows of done tiles ``idx``; checksums are checked by zarr, all-zero rows here."""
         if idx.size == 0:
             return np.zeros((0, self.dim), np.float32)
         uniq, inverse = np.unique(idx, return_inverse=True)
         try:
-            rows = self._emb.get_orthogonal_selection((uniq, slice(None)))
-        except _DAMAGE as exc:
-            raise _damaged(self.path, exc) from exc
-        return np.asarray(rows, dtype=np.float32)[inverse]
+            rows = np.asarray(self._emb.get_orthogonal_selection((uniq, slice(None))))
+        except DAMAGE as exc:
+            raise self._damage(f"an embeddings chunk fails its checksum ({exc})") from exc
+        empty = ~rows.any(axis=1)
+        if empty.any():
+            some = uniq[empty][:5].tolist()
+            raise self._damage(f"{int(empty.sum())} tiles marked done hold no embedding (e.g. {some})")
+        return rows.astype(np.float32)[inverse]
 
     def _indices(self, indices: np.ndarray) -> np.ndarray:
         idx = np.asarray(indices)
@@ -473,79 +362,6 @@ class EmbeddingStore:
             raise IndexError(f"tile index out of range 0..{self.n_tiles - 1} for {self.path}")
         return idx
 
-    # -- writing ---------------------------------------------------------------------------
-
-    def write(self, indices: np.ndarray, embeddings: np.ndarray) -> None:
-        """Store rows for ``indices`` and mark them done (rows first, then the done flags).
-
-        Raises
-        ------
-        StoreError
-            Store opened read-only, folder not writable, disk full (the batch is then not done,
-            rows written before stay valid).
-        """
-        if self._lock_fh is None:
-            raise StoreError(f"store at {self.path} is open read-only; open it with mode='a'")
-        idx = self._indices(indices)
-        emb = np.asarray(embeddings)
-        if emb.shape != (idx.size, self.dim):
-            raise ValueError(f"embeddings must have shape ({idx.size}, {self.dim}), got {emb.shape}")
-        if idx.size == 0:
-            return
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught just below
-            rows = emb.astype(np.float16)
-        if not np.isfinite(rows).all():
-            # A NaN/inf row cached as done would poison every overlay until the cache is cleared.
-            raise ValueError("embeddings contain NaN/inf (after float16 conversion); not stored")
-        # Sorted and de-duplicated (the last row given for an index wins).
-        order = np.argsort(idx, kind="stable")
-        idx, rows = idx[order], rows[order]
-        last = np.append(idx[1:] != idx[:-1], True)
-        idx, rows = idx[last], rows[last]
-        with self._locked():
-            try:
-                now = time.monotonic()
-                if now - self._last_updated > _UPDATED_EVERY_S:
-                    self._group.attrs.update({"updated": _now()})
-                    self._last_updated = now
-                self._emb.set_orthogonal_selection((idx, slice(None)), rows)
-                # Only now that every touched chunk file has been replaced whole: flip done, in
-                # one chunk file, so the whole batch becomes done at once or not at all.
-                done = np.asarray(self._done[:], dtype=bool)
-                done[idx] = True
-                self._done[:] = done
-            except OSError as exc:
-                raise _os_error(exc, self.path, "writing embeddings to") from exc
-        self._touch()
-
-    def _write_coords(self, coords: np.ndarray) -> None:
-        try:
-            arr = self._group.create_array("coords", shape=coords.shape, chunks=(max(len(coords), 1), 2), dtype="int64")
-            arr[:] = coords.astype(np.int64)
-        except OSError as exc:
-            raise _os_error(exc, self.path, "writing coordinates to") from exc
-        self._coords = arr
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        # The thread lock covers threads sharing this object (flock is per open file, not per
-        # thread); flock covers other processes and other store objects on the same folder.
-        with self._thread_lock:
-            if fcntl is not None and self._lock_fh is not None:
-                fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if fcntl is not None and self._lock_fh is not None:
-                    fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_UN)
-
-    def _remove_orphan_temps(self) -> None:
-        # Called under the write lock: no write is in progress, so any temp file is left over
-        # from a killed writer.
-        for tmp in self.path.rglob(".*.tmp"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
     def _touch(self) -> None:
         # A read-only folder or a missing file only costs LRU accuracy, never a read.
         with contextlib.suppress(OSError):
@@ -554,11 +370,17 @@ class EmbeddingStore:
     # -- lifetime --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the locks; the object must not be used afterwards."""
-        for fh in (self._lock_fh, self._inuse_fh):
-            if fh is not None:
-                fh.close()
-        self._lock_fh = self._inuse_fh = None
+        """Release the locks, after any write in flight in another thread has finished.
+
+        The object must not be used afterwards.
+        """
+        with self._thread_lock:  # a write holds it: the cross-process lock outlives the write
+            self._closed = True
+            self.claims.release_all()
+            for fh in (self._lock_fh, self._inuse_fh):
+                if fh is not None:
+                    fh.close()
+            self._lock_fh = self._inuse_fh = None
 
     def __enter__(self) -> EmbeddingStore:
         return self
@@ -568,65 +390,3 @@ class EmbeddingStore:
 
     def __repr__(self) -> str:
         return f"EmbeddingStore({str(self.path)!r}, mode={self.mode!r})"
-
-
-def _create(
-    root: Path,
-    key: StoreKey,
-    *,
-    n_tiles: int,
-    dim: int,
-    slide_path: str | None,
-    coords: np.ndarray | None,
-    tile_size_l0: int | None,
-    chunk_rows: int,
-) -> Path:
-    """Build a new store in a hidden temp folder and rename it into place (all or nothing)."""
-    path = root / store_folder_name(key, slide_path)
-    tmp = root / f".creating-{key.digest[:16]}-{uuid.uuid4().hex[:8]}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        group = zarr.open_group(store=_AtomicLocalStore(tmp), mode="w", zarr_format=3)
-        now = _now()
-        group.attrs.update(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                **key.as_dict(),
-                "key_digest": key.digest,
-                "n_tiles": n_tiles,
-                "dim": dim,
-                "tile_size_l0": None if tile_size_l0 is None else int(tile_size_l0),
-                "slide_path": None if slide_path is None else str(slide_path),
-                "package_version": __version__,
-                "created": now,
-                "updated": now,
-            }
-        )
-        group.create_array(
-            "embeddings",
-            shape=(n_tiles, dim),
-            dtype="float16",
-            fill_value=0,
-            chunks=(max(1, min(chunk_rows, n_tiles)), dim),
-            compressors=ZstdCodec(level=1, checksum=True),  # checksum: bad chunks are detected
-        )
-        group.create_array("done", shape=(n_tiles,), dtype="bool", fill_value=False, chunks=(max(1, n_tiles),))
-        if coords is not None:
-            arr = group.create_array("coords", shape=coords.shape, dtype="int64", chunks=(max(1, n_tiles), 2))
-            arr[:] = coords.astype(np.int64)
-        for name in (".lock", ".inuse", "last_used"):
-            (tmp / name).touch()
-        try:
-            os.rename(tmp, path)
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            # Another process created the same store meanwhile: use theirs.
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _os_error(exc, root, "creating an embedding store in") from exc
-    logger.debug("created embedding store %s", path)
-    return path

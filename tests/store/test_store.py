@@ -21,9 +21,11 @@ import pytest
 
 from napari_virchow import __version__
 from napari_virchow.errors import StoreError
+from napari_virchow.store import atomic as atomic_mod
 from napari_virchow.store import cache
 from napari_virchow.store import embeddings as store_mod
 from napari_virchow.store.embeddings import EmbeddingStore, StoreKey, default_cache_root
+from napari_virchow.store.layout import attrs_digest
 
 N, DIM, CHUNK = 300, 96, 32
 KEY = StoreKey("fp-0001", "virchow2", "sha256:abcd", 0.5, 224)
@@ -155,6 +157,7 @@ def test_mismatch_refused(tmp_path: Path, change: str) -> None:
         meta = json.loads((path / "zarr.json").read_text())
         if change == "key":  # e.g. a store folder copied by hand: attrs disagree with the key
             meta["attributes"]["weights_id"] = "sha256:other"
+            meta["attributes"]["attrs_digest"] = attrs_digest(meta["attributes"])  # a consistent store
         else:
             meta["attributes"]["format_version"] = store_mod.FORMAT_VERSION + 1
         (path / "zarr.json").write_text(json.dumps(meta))
@@ -348,7 +351,7 @@ def test_two_processes_write_same_store(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_disk_full_keeps_earlier_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_put = store_mod._atomic_put
+    real_put = atomic_mod.atomic_put
     calls = {"n": 0}
 
     def full_after_one(path: Path, data: bytes, *, exclusive: bool = False) -> None:
@@ -361,16 +364,16 @@ def test_disk_full_keeps_earlier_rows(tmp_path: Path, monkeypatch: pytest.Monkey
         first = np.arange(0, 20)  # chunk 0, partly
         s.write(first, expected(first))
         batch = np.arange(20, 90)  # chunks 0, 1, 2: shares chunk 0 with done rows
-        monkeypatch.setattr(store_mod, "_atomic_put", full_after_one)
+        monkeypatch.setattr(atomic_mod, "atomic_put", full_after_one)
         with pytest.raises(StoreError, match="disk full while writing embeddings") as info:
             s.write(batch, expected(batch))
         assert str(s.path) in str(info.value) and "--cache DIR" in str(info.value)
-        monkeypatch.setattr(store_mod, "_atomic_put", real_put)
+        monkeypatch.setattr(atomic_mod, "atomic_put", real_put)
         np.testing.assert_array_equal(np.flatnonzero(s.done), first)
         s.write(batch, expected(batch))  # space freed: the batch goes through
     assert assert_done_rows_correct(tmp_path).size == 90
 
-    monkeypatch.setattr(store_mod, "_atomic_put", full_after_one)
+    monkeypatch.setattr(atomic_mod, "atomic_put", full_after_one)
     with pytest.raises(StoreError, match="disk full while creating"):
         open_store(tmp_path, key=StoreKey("fp-2", "virchow2", "w", 0.5, 224))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half store left
@@ -446,14 +449,14 @@ def test_cache_max_bytes_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_zarr_chunk_writes_go_through_atomic_put(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The crash-safety argument rests on every chunk write being temp file + rename.
     seen: list[str] = []
-    real_put = store_mod._atomic_put
+    real_put = atomic_mod.atomic_put
 
     def spy(path: Path, data: bytes, *, exclusive: bool = False) -> None:
         seen.append(path.relative_to(s.path).as_posix())
         real_put(path, data, exclusive=exclusive)
 
     with open_store(tmp_path) as s:
-        monkeypatch.setattr(store_mod, "_atomic_put", spy)
+        monkeypatch.setattr(atomic_mod, "atomic_put", spy)
         s.write([0, 40], expected([0, 40]))
     assert {"embeddings/c/0/0", "embeddings/c/1/0", "done/c/0"} <= set(seen)
 
