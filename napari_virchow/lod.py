@@ -10,7 +10,7 @@ the finest level computed at each place).
 When even the coarsest usable level has more tiles in view than the budget (a whole-slide view
 of a large slide), the plan keeps that level, sets ``fits = False`` and caps ``tiles`` at the
 budget, nearest the centre first: following the view never costs more than the budget per view.
-Covering the whole tissue at 5× is the explicit overview action (``napari-virchow embed --mpp 2.0``).
+Covering the whole tissue at 5× is the explicit overview action (issue 15: one click, ``embed --mpp 2.0``).
 
 Tile indices are those of ``TileGrid(slide, mpp=m, size=224)`` (the same lattice, computed by
 :class:`Lattice` from the slide's size and µm/px alone), so they index the store of level ``m``.

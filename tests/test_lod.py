@@ -6,6 +6,8 @@ tissue and stores matter, a real synthetic pyramid, real TileGrids and real zarr
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +224,11 @@ def test_done_mask_callback_keeps_the_centre_out_order() -> None:
     missing = missing_from_done({0.5: done})
     np.testing.assert_array_equal(missing(0.5, plan.in_view), plan.in_view[1::2])
     np.testing.assert_array_equal(missing(2.0, plan.in_view[:3]), plan.in_view[:3])  # unknown level: all missing
+
+
+def test_planning_and_drawing_import_neither_qt_nor_torch() -> None:
+    code = ("import sys, napari_virchow.lod, napari_virchow.analysis.lod_rasters; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'qtpy', 'PyQt6', 'napari'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.stdout.strip() == "[]"
