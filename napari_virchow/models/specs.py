@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,11 +21,19 @@ from napari_virchow.errors import WeightsError
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_PREFIX = "timm:"
 HF_PREFIX = "hf-hub:"
 Pooling = Literal["cls+mean", "pooled"]
+#: relative tolerance within which a µm/px counts as one of a spec's trained magnifications
+MPP_MATCH = 0.01
+
+
+class UntrainedMagnificationError(WeightsError):
+    """A magnification (µm/px) the encoder was not trained on, asked for without the opt-in."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,9 @@ class EncoderSpec:
         (CLS + registers); ``pooled``: the model's own pooled features.
     dim : int
         Embedding length. ``hf_repo`` / ``hf_filenames``: where the weights live on the hub.
+    trained_mpps : tuple of float
+        Magnifications (µm/px) the model was trained on, finest first; default ``(mpp,)``.
+        Embedding at another one needs ``allow_untrained=True`` (see :meth:`check_mpp`).
     """
 
     name: str
@@ -59,11 +72,59 @@ class EncoderSpec:
     hf_repo: str | None = None
     hf_filenames: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
     description: str = ""
+    trained_mpps: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         # A private copy, so a caller's dict cannot change the spec later. (A plain dict, not a
         # read-only proxy: specs must pickle, e.g. to dask workers. Treat it as read-only.)
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
+        mpps = tuple(self.trained_mpps) or (self.mpp,)
+        for m in (self.mpp, *mpps):
+            if not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
+                raise ValueError(f"spec {self.name!r}: magnifications are positive µm/px, got {m!r}")
+        object.__setattr__(self, "trained_mpps", tuple(sorted({round(float(m), 6) for m in mpps})))
+        if not self._trained(self.mpp):
+            raise ValueError(f"spec {self.name!r}: its mpp {self.mpp:g} is not in trained_mpps {self.trained_mpps}")
+
+    # --- magnifications ---------------------------------------------------------------------
+    def _trained(self, mpp: float) -> bool:
+        return any(abs(math.log(mpp / t)) <= MPP_MATCH for t in self.trained_mpps)
+
+    def with_trained_mpps(self, *mpps: float) -> EncoderSpec:
+        """This spec with ``mpps`` added to its trained magnifications (e.g. a timm model the
+        user knows was trained at 1.0 µm/px too)."""
+        return dataclasses.replace(self, trained_mpps=(*self.trained_mpps, *mpps))
+
+    def check_mpp(self, mpp: float, *, allow_untrained: bool = False) -> bool:
+        """Whether tiles at ``mpp`` µm/px match a trained magnification (``True``), or are an
+        explicit opt-in outside them (``False``, logged); record the answer in provenance.
+
+        Raises
+        ------
+        UntrainedMagnificationError
+            ``mpp`` is not a trained magnification and ``allow_untrained`` is false.
+        ValueError
+            ``mpp`` is not a positive number.
+        """
+        if isinstance(mpp, bool) or not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
+            raise ValueError(f"mpp must be a positive number of µm/px, got {mpp!r}")
+        if self._trained(mpp):
+            return True
+        trained = ", ".join(f"{m:g}" for m in self.trained_mpps)
+        if not allow_untrained:
+            raise UntrainedMagnificationError(
+                f"{self.name} was trained at {trained} µm/px, not at {mpp:g} µm/px. Pick one of those, "
+                "or opt in explicitly (allow_untrained=True): the embeddings are then recorded in the "
+                "store's provenance as made at an untrained magnification."
+            )
+        log.warning("%s: embedding at %g µm/px, outside its trained %s µm/px (opted in)", self.name, mpp, trained)
+        return False
+
+    def mpp_provenance(self, mpp: float, *, allow_untrained: bool = False) -> dict[str, Any]:
+        """JSON attrs recording the magnification of a store: ``mpp``, ``mpp_trained`` (False
+        only for an explicit opt-in) and the spec's ``trained_mpps``; raises like :meth:`check_mpp`."""
+        trained = self.check_mpp(mpp, allow_untrained=allow_untrained)
+        return {"mpp": round(float(mpp), 6), "mpp_trained": trained, "trained_mpps": list(self.trained_mpps)}
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (classes in ``model_kwargs`` by name)."""
@@ -71,6 +132,7 @@ class EncoderSpec:
         out["model_kwargs"] = {k: _jsonable(v) for k, v in self.model_kwargs.items()}
         out["mean"], out["std"] = list(self.mean), list(self.std)
         out["hf_filenames"] = list(self.hf_filenames)
+        out["trained_mpps"] = list(self.trained_mpps)
         return out
 
 
@@ -114,6 +176,9 @@ def _virchow_kwargs(*, reg_tokens: int, **size: int) -> dict[str, Any]:
     }
 
 
+#: Virchow 2 was trained on mixed magnifications: 40×, 20×, 10× and 5×
+VIRCHOW2_MPPS = (0.25, 0.5, 1.0, 2.0)
+
 # Width 48: int(48 * 5.3375) = 256 is even, as the packed SwiGLU (split in two halves) needs.
 _TINY = {"embed_dim": 48, "depth": 2, "num_heads": 2}
 
@@ -137,6 +202,7 @@ def _virchow2() -> EncoderSpec:
         _virchow_kwargs(reg_tokens=4),
         num_prefix_tokens=5,
         hf_repo="paige-ai/Virchow2",
+        trained_mpps=VIRCHOW2_MPPS,
         description="Virchow 2 (Paige), ViT-H/14 + 4 registers, CLS ⊕ mean patch tokens",
     )
 
@@ -160,6 +226,7 @@ def _virchow2_tiny() -> EncoderSpec:
         _virchow_kwargs(reg_tokens=4, **_TINY),
         num_prefix_tokens=5,
         dim=96,
+        trained_mpps=VIRCHOW2_MPPS,
         description="Virchow 2 structure at width 48, depth 2; no weights (tests, demos)",
     )
 

@@ -1,4 +1,11 @@
-"""The identity of an embedding store: embeddings are never mixed across any of its fields."""
+"""The identity of an embedding store: embeddings are never mixed across any of its fields.
+
+The magnification is part of the key (``mpp``, the µm/px tiles were read at), together with the
+lattice step in level-0 px (the ``-step<N>`` suffix :func:`napari_virchow.inference.store_key` puts
+on the slide fingerprint): one slide embedded at 0.5 and 2.0 µm/px has two stores, an *embedding
+pyramid*. The canonical JSON and its digest are frozen (tests pin a digest): stores written
+before magnifications were chosen per view are found unchanged, so no re-keying is needed.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["StoreKey"]
+__all__ = ["StoreKey", "canonical_mpp"]
+
+#: decimals of µm/px kept in a key: float noise (0.5 vs 0.50000001) maps to one store
+MPP_DECIMALS = 6
+
+
+def canonical_mpp(mpp: float) -> float:
+    """``mpp`` as keys hold it (rounded to :data:`MPP_DECIMALS`); use it to index stores per level."""
+    return round(float(mpp), MPP_DECIMALS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +52,14 @@ class StoreKey:
             "slide_fingerprint": self.slide_fingerprint,
             "encoder": self.encoder,
             "weights_id": self.weights_id,
-            "mpp": round(float(self.mpp), 6),
+            "mpp": canonical_mpp(self.mpp),
             "tile_size": int(self.tile_size),
         }
+
+    @property
+    def magnification(self) -> str:
+        """Objective power of ``mpp`` for people, e.g. ``"20× (0.5 µm/px)"`` (10 µm/px ≈ 1×)."""
+        return f"{10 / self.mpp:.3g}× ({canonical_mpp(self.mpp):g} µm/px)"
 
     @property
     def digest(self) -> str:
