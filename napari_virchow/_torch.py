@@ -12,6 +12,7 @@ package imports torch or timm. Import torch in this package only as ``from ._tor
 from __future__ import annotations
 
 import sys
+from types import ModuleType
 
 
 def llvm_already_loaded() -> bool:
@@ -33,7 +34,7 @@ def hide_triton_if_unsafe() -> bool:
     return False
 
 
-def import_timm():  # noqa: ANN201 - the timm module
+def import_timm() -> ModuleType:
     """``import timm`` (which imports torchvision, which may import triton), safely."""
     hide_triton_if_unsafe()
     import timm

@@ -24,6 +24,7 @@ class ClusterModel:
 
     @property
     def k(self) -> int:
+        """Number of clusters."""
         return int(self.centers.shape[0])
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:

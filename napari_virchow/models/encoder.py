@@ -265,7 +265,7 @@ class Encoder:
         x = x.to(self.device, torch.float32, non_blocking=True)
         with self._autocast():
             if self.spec.pooling == "cls+mean":
-                tokens = self.model.forward_features(x).float()
+                tokens = self.model.forward_features(x).float()  # type: ignore[operator]  # timm API; Module.__getattr__ says Tensor
                 patches = tokens[:, self.spec.num_prefix_tokens :]  # registers excluded
                 return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=1)
             return self.model(x).float()

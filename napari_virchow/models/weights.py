@@ -241,7 +241,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[Path, dict[str, torch
             ) from exc
         except MemoryError:
             raise
-        except Exception as exc:  # noqa: BLE001 - torch's legacy (non-zip) reader fails on bytes that
+        except Exception as exc:  # torch's legacy (non-zip) reader fails on bytes that
             # are no checkpoint with KeyError, IndexError, ValueError, EOFError ...: all mean "unreadable"
             raise WeightsError(
                 f"cannot read {p}: truncated or corrupt ({exc!r}). Fix: download or copy it again, "

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from napari_virchow.slides.slide import Slide
     from napari_virchow.slides.tiff import TiffPyramid
 
-__all__ = ["SLIDE_SUFFIXES", "check_complete", "check_file", "diagnose", "tifffile_problems", "warn_missing_mpp"]
+__all__ = ["SLIDE_SUFFIXES", "check_complete", "check_file", "diagnose", "TifffileProblems", "warn_missing_mpp"]
 
 SLIDE_SUFFIXES = (
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
@@ -34,7 +34,7 @@ class _ProblemLog(logging.Handler):
         self.messages.append(re.sub(r"<[^>]*>\s*", "", record.getMessage()))
 
 
-class tifffile_problems:
+class TifffileProblems:
     """Collect what tifffile logs (it logs, rather than raises, on broken IFD chains)."""
 
     def __enter__(self) -> list[str]:
@@ -61,7 +61,7 @@ def diagnose(path: Path) -> str:
             "(e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`)."
         )
     try:
-        with tifffile_problems() as problems, tifffile.TiffFile(path) as tif:
+        with TifffileProblems() as problems, tifffile.TiffFile(path) as tif:
             len(tif.pages)
     except (tifffile.TiffFileError, ValueError, OSError) as exc:
         if "not a TIFF" in str(exc) and suffix in (".svs", ".ndpi", ".scn", ".bif", ".svslide"):

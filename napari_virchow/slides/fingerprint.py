@@ -131,7 +131,7 @@ def _memo_put(token: str, sample: str, fp: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / token, lambda tmp: Path(tmp).write_text(body))
-        if random.random() < 1 / 64:  # noqa: S311 - not security: amortised pruning
+        if random.random() < 1 / 64:  # not security: amortised pruning
             _prune(folder)
     except OSError as exc:  # a read-only or full cache only costs the next re-hash
         logger.debug("fingerprint memo %s not written: %s", folder, exc)

@@ -30,7 +30,8 @@ class LevelArray:
         # stored tiles under the view are decoded, however large the chunks are
         key = key if isinstance(key, tuple) else (key,)
         key = key + (slice(None),) * (3 - len(key))
-        spans, rest = [], []
+        spans: list[tuple[int, int]] = []
+        rest: list[Any] = []
         for axis, k in enumerate(key[:2]):
             if isinstance(k, slice):
                 start, stop, step = k.indices(self.shape[axis])
@@ -65,4 +66,4 @@ def coarsen(level: da.Array) -> da.Array:
     if any(c % 2 for axis in level.chunks[:2] for c in axis):
         level = level.rechunk({0: CHUNK_TARGET, 1: CHUNK_TARGET})
     chunks = tuple(tuple(c // 2 for c in axis) for axis in level.chunks[:2]) + (level.chunks[2],)
-    return level.map_blocks(_halve_block, chunks=chunks, dtype=np.uint8)
+    return da.map_blocks(_halve_block, level, chunks=chunks, dtype=np.uint8)

@@ -27,10 +27,10 @@ from napari_virchow.errors import SlideError
 from napari_virchow.slides import fingerprint as _fingerprint
 from napari_virchow.slides.diagnose import (
     SLIDE_SUFFIXES,
+    TifffileProblems,
     check_complete,
     check_file,
     diagnose,
-    tifffile_problems,
     warn_missing_mpp,
 )
 from napari_virchow.slides.levels import LevelArray, Reader, aligned_chunk, coarsen
@@ -140,7 +140,7 @@ class Slide:
     def _open_plain_tiff(self) -> TiffPyramid:
         name = self.path.name
         try:
-            with tifffile_problems() as problems, tifffile.TiffFile(self.path) as tif:
+            with TifffileProblems() as problems, tifffile.TiffFile(self.path) as tif:
                 tif.pages.useframes = False
                 len(tif.pages)  # walks every IFD: a cut-off chain shows up as a logged problem
                 if problems:
@@ -178,7 +178,7 @@ class Slide:
                 return mpp
         if self._tiff is not None:
             with tifffile.TiffFile(self.path) as tif:
-                return mpp_from_resolution(tif.pages[0])
+                return mpp_from_resolution(tif.pages.first)
         return None
 
     # --- metadata ------------------------------------------------------------------------
@@ -193,7 +193,7 @@ class Slide:
         if self._osr is not None:
             return dict(self._osr.properties)
         with tifffile.TiffFile(self.path) as tif:
-            desc = tif.pages[0].description or ""
+            desc = tif.pages.first.description or ""
         return {"tiff.ImageDescription": desc}
 
     @property

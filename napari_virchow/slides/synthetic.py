@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -63,7 +64,7 @@ def write_pyramid(
         for level in range(levels):
             ds = downsample**level
             w, h = max(width // ds, 1), max(height // ds, 1)
-            extra = {}
+            extra: dict[str, Any] = {}
             if mpp is not None:
                 res = 1e4 / (mpp * ds)
                 extra = {"resolution": (res, res), "resolutionunit": "CENTIMETER"}
@@ -113,6 +114,7 @@ class SampleSource:
         return self._scaled[factor]
 
     def __call__(self, x: int, y: int, w: int, h: int, ds: float) -> np.ndarray:
+        """RGB pixels of the ``w`` × ``h`` block at ``(x, y)`` of the level with downsample ``ds``."""
         img = self._at(ds)
         ih, iw = img.shape[:2]
         ys, xs = np.arange(y, y + h), np.arange(x, x + w)
@@ -151,6 +153,7 @@ class PlantedSource:
     seed: int = 0
 
     def __call__(self, x: int, y: int, w: int, h: int, ds: float) -> np.ndarray:
+        """RGB pixels of the ``w`` × ``h`` block at ``(x, y)`` of the level with downsample ``ds``."""
         gy, gx = np.mgrid[y : y + h, x : x + w].astype(np.float32) * ds  # level-0 coordinates
         out = np.full((h, w, 3), 255, np.float32)
         for region in self.regions:

@@ -122,8 +122,10 @@ class EmbeddingStore(StoreWriting):
             store = AtomicLocalStore(self.path, read_only=self.mode == "r")
             self._group = zarr.open_group(store=store, mode="r" if self.mode == "r" else "r+")
             attrs = self._group.attrs.asdict()
-            self._emb = self._group["embeddings"]
-            self._done = keep_empty(self._group["done"])
+            emb, done = self._group["embeddings"], self._group["done"]
+            if not (isinstance(emb, zarr.Array) and isinstance(done, zarr.Array)):
+                raise damaged(self.path, "embeddings or done flags are not arrays")
+            self._emb, self._done = emb, keep_empty(done)
             coords = self._group.get("coords")
             self._coords = keep_empty(coords) if isinstance(coords, zarr.Array) else None
         except DAMAGE as exc:

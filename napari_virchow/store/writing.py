@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import numpy as np
 import zarr
@@ -57,20 +57,34 @@ class StoreWriting:
     _lock_fh: IO[bytes] | None
     _present: set[int]
     claims: Claims
-    chunk_rows: int
     _flags_memo: tuple[tuple[int, int, int] | None, np.ndarray] | None
     _rows_checked: tuple[int, int, int] | None
     _repaired: bool
     _last_updated: float
     _depth: int = 0
     _closed: bool = False
-    n_tiles: int
-    dim: int
-    coords: np.ndarray | None
     _strict: bool
     mode: str
     _indices: Callable[[np.ndarray], np.ndarray]
     _touch: Callable[[], None]
+
+    if TYPE_CHECKING:  # read-only properties of EmbeddingStore
+
+        @property
+        def chunk_rows(self) -> int:
+            """Rows per embeddings chunk."""
+
+        @property
+        def n_tiles(self) -> int:
+            """Number of tiles."""
+
+        @property
+        def dim(self) -> int:
+            """Embedding width."""
+
+        @property
+        def coords(self) -> np.ndarray | None:
+            """Tile origins in level-0 px."""
 
     # -- checked done flags ----------------------------------------------------------------
 
@@ -157,7 +171,7 @@ class StoreWriting:
             if not self._strict:
                 self._upgrade(trusted, coords)
             elif not report.ok:
-                if report.coords_lost:
+                if report.coords_lost and coords is not None:  # (lost without coords raised above)
                     self._coords = self._write(lambda: write_coords(self._group, coords, overwrite=True), "coordinates")
                 self._write(lambda: self._done.__setitem__(slice(None), trusted), "done flags")
             self._present.clear()
@@ -174,7 +188,7 @@ class StoreWriting:
 
         def rewrite() -> None:
             create_flag_arrays(self._group, self.n_tiles, old, overwrite=True)
-            self._done = keep_empty(self._group["done"])
+            self._done = keep_empty(cast(zarr.Array, self._group["done"]))
             self._done[:] = done
             attrs = {**self._attrs, "format_version": FORMAT_VERSION}
             attrs["attrs_digest"] = attrs_digest(attrs)
