@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import uuid
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,28 @@ LayerData = tuple[Any, dict[str, Any], str]
 
 #: key under which slide facts live in a layer's ``metadata``
 METADATA_KEY = "napari_virchow"
+
+#: filename patterns the reader claims (kept in step with ``napari.yaml``)
+SLIDE_PATTERNS = tuple(f"*{suffix}" for suffix in SLIDE_SUFFIXES)
+
+# The Slide behind each layer this reader made, by the ``slide_id`` in the layer's metadata.
+# Weak: the layer's dask levels hold the Slide, so it lives exactly as long as the layer's data,
+# and the widget finds the reader's handle instead of opening the file a second time.
+_OPEN_SLIDES: weakref.WeakValueDictionary[str, Slide] = weakref.WeakValueDictionary()
+
+
+def layer_slide(metadata: Mapping[str, Any]) -> Slide | None:
+    """The open :class:`Slide` behind a slide layer's ``metadata`` (``None`` once it is gone)."""
+    facts = metadata.get(METADATA_KEY) or {}
+    key = facts.get("slide_id")
+    return _OPEN_SLIDES.get(key) if key else None
+
+
+def forget_slide(metadata: Mapping[str, Any]) -> None:
+    """Drop a layer's slide from the registry (after it was closed)."""
+    key = (metadata.get(METADATA_KEY) or {}).get("slide_id")
+    if key:
+        _OPEN_SLIDES.pop(key, None)
 
 
 def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list[LayerData]] | None:
@@ -64,8 +88,11 @@ def slide_layer_data(slide: Slide) -> LayerData:
     """Layer data tuple for one open slide (the layer keeps the slide open through its levels)."""
     warn_missing_mpp(slide)
     mpp = slide.mpp or 1.0
+    slide_id = uuid.uuid4().hex
+    _OPEN_SLIDES[slide_id] = slide
     metadata = {
         METADATA_KEY: {
+            "slide_id": slide_id,
             "path": str(slide.path),
             "mpp": slide.mpp,
             "mpp_source": slide.mpp_source,
@@ -87,3 +114,21 @@ def slide_layer_data(slide: Slide) -> LayerData:
         "metadata": metadata,
     }
     return (slide.levels, kwargs, "image")
+
+
+def prefer_this_reader() -> None:
+    """Make this plugin napari's preferred reader for slide files, where the user chose none.
+
+    napari asks "Choose reader" whenever two plugins claim a file (napari's builtins claim every
+    ``.tif``); a preference set in ``settings.plugins.extension2reader`` skips the question. A
+    pattern the user already assigned (to any reader) is left alone.
+    """
+    try:
+        from napari.settings import get_settings
+
+        plugins = get_settings().plugins
+        missing = {p: "napari-virchow" for p in SLIDE_PATTERNS if p not in plugins.extension2reader}
+        if missing:
+            plugins.extension2reader = {**plugins.extension2reader, **missing}
+    except Exception:  # noqa: BLE001 - a preference must never stop a slide from opening
+        return

@@ -5,11 +5,32 @@ from __future__ import annotations
 from typing import Any
 
 import napari
-from napari.layers import Image, Labels, Layer
+import numpy as np
+from napari.layers import Image, Labels, Layer, Shapes
+from napari.utils.colormaps import Colormap
 
 from napari_virchow.analysis.rasters import Raster
 
-__all__ = ["overlay_name", "show_raster"]
+__all__ = ["HEAT", "SIMILARITY", "layer_named", "overlay_name", "show_boxes", "show_colorbar_on_top", "show_raster"]
+
+#: colour-bar titles of the overlays that have one (the layer's "kind" suffix → what the bar shows)
+BAR_TITLES = {"probability": "P(tumour)", "similarity": "similarity"}
+
+
+def _ramp(name: str, colors: list[str]) -> Colormap:
+    """A colormap transparent at 0 and opaque at 1: low values let the tissue show through."""
+    rgba = np.array([[int(c[i : i + 2], 16) / 255 for i in (1, 3, 5)] + [1.0] for c in colors], np.float32)
+    rgba[:, 3] = np.linspace(0.0, 1.0, len(rgba)) ** 0.7
+    return Colormap(rgba, name=name, display_name=name)
+
+
+HEAT = _ramp("virchow heat", ["#000004", "#57106e", "#bc3754", "#f98e09", "#fcffa4"])  # inferno stops
+SIMILARITY = _ramp("virchow similarity", ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725"])  # viridis
+
+
+def layer_named(viewer: napari.Viewer, name: str) -> Layer | None:
+    """The layer called ``name``, or ``None`` (napari's LayerList has no ``get``)."""
+    return viewer.layers[name] if name in viewer.layers else None  # noqa: SIM401 - LayerList
 
 
 def overlay_name(slide_layer: Layer, what: str) -> str:
@@ -33,7 +54,49 @@ def show_raster(viewer: napari.Viewer, name: str, raster: Raster, *, kind: str =
             return layer
         viewer.layers.remove(layer)
     kwargs.setdefault("units", ("µm", "µm"))  # rasters are placed in µm, like the slide
+    keep = viewer.layers.selection.active
     if kind == "labels":
-        return viewer.add_labels(raster.data, name=name, **geometry, **kwargs)
-    return viewer.add_image(raster.data, name=name, **geometry, **kwargs)
+        layer = viewer.add_labels(raster.data, name=name, **geometry, **kwargs)
+    else:
+        layer = viewer.add_image(raster.data, name=name, **geometry, **kwargs)
+    if keep is not None:  # a new overlay must not take the selection (and its mouse mode) away
+        viewer.layers.selection.active = keep
+    return layer
 
+
+def show_boxes(viewer: napari.Viewer, name: str, slide_layer: Layer, boxes: list[np.ndarray],
+               **kwargs: Any) -> Shapes | None:  # fmt: skip
+    """Rectangles (level-0 (y, x) corners) over ``slide_layer`` in the layer ``name`` (replaced)."""
+    if name in viewer.layers:
+        viewer.layers.remove(name)
+    if not boxes:
+        return None
+    keep = viewer.layers.selection.active
+    layer = viewer.add_shapes(boxes, shape_type="rectangle", name=name, scale=tuple(slide_layer.scale),
+                              translate=tuple(slide_layer.translate), units=tuple(slide_layer.units),
+                              face_color="transparent", **kwargs)  # fmt: skip
+    if keep is not None:
+        viewer.layers.selection.active = keep
+    return layer
+
+
+def show_colorbar_on_top(viewer: napari.Viewer) -> str | None:
+    """Show the colour bar of the topmost visible overlay that has one, titled; hide the others.
+
+    napari's colour bar has no title, so the title goes in the viewer's text overlay.
+    """
+    top = None
+    for layer in reversed(list(viewer.layers)):
+        kind = layer.name.rsplit(" · ", 1)[-1]
+        if kind in BAR_TITLES and isinstance(layer, Image) and layer.visible and top is None:
+            top = layer
+        if kind in BAR_TITLES and isinstance(layer, Image):
+            layer.colorbar.visible = layer is top
+    overlays = getattr(viewer.canvas, "overlays", None)  # napari ≥ 0.9; viewer.text_overlay before
+    text = overlays.text if overlays is not None and hasattr(overlays, "text") else viewer.text_overlay
+    title = BAR_TITLES[top.name.rsplit(" · ", 1)[-1]] if top is not None else None
+    if title is not None:
+        text.text, text.position, text.font_size, text.visible = f"colour bar: {title}", "top_right", 11, True
+    elif text.text.startswith("colour bar: "):
+        text.visible = False
+    return title
