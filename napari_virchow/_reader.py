@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from napari_virchow.errors import SlideError
 from napari_virchow.slides.slide import SLIDE_SUFFIXES, Slide, warn_missing_mpp
 
 PathLike = str | os.PathLike[str]
@@ -40,8 +41,8 @@ def forget_slide(metadata: Mapping[str, Any]) -> None:
         _OPEN_SLIDES.pop(key, None)
 
 
-def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list[LayerData]] | None:
-    """Return :func:`read_slides` when every path looks like a slide, else ``None``.
+def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list[Any]] | None:
+    """Return :func:`read_for_napari` when every path looks like a slide, else ``None``.
 
     napari_get_reader never raises: napari calls it for every file the user drops, and other
     readers must get their chance. Errors surface later, from :func:`read_slides`.
@@ -49,7 +50,7 @@ def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     try:
         if paths and all(_looks_like_slide(Path(p)) for p in paths):
-            return read_slides
+            return read_for_napari
     except Exception:  # noqa: BLE001 - a reader probe must never raise (see docstring)
         return None
     return None
@@ -82,6 +83,24 @@ def read_slides(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
     """
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     return [slide_layer_data(Slide(p)) for p in paths]
+
+
+def read_for_napari(path: PathLike | Sequence[PathLike]) -> list[Any]:
+    """:func:`read_slides` for File ▸ Open: a file that is not a usable slide is one notification.
+
+    napari shows an exception from a reader as an "uncaught exception" with a traceback and the
+    fix cut off; a :class:`SlideError` is expected (a broken or foreign file), so it is shown whole,
+    without a traceback, and nothing is added (napari's ``[(None,)]``: read, no layers).
+    """
+    from napari_virchow._qt.errors import report
+
+    try:
+        layers = read_slides(path)
+    except SlideError as exc:
+        report(exc)
+        return [(None,)]
+    prefer_this_reader()
+    return layers
 
 
 def slide_layer_data(slide: Slide) -> LayerData:

@@ -17,9 +17,12 @@ from qtpy.QtWidgets import (
     QAbstractButton,
     QAbstractSlider,
     QAbstractSpinBox,
+    QCheckBox,
     QComboBox,
     QLineEdit,
     QListWidget,
+    QStyle,
+    QStyleOptionButton,
     QWidget,
 )  # fmt: skip
 
@@ -65,7 +68,12 @@ class UI:
         """A left click in the middle of a button or check box."""
         ctrl = self._use(name)
         assert isinstance(ctrl, QAbstractButton), name
-        self.qtbot.mouseClick(ctrl, LEFT)
+        pos = ctrl.rect().center()
+        if isinstance(ctrl, QCheckBox):  # only the box and its text take clicks, not the whole row
+            opt = QStyleOptionButton()
+            ctrl.initStyleOption(opt)
+            pos = ctrl.style().subElementRect(QStyle.SubElement.SE_CheckBoxClickRect, opt, ctrl).center()
+        self.qtbot.mouseClick(ctrl, LEFT, pos=pos)
 
     def type(self, name: str, text: str) -> None:
         """Select everything in a line edit (or editable combo / spin box), type ``text``, press Enter."""

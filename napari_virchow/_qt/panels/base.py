@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from qtpy.QtWidgets import QAbstractButton, QWidget
+from qtpy.QtWidgets import QAbstractButton, QComboBox, QFormLayout, QWidget
 
 if TYPE_CHECKING:
     import napari
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     from napari_virchow.session import SlideSession
 
-__all__ = ["Host", "named"]
+__all__ = ["Host", "form", "named"]
 
 
 class Host(Protocol):
@@ -33,4 +33,15 @@ def named(widget: QWidget, name: str, tip: str | None = None) -> Any:
         widget.setToolTip(tip)
     if isinstance(widget, QAbstractButton) and widget.text():
         widget.setAccessibleName(widget.text())
+    if isinstance(widget, QComboBox):  # a long layer or encoder name must not widen the dock
+        widget.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        widget.setMinimumContentsLength(8)
     return widget
+
+
+def form(parent: QWidget | None = None) -> QFormLayout:
+    """A form whose labels go above their fields when the dock is narrow."""
+    lay = QFormLayout(parent) if parent is not None else QFormLayout()
+    lay.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+    lay.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    return lay

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
+from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
 
 from napari_virchow import jobs as _jobs
 from napari_virchow._qt.layers import overlay_name, show_raster
-from napari_virchow._qt.panels.base import Host, named
+from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow.session import SlideSession
 
 __all__ = ["PALETTE", "ClusterPanel"]
@@ -28,16 +28,17 @@ class ClusterPanel(QGroupBox):
     def __init__(self, host: Host, parent: QWidget | None = None) -> None:
         super().__init__("Clusters", parent)
         self._host = host
-        lay = QFormLayout(self)
+        lay = form(self)
         row = QHBoxLayout()
         self.k_spin = named(QSpinBox(minimum=2, maximum=64, value=8), "k_spin", "number of clusters")
         self.rgb_check = named(QCheckBox("embedding colours"), "rgb_check",
                                "also colour each embedded tile by its first 3 principal components")
         self.cluster_btn = named(QPushButton("Cluster"), "cluster_btn")
         self.cluster_btn.clicked.connect(self.cluster)
-        for w in (self.k_spin, self.rgb_check, self.cluster_btn):
-            row.addWidget(w)
+        row.addWidget(self.k_spin)
+        row.addWidget(self.cluster_btn)
         lay.addRow("k", row)
+        lay.addRow(self.rgb_check)
         self.legend = named(QLabel(), "legend_label")
         self.legend.setTextFormat(Qt.TextFormat.RichText)
         lay.addRow(self.legend)

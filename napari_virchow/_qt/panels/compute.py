@@ -8,7 +8,6 @@ import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
-    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -22,7 +21,7 @@ from qtpy.QtWidgets import (
 from napari_virchow import jobs as _jobs
 from napari_virchow._qt.errors import report
 from napari_virchow._qt.layers import overlay_name, show_raster
-from napari_virchow._qt.panels.base import Host, named
+from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow._qt.viewport import visible_box_level0
 from napari_virchow.errors import VirchowError
 from napari_virchow.session import SlideSession
@@ -44,13 +43,14 @@ class ComputePanel(QGroupBox):
         self.follow_check = named(QCheckBox("Follow view"), "follow_check", "compute what is on screen as you move")
         self.all_btn = named(QPushButton("All in view…"), "all_btn", "count the tiles on screen and ask first")
         self.all_btn.clicked.connect(self.compute_all_in_view)
-        for w in (self.compute_btn, self.follow_check, self.all_btn):
+        for w in (self.compute_btn, self.all_btn):
             row.addWidget(w)
         lay.addLayout(row)
-        form = QFormLayout()
+        lay.addWidget(self.follow_check)
+        rows = form()
         self.limit_spin = named(QSpinBox(minimum=1, maximum=10_000_000, value=2000, singleStep=500), "limit_spin",
                                 "more tiles than this are computed only after you confirm")  # fmt: skip
-        form.addRow("ask above (tiles)", self.limit_spin)
+        rows.addRow("ask above (tiles)", self.limit_spin)
         tissue_row = QHBoxLayout()
         self.tissue_check = named(QCheckBox("show"), "tissue_check", "show which tiles count as tissue")
         self.tissue_check.toggled.connect(lambda _: self.show_tissue())
@@ -62,8 +62,8 @@ class ComputePanel(QGroupBox):
         self.tissue_value.setMinimumWidth(30)
         for w in (self.tissue_check, self.tissue_slider, self.tissue_value):
             tissue_row.addWidget(w)
-        form.addRow("tissue mask", tissue_row)
-        lay.addLayout(form)
+        rows.addRow("tissue mask", tissue_row)
+        lay.addLayout(rows)
 
     # --- compute -------------------------------------------------------------------------------
     def visible_box(self) -> tuple[float, float, float, float] | None:

@@ -13,7 +13,6 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFileDialog,
-    QFormLayout,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
@@ -26,7 +25,7 @@ from qtpy.QtWidgets import (
 from napari_virchow import jobs as _jobs
 from napari_virchow._qt.errors import report
 from napari_virchow._qt.layers import HEAT, overlay_name, show_colorbar_on_top, show_raster
-from napari_virchow._qt.panels.base import Host, named
+from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow.analysis.rasters import mask_below
 from napari_virchow.errors import VirchowError
 from napari_virchow.session import SlideSession, TrainResult
@@ -60,16 +59,14 @@ class HeadPanel(QGroupBox):
     def __init__(self, host: Host, parent: QWidget | None = None) -> None:
         super().__init__("Cancer probability", parent)
         self._host = host
-        lay = QFormLayout(self)
-        ann = QHBoxLayout()
+        lay = form(self)
         self.class_combo = named(QComboBox(editable=True), "class_combo", "class of the regions you draw next")
         self.class_combo.addItems(["tumour", "normal"])
         self.class_combo.currentTextChanged.connect(self._class_changed)
         new_ann = named(QPushButton("New annotation layer"), "new_annotations_btn")
         new_ann.clicked.connect(self.new_annotation_layer)
-        ann.addWidget(self.class_combo, 1)
-        ann.addWidget(new_ann)
-        lay.addRow("draw class", ann)
+        lay.addRow("draw class", self.class_combo)
+        lay.addRow(new_ann)
         files = QGridLayout()
         for i, (text, name, slot) in enumerate((
             ("Load GeoJSON", "load_geojson_btn", self._load_geojson), ("Save GeoJSON", "save_geojson_btn",

@@ -11,7 +11,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -23,7 +22,7 @@ from qtpy.QtWidgets import (
 )  # fmt: skip
 
 from napari_virchow._qt.errors import report
-from napari_virchow._qt.panels.base import Host, named
+from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow._reader import METADATA_KEY
 from napari_virchow.errors import VirchowError
 from napari_virchow.models.specs import list_encoders
@@ -59,8 +58,8 @@ class ModelPanel(QGroupBox):
         self.banner.setWordWrap(True)
         self.banner.setStyleSheet("background:#7a1f1f;color:white;padding:4px;border-radius:3px")
         lay.addWidget(self.banner)
-        form = QFormLayout()
-        lay.addLayout(form)
+        rows = form()
+        lay.addLayout(rows)
         self.slide_combo = named(QComboBox(), "slide_combo", "the slide layer to analyse")
         self.reopen_btn = named(QPushButton("Reopen with Virchow"), "reopen_btn",
                                 "this layer was opened by another reader: reopen the file through this plugin")
@@ -85,14 +84,14 @@ class ModelPanel(QGroupBox):
         self.device_combo = named(QComboBox(), "device_combo")
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
         self.batch_spin = named(QSpinBox(minimum=0, maximum=1024, specialValueText="auto"), "batch_spin")
-        form.addRow("slide", self.slide_combo)
-        form.addRow(self.reopen_btn)
-        form.addRow("µm/px override", self.mpp_spin)
-        form.addRow("encoder", self.encoder_combo)
-        form.addRow("weights", weights_row)
-        form.addRow("", self.random_check)
-        form.addRow("device", self.device_combo)
-        form.addRow("batch size", self.batch_spin)
+        rows.addRow("slide", self.slide_combo)
+        rows.addRow(self.reopen_btn)
+        rows.addRow("µm/px override", self.mpp_spin)
+        rows.addRow("encoder", self.encoder_combo)
+        rows.addRow("weights", weights_row)
+        rows.addRow("", self.random_check)
+        rows.addRow("device", self.device_combo)
+        rows.addRow("batch size", self.batch_spin)
         for combo in (self.encoder_combo, self.device_combo):
             combo.currentTextChanged.connect(self._changed)
         self.random_check.toggled.connect(self._changed)

@@ -10,7 +10,6 @@ from qtpy.QtCore import QSize, Qt
 from qtpy.QtGui import QIcon, QImage, QPixmap
 from qtpy.QtWidgets import (
     QFileDialog,
-    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLineEdit,
@@ -31,7 +30,7 @@ from napari_virchow._qt.layers import (
     show_colorbar_on_top,
     show_raster,
 )
-from napari_virchow._qt.panels.base import Host, named
+from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow._qt.picking import Picker, box_corners
 from napari_virchow._qt.viewport import camera
 from napari_virchow._reader import METADATA_KEY
@@ -56,7 +55,7 @@ class SimilarPanel(QGroupBox):
         super().__init__("Similar regions", parent)
         self._host = host
         self.picker = Picker(host.viewer, host.slide_layer, self.query_at)
-        lay = QFormLayout(self)
+        lay = form(self)
         row = QHBoxLayout()
         self.pick_btn = named(QPushButton("Pick query"), "pick_btn",
                               "then click a region (one tile) or drag a box (the mean of its tiles)")

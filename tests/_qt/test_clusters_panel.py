@@ -1,0 +1,34 @@
+"""'Clusters' driven through Qt: k, embedding colours, Cluster, legend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_virchow._qt.panels.clusters import cluster_color
+from tests._qt.conftest import compute_whole_slide, wait_idle
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.mark.drives("k_spin", "rgb_check", "cluster_btn")
+def test_cluster_draws_labels_legend_and_embedding_colours(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+    w, u = planted_widget, ui(planted_widget)
+    compute_whole_slide(qtbot, w, u)
+    u.spin("k_spin", 3)
+    u.click("rgb_check")
+    u.click("cluster_btn")
+    wait_idle(qtbot, w)
+    labels = w.viewer.layers["planted · clusters"]
+    assert labels.data.max() == 3 and "cluster 3" in w.clusters.legend.text()
+    # one colour per cluster, the same on the canvas and in the legend
+    for cid in (1, 2, 3):
+        assert cluster_color(cid) in w.clusters.legend.text()
+        np.testing.assert_allclose(labels.colormap.map(cid)[:3], [int(cluster_color(cid)[i:i + 2], 16) / 255
+                                                                  for i in (1, 3, 5)], atol=1e-6)  # fmt: skip
+    rgb = w.viewer.layers["planted · embedding colours"]
+    session = w.session()
+    rows, cols = session.grid.grid_shape
+    not_embedded = ~session.store().done
+    assert np.all(np.isnan(rgb.data[:rows, :cols].reshape(-1, 3)[not_embedded]))  # see-through, not grey
+    assert w.jobbar.status.text() == "3 clusters of the embedded tiles"
