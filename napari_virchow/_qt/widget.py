@@ -34,6 +34,7 @@ from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
 
 from napari_virchow import jobs as _jobs
 from napari_virchow._qt.errors import report
+from napari_virchow._qt.layers import show_colorbar_on_top
 from napari_virchow._qt.panels.clusters import ClusterPanel
 from napari_virchow._qt.panels.compute import ComputePanel
 from napari_virchow._qt.panels.head import HeadPanel
@@ -213,14 +214,18 @@ class VirchowWidget(QWidget):
         if not busy:
             self.sessions.finished()
 
-    def _layers_changed(self, *_: object) -> None:
+    def _layers_changed(self, event: Any = None) -> None:
+        layer = getattr(event, "value", None)
+        if getattr(event, "type", None) == "inserted" and layer is not None:
+            layer.events.visible.connect(self._visibility_changed)
         self.model.refresh_layers()
         if self.model.foreign_layer() is not None and not self.slide_layer():
             self.set_status(f"{foreign_slide_path(self.model.foreign_layer())} was opened by another reader: "
                             "press 'Reopen with Virchow' to analyse it")  # fmt: skip
-        from napari_virchow._qt.layers import show_colorbar_on_top
-
         show_colorbar_on_top(self.viewer)
+
+    def _visibility_changed(self, *_: object) -> None:
+        show_colorbar_on_top(self.viewer)  # the bar shown is the one of the overlay on top
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
         self.runner.cancel()

@@ -207,6 +207,12 @@ def canvas_point(viewer, layer, x: float, y: float):  # noqa: ANN001, ANN201 - Q
     return native, QPoint(int(round(px)), int(round(py)))
 
 
+def click_canvas(qtbot, w, x: float, y: float) -> None:  # noqa: ANN001
+    """A real left click on the canvas where level-0 ``(x, y)`` of the slide is shown."""
+    native, pos = canvas_point(w.viewer, w.slide_layer(), x, y)
+    qtbot.mouseClick(native, LEFT, pos=pos)
+
+
 @pytest.fixture
 def planted_widget(make_widget, planted_slide: Path):  # noqa: ANN001, ANN201
     return make_widget(planted_slide)

@@ -30,5 +30,6 @@ def test_cluster_draws_labels_legend_and_embedding_colours(qtbot, planted_widget
     session = w.session()
     rows, cols = session.grid.grid_shape
     not_embedded = ~session.store().done
-    assert np.all(np.isnan(rgb.data[:rows, :cols].reshape(-1, 3)[not_embedded]))  # see-through, not grey
+    alpha = rgb.data[:rows, :cols, 3].ravel()
+    assert np.all(alpha[not_embedded] == 0) and np.all(alpha[~not_embedded] == 1)  # see-through, not grey
     assert w.jobbar.status.text() == "3 clusters of the embedded tiles"

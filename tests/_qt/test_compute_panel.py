@@ -84,6 +84,26 @@ def test_too_many_tiles_is_asked_in_place_without_widening_the_dock(qtbot, widge
     assert not u["decision_label"].isVisible()
 
 
+@pytest.mark.drives("batch_spin", "limit_spin", "compute_btn")
+def test_the_question_s_eta_uses_the_speed_measured_here(qtbot, widget, ui) -> None:  # noqa: ANN001
+    from napari_virchow._qt.panels.jobbar import duration
+
+    w, u = widget, ui(widget)
+    u.spin("batch_spin", 2)
+    _zoom_to(w, 1100, 1500, 900)
+    u.click("compute_btn")  # a few batches: the speed is measured
+    wait_idle(qtbot, w)
+    rate = w.rates.rate(w._rate_key(w.session()))
+    assert rate is not None and rate > 0
+    w.viewer.reset_view()
+    u.spin("limit_spin", 5)
+    u.click("compute_btn")
+    qtbot.waitUntil(lambda: u["decision_label"].isVisible(), timeout=60_000)
+    wait_idle(qtbot, w)
+    question = u["decision_label"].text()
+    assert f"≈ {duration(w.last_event.n_todo / rate)}, at the speed measured here" in question
+
+
 @pytest.mark.drives("batch_spin", "limit_spin", "compute_btn", "cancel_btn")
 def test_cancel_tells_the_truth_and_keeps_the_store_consistent(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
     w, u = planted_widget, ui(planted_widget)

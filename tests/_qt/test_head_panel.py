@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from qtpy.QtWidgets import QFileDialog
 
-from tests._qt.conftest import compute_whole_slide, planted_truth, square, wait_idle
+from tests._qt.conftest import click_canvas, compute_whole_slide, planted_truth, square, wait_idle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,7 +33,8 @@ def _annotate(w, u) -> object:  # noqa: ANN001
     return layer
 
 
-@pytest.mark.drives("new_annotations_btn", "class_combo", "train_btn", "threshold_slider", "smooth_check")
+@pytest.mark.drives("new_annotations_btn", "class_combo", "train_btn", "threshold_slider", "smooth_check",
+                     "pick_btn")
 def test_probe_from_annotations_shows_auc_and_finds_the_other_copy(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
     from sklearn.metrics import roc_auc_score
 
@@ -46,6 +47,7 @@ def test_probe_from_annotations_shows_auc_and_finds_the_other_copy(qtbot, plante
     label = w.head.head_label.text()
     assert session.head is not None and "cross-validated accuracy" in label
     assert f"AUC {session.head.metrics['cv_roc_auc']:.2f}" in label  # the probe's cross-validated AUC
+    assert "fewer than 10 tiles of tumour" in label  # 4 tiles: the figures are not to be trusted
     assert not w.jobbar.status.text().startswith("fitting")  # no stale stage line
     heat = w.viewer.layers["planted · probability"]
     assert tuple(heat.scale) == pytest.approx((session.grid.tile_size_l0 * 0.5,) * 2)
@@ -64,7 +66,20 @@ def test_probe_from_annotations_shows_auc_and_finds_the_other_copy(qtbot, plante
     assert np.all(np.isnan(shown[session.probability < 0.5]))
     assert np.all(np.isfinite(shown[done & (session.probability >= 0.5)]))
     u.click("smooth_check")
-    assert w.viewer.layers["planted · probability"].data.shape[0] > rows  # upsampled, smoothed
+    heat = w.viewer.layers["planted · probability"]
+    assert heat.data.shape[0] > rows  # upsampled, smoothed
+    assert w.viewer.canvas.overlays.text.text == "colour bar: P(tumour)"
+
+    # a similarity overlay on top: its bar (and title) is the one shown
+    u.click("pick_btn")
+    click_canvas(qtbot, w, 600, 600)
+    qtbot.waitUntil(lambda: "planted · similarity" in w.viewer.layers, timeout=60_000)
+    wait_idle(qtbot, w)
+    similarity = w.viewer.layers["planted · similarity"]
+    assert similarity.colorbar.visible and not heat.colorbar.visible
+    assert w.viewer.canvas.overlays.text.text == "colour bar: similarity"
+    similarity.visible = False
+    assert heat.colorbar.visible and w.viewer.canvas.overlays.text.text == "colour bar: P(tumour)"
 
 
 @pytest.mark.drives("new_annotations_btn", "class_combo", "train_btn")

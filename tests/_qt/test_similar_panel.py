@@ -10,14 +10,9 @@ import pytest
 from qtpy.QtWidgets import QFileDialog
 
 from napari_virchow._qt.viewport import camera
-from tests._qt.conftest import LEFT, canvas_point, compute_whole_slide, planted_truth, wait_idle
+from tests._qt.conftest import LEFT, canvas_point, click_canvas, compute_whole_slide, planted_truth, wait_idle
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _click_canvas(qtbot, w, x: float, y: float) -> None:  # noqa: ANN001
-    native, pos = canvas_point(w.viewer, w.slide_layer(), x, y)
-    qtbot.mouseClick(native, LEFT, pos=pos)
 
 
 def _drag_canvas(qtbot, w, start: tuple[float, float], end: tuple[float, float], during=None) -> None:  # noqa: ANN001
@@ -39,7 +34,7 @@ def test_click_query_lists_hits_and_jump_zooms_to_one(qtbot, planted_widget, ui)
     u.spin("hits_spin", 5)
     u.click("pick_btn")
     assert u["pick_btn"].isChecked()
-    _click_canvas(qtbot, w, 600, 600)  # inside the first planted copy
+    click_canvas(qtbot, w, 600, 600)  # inside the first planted copy
     qtbot.waitUntil(lambda: w.similar.hit_list.count() > 0, timeout=60_000)
     wait_idle(qtbot, w)
     session = w.session()
@@ -47,6 +42,8 @@ def test_click_query_lists_hits_and_jump_zooms_to_one(qtbot, planted_widget, ui)
     assert planted_truth(session)[hits[0].index], "the best hit is in the other planted copy"
     assert 0 < w.similar.hit_list.count() == len(hits) <= 5
     assert "µm" in w.similar.hit_list.item(0).text() and "score" in w.similar.hit_list.item(0).text()
+    row_height = w.similar.hit_list.visualItemRect(w.similar.hit_list.item(0)).height()
+    assert w.similar.hit_list.viewport().height() >= 5 * row_height  # at least five hits in sight
     assert "planted · hits" in w.viewer.layers and "planted · query" in w.viewer.layers  # the query is marked
     zoom = camera(w.viewer).zoom
     u.click_item("hit_list", 0)
@@ -61,7 +58,7 @@ def test_drag_after_a_click_query_draws_a_box_and_does_not_pan(qtbot, planted_wi
     w, u = planted_widget, ui(planted_widget)
     compute_whole_slide(qtbot, w, u)
     u.click("pick_btn")
-    _click_canvas(qtbot, w, 600, 600)
+    click_canvas(qtbot, w, 600, 600)
     qtbot.waitUntil(lambda: w.similar.hit_list.count() > 0, timeout=60_000)
     wait_idle(qtbot, w)  # the query added layers: napari turned mouse panning back on here before
     centre = tuple(camera(w.viewer).center)
@@ -83,10 +80,20 @@ def test_picking_before_computing_says_what_to_do(qtbot, planted_widget, ui) -> 
     w, u = planted_widget, ui(planted_widget)
     w.viewer.reset_view()
     u.click("pick_btn")
-    _click_canvas(qtbot, w, 600, 600)  # was "Sequence (1.0, 1.0) must be monotonically increasing"
+    click_canvas(qtbot, w, 600, 600)  # was "Sequence (1.0, 1.0) must be monotonically increasing"
     qtbot.waitUntil(lambda: w.last_event is not None and not w.runner.busy, timeout=60_000)
     assert "only the query is embedded" in w.jobbar.status.text()
     assert "Compute visible" in w.jobbar.status.text()
+
+
+@pytest.mark.drives("pick_btn")
+def test_a_query_on_glass_is_explained(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+    w, u = planted_widget, ui(planted_widget)
+    compute_whole_slide(qtbot, w, u)
+    u.click("pick_btn")
+    click_canvas(qtbot, w, 100, 100)  # white background, outside the tissue block
+    qtbot.waitUntil(lambda: "glass" in w.jobbar.status.text(), timeout=60_000)
+    wait_idle(qtbot, w)
 
 
 @pytest.mark.drives("index_browse_btn", "index_edit", "search_index_btn", "hit_list")

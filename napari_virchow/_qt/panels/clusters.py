@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
@@ -65,9 +68,12 @@ class ClusterPanel(QGroupBox):
             self.draw(session)
             layer = self._host.slide_layer()
             if ev.result.rgb is not None and layer is not None:
-                # only the embedded tiles get a colour: the rest stays see-through, not grey
-                show_raster(self._host.viewer, overlay_name(layer, "embedding colours"),
-                            session.raster(ev.result.rgb), rgb=True, opacity=0.6)  # fmt: skip
+                # only the embedded tiles get a colour: the rest stays see-through (alpha 0), not grey
+                raster = session.raster(ev.result.rgb)
+                seen = np.isfinite(raster.data[..., :1]).astype(np.float32)
+                rgba = replace(raster, data=np.concatenate([np.nan_to_num(raster.data), seen], axis=-1))
+                show_raster(self._host.viewer, overlay_name(layer, "embedding colours"), rgba, rgb=True,
+                            opacity=0.6)  # fmt: skip
             self._host.set_status(f"{len(ev.result.counts)} clusters of the embedded tiles")
         elif isinstance(ev, _jobs.BatchDone) and "clusters" in ev.changed:
             self.draw(session)

@@ -59,7 +59,7 @@ class ComputePanel(QGroupBox):
         self.tissue_slider.valueChanged.connect(self._tissue_moved)
         self.tissue_slider.sliderReleased.connect(self._tissue_threshold_changed)
         self.tissue_value = named(QLabel("auto"), "tissue_value_label")
-        self.tissue_value.setMinimumWidth(30)
+        self.tissue_value.setMinimumWidth(self.tissue_value.fontMetrics().horizontalAdvance("0.00 "))
         for w in (self.tissue_check, self.tissue_slider, self.tissue_value):
             tissue_row.addWidget(w)
         rows.addRow("tissue mask", tissue_row)

@@ -30,6 +30,9 @@ from napari_virchow.analysis.rasters import mask_below
 from napari_virchow.errors import VirchowError
 from napari_virchow.session import SlideSession, TrainResult
 
+#: below this many tiles in a class, the cross-validated figures mean little
+MIN_TILES_PER_CLASS = 10
+
 __all__ = ["CLASS_COLORS", "HeadPanel", "cv_auc", "set_head_job"]
 
 CLASS_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
@@ -91,7 +94,7 @@ class HeadPanel(QGroupBox):
                                       "threshold_slider", "hide tiles whose probability is below this")
         self.threshold_slider.valueChanged.connect(self._threshold_moved)
         self.threshold_label = named(QLabel("0.00"), "threshold_label")
-        self.threshold_label.setMinimumWidth(30)
+        self.threshold_label.setMinimumWidth(self.threshold_label.fontMetrics().horizontalAdvance("0.00 "))
         self.smooth_check = named(QCheckBox("smooth"), "smooth_check")
         self.smooth_check.toggled.connect(lambda _: self.draw())
         thr = QHBoxLayout()
@@ -235,6 +238,10 @@ class HeadPanel(QGroupBox):
         parts = [f"head for {head.encoder}: {' vs '.join(head.classes)} (map shows {head.positive_class})"]
         if counts:
             parts.append(", ".join(f"{k}: {v} tiles" for k, v in counts.items()))
+            few = [k for k, v in counts.items() if v < MIN_TILES_PER_CLASS]
+            if few:
+                parts.append(f"⚠ fewer than {MIN_TILES_PER_CLASS} tiles of {', '.join(few)}: too few to trust the "
+                             "accuracy, annotate more")  # fmt: skip
         if cv_accuracy(head) is not None:
             parts.append(f"cross-validated accuracy {cv_accuracy(head):.2f}")
         if cv_auc(head) is not None:

@@ -123,6 +123,9 @@ class SimilarPanel(QGroupBox):
     def _explain(self, session: SlideSession, ev: _jobs.Queried) -> str:
         n_embedded = int(np.count_nonzero(np.isfinite(session.similarity))) if session.similarity is not None else 0
         asked = self.hits_spin.value()
+        if not session.grid.tissue[ev.query_indices].any():
+            return ("the query is on glass (no tissue under it): its hits are glass too; "
+                    "click on tissue, or drag a box over it")
         if n_embedded <= len(ev.query_indices):
             return ("only the query is embedded: press Compute visible (or zoom out and compute) to find "
                     "similar regions")
