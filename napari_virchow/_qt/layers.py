@@ -15,6 +15,8 @@ __all__ = ["HEAT", "SIMILARITY", "layer_named", "overlay_name", "show_boxes", "s
 
 #: colour-bar titles of the overlays that have one (the layer's "kind" suffix → what the bar shows)
 BAR_TITLES = {"probability": "P(tumour)", "similarity": "similarity"}
+#: a layer's own colour-bar title (e.g. ``"P(Epidermis)"``), in its ``metadata``
+BAR_TITLE_KEY = "virchow_colorbar_title"
 
 
 def _ramp(name: str, colors: list[str]) -> Colormap:
@@ -45,6 +47,7 @@ def show_raster(viewer: napari.Viewer, name: str, raster: Raster, *, kind: str =
     Updating in place keeps the user's colormap, opacity and visibility choices.
     """
     geometry = raster.layer_kwargs()
+    index = None
     if name in viewer.layers:
         layer = viewer.layers[name]
         wanted = Labels if kind == "labels" else Image
@@ -52,6 +55,8 @@ def show_raster(viewer: napari.Viewer, name: str, raster: Raster, *, kind: str =
             layer.data = raster.data
             layer.scale, layer.translate = geometry["scale"], geometry["translate"]
             return layer
+        index = viewer.layers.index(layer)  # replaced (e.g. smoothed): same place in the stack
+        kwargs.setdefault("visible", layer.visible)
         viewer.layers.remove(layer)
     kwargs.setdefault("units", ("µm", "µm"))  # rasters are placed in µm, like the slide
     keep = viewer.layers.selection.active
@@ -59,6 +64,8 @@ def show_raster(viewer: napari.Viewer, name: str, raster: Raster, *, kind: str =
         layer = viewer.add_labels(raster.data, name=name, **geometry, **kwargs)
     else:
         layer = viewer.add_image(raster.data, name=name, **geometry, **kwargs)
+    if index is not None:
+        viewer.layers.move(viewer.layers.index(layer), index)
     if keep is not None:  # a new overlay must not take the selection (and its mouse mode) away
         viewer.layers.selection.active = keep
     return layer
@@ -94,7 +101,9 @@ def show_colorbar_on_top(viewer: napari.Viewer) -> str | None:
             layer.colorbar.visible = layer is top
     overlays = getattr(viewer.canvas, "overlays", None)  # napari ≥ 0.9; viewer.text_overlay before
     text = overlays.text if overlays is not None and hasattr(overlays, "text") else viewer.text_overlay
-    title = BAR_TITLES[top.name.rsplit(" · ", 1)[-1]] if top is not None else None
+    title = None
+    if top is not None:
+        title = top.metadata.get(BAR_TITLE_KEY) or BAR_TITLES[top.name.rsplit(" · ", 1)[-1]]
     if title is not None:
         text.text, text.position, text.font_size, text.visible = f"colour bar: {title}", "top_right", 11, True
     elif text.text.startswith("colour bar: "):

@@ -30,6 +30,7 @@ from typing import Any
 
 import napari
 from napari.layers import Image
+from qtpy.QtCore import QSize
 from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
 
 from napari_virchow import jobs as _jobs
@@ -105,6 +106,13 @@ class VirchowWidget(QWidget):
         self.weights_edit, self.limit_spin = self.model.weights_edit, self.compute.limit_spin
         self.threshold_slider, self.smooth_check = self.head.threshold_slider, self.head.smooth_check
         self.tissue_check, self.status = self.compute.tissue_check, self.jobbar.status
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt API
+        """Never narrower than the panels: no horizontal scroll bar cutting buttons off."""
+        hint = super().minimumSizeHint()
+        bar = self.scroll.verticalScrollBar().sizeHint().width()
+        width = self.scroll.widget().minimumSizeHint().width() + bar + 2 * self.scroll.frameWidth()
+        return QSize(max(hint.width(), width), hint.height())
 
     # --- what panels call ----------------------------------------------------------------------
     def slide_layer(self) -> Image | None:

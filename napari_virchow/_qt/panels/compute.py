@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -27,6 +28,8 @@ from napari_virchow.errors import VirchowError
 from napari_virchow.session import SlideSession
 
 __all__ = ["ComputePanel"]
+
+EMBEDDED_COLOR = "#00e5ff"  # cyan outlines read on H&E pink and purple
 
 
 class ComputePanel(QGroupBox):
@@ -52,7 +55,7 @@ class ComputePanel(QGroupBox):
                                 "more tiles than this are computed only after you confirm")  # fmt: skip
         rows.addRow("ask above (tiles)", self.limit_spin)
         tissue_row = QHBoxLayout()
-        self.tissue_check = named(QCheckBox("show"), "tissue_check", "show which tiles count as tissue")
+        self.tissue_check = named(QCheckBox("tissue mask"), "tissue_check", "show which tiles count as tissue")
         self.tissue_check.toggled.connect(lambda _: self.show_tissue())
         self.tissue_slider = named(QSlider(Qt.Orientation.Horizontal, minimum=0, maximum=100), "tissue_slider",
                                    "saturation threshold (0 = Otsu's automatic value)")
@@ -62,8 +65,8 @@ class ComputePanel(QGroupBox):
         self.tissue_value.setMinimumWidth(self.tissue_value.fontMetrics().horizontalAdvance("0.00 "))
         for w in (self.tissue_check, self.tissue_slider, self.tissue_value):
             tissue_row.addWidget(w)
-        rows.addRow("tissue mask", tissue_row)
         lay.addLayout(rows)
+        lay.addLayout(tissue_row)
 
     # --- compute -------------------------------------------------------------------------------
     def visible_box(self) -> tuple[float, float, float, float] | None:
@@ -134,9 +137,10 @@ class ComputePanel(QGroupBox):
 
         done = session.store().done.astype(np.int32)
         raster = upsample(session.raster(done), 8, smooth=None)
+        outline = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: EMBEDDED_COLOR})
         layer = show_raster(self._host.viewer, overlay_name(slide, "embedded"), raster, kind="labels",
-                            opacity=0.8, blending="translucent_no_depth")  # fmt: skip
-        layer.contour = 2
+                            opacity=0.9, colormap=outline)  # fmt: skip
+        layer.contour = 1
 
     def on_event(self, session: SlideSession, ev: object) -> None:
         done_something = isinstance(ev, _jobs.BatchDone) or (isinstance(ev, _jobs.Stage) and ev.final)

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 
 from napari_virchow import jobs as _jobs
 from napari_virchow._qt.errors import report
-from napari_virchow._qt.layers import HEAT, overlay_name, show_colorbar_on_top, show_raster
+from napari_virchow._qt.layers import BAR_TITLE_KEY, HEAT, overlay_name, show_colorbar_on_top, show_raster
 from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow.analysis.rasters import mask_below
 from napari_virchow.errors import VirchowError
@@ -268,6 +268,7 @@ class HeadPanel(QGroupBox):
         lyr = show_raster(self._host.viewer, overlay_name(layer, "probability"), session.raster(values, smooth=smooth),
                           colormap=HEAT, contrast_limits=(0, 1), opacity=0.85, blending="translucent")  # fmt: skip
         lyr.contrast_limits = (0, 1)
+        lyr.metadata[BAR_TITLE_KEY] = f"P({session.head.positive_class})" if session.head is not None else None
         show_colorbar_on_top(self._host.viewer)
 
     def on_event(self, session: SlideSession, ev: object) -> None:
