@@ -17,6 +17,7 @@ Controls, by ``objectName`` (stable: tests and scripts find them by it)
 - Clusters: ``k_spin``, ``rgb_check``, ``cluster_btn``
 - Similar regions: ``pick_btn``, ``hits_spin``, ``index_edit``, ``index_browse_btn``,
   ``search_index_btn``, ``hit_list``
+- Export: ``export_geojson_btn``
 - Job bar (always visible, under the panels): ``decision_compute_btn``, ``decision_skip_btn``,
   ``cancel_btn``
 
@@ -38,6 +39,7 @@ from napari_virchow._qt.errors import report
 from napari_virchow._qt.layers import show_colorbar_on_top
 from napari_virchow._qt.panels.clusters import ClusterPanel
 from napari_virchow._qt.panels.compute import ComputePanel
+from napari_virchow._qt.panels.export import ExportPanel
 from napari_virchow._qt.panels.head import HeadPanel
 from napari_virchow._qt.panels.jobbar import JobBar, RateMeter, duration
 from napari_virchow._qt.panels.model import ModelPanel, foreign_slide_path
@@ -95,7 +97,9 @@ class VirchowWidget(QWidget):
         self.head = HeadPanel(self)
         self.clusters = ClusterPanel(self)
         self.similar = SimilarPanel(self)
-        for panel in (self.model, self.compute, self.head, self.clusters, self.similar):
+        self.export = ExportPanel(self, lambda: self.head.threshold_slider.value() / 100,
+                                  self.similar.hits_spin.value)
+        for panel in (self.model, self.compute, self.head, self.clusters, self.similar, self.export):
             root.addWidget(panel)
         root.addStretch(1)
         self.jobbar = JobBar()

@@ -33,3 +33,31 @@ def test_cluster_draws_labels_legend_and_embedding_colours(qtbot, planted_widget
     alpha = rgb.data[:rows, :cols, 3].ravel()
     assert np.all(alpha[not_embedded] == 0) and np.all(alpha[~not_embedded] == 1)  # see-through, not grey
     assert w.jobbar.status.text() == "3 clusters of the embedded tiles"
+
+
+@pytest.mark.drives("cluster_btn", "pick_btn", "export_geojson_btn")
+def test_export_overlays_to_qupath(qtbot, planted_widget, ui, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import json
+
+    from qtpy.QtWidgets import QFileDialog
+
+    from tests._qt.conftest import click_canvas
+
+    w, u = planted_widget, ui(planted_widget)
+    compute_whole_slide(qtbot, w, u)
+    u.click("cluster_btn")
+    wait_idle(qtbot, w)
+    u.click("pick_btn")
+    click_canvas(qtbot, w, 600, 600)
+    qtbot.waitUntil(lambda: w.similar.hit_list.count() > 0, timeout=60_000)
+    wait_idle(qtbot, w)
+    out = tmp_path / "planted.overlays.geojson"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(out), "")))
+    u.click("export_geojson_btn")
+    feats = json.loads(out.read_text())["features"]
+    classes = [f["properties"]["classification"]["name"] for f in feats]
+    non_empty = sum(n > 0 for n in w.session().cluster_counts().values())
+    assert sum(c.startswith("Cluster ") for c in classes) == non_empty > 1
+    assert classes.count("Similar") == w.similar.hit_list.count()
+    first = next(f for f in feats if f["properties"]["classification"]["name"] == "Cluster 1")
+    assert first["properties"]["classification"]["color"] == [int(cluster_color(1)[i:i + 2], 16) for i in (1, 3, 5)]

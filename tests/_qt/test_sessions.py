@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(300)
 
 def _open_slides(path: Path) -> list[Slide]:
     gc.collect()
-    return [o for o in gc.get_objects() if isinstance(o, Slide) and o.path == path and not o._closed]
+    return [o for o in gc.get_objects() if type(o) is Slide and o.path == path and not o._closed]
 
 
 @pytest.mark.drives("compute_btn")
