@@ -26,6 +26,7 @@ __all__ = ["QUERY_POINT", "choose_encoder", "demo_job", "run_demo", "start_demo"
 #: preset query: a tile of epidermis in the CMU-1 small region (level-0 px)
 QUERY_POINT = (1230.0, 2000.0)
 FALLBACK_ENCODER = "virchow2-tiny"
+DEMO_K = 6
 HOW_TO_GET_WEIGHTS = (
     "accept the licence at https://huggingface.co/paige-ai/Virchow2, log in with `hf auth login` "
     "(the weights are then cached on first use), or pass --weights PATH"
@@ -44,7 +45,7 @@ def choose_encoder(weights: str | None) -> tuple[str, str | None, bool]:
 
 
 @_jobs.cancellable
-def demo_job(session: SlideSession, polygons: list[np.ndarray], classes: list[str], *, k: int = 6,
+def demo_job(session: SlideSession, polygons: list[np.ndarray], classes: list[str], *, k: int = DEMO_K,
              cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
     """Embed the sample's tissue, train on the example annotations, cluster, query: one worker."""
     w, h = session.slide.dimensions
@@ -104,7 +105,8 @@ def start_demo(*, weights: str | None = None, show: bool = True) -> tuple[Any, A
     annotations = widget.load_geojson(sample_path("cmu_small_region_annotations.geojson"))
     polygons, classes = widget.annotations()
     annotations.visible = True
-    widget._run(demo_job, polygons, classes)
+    widget.clusters.k_spin.setValue(DEMO_K)  # the panel shows the k the legend is made with
+    widget.run(demo_job, polygons, classes, k=DEMO_K)
     return viewer, widget, encoder
 
 

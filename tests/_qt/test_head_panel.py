@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from qtpy.QtWidgets import QFileDialog
 
+from napari_virchow._qt.panels.head import class_color, rgb
 from tests._qt.conftest import click_canvas, compute_whole_slide, planted_truth, square, wait_idle
 
 pytestmark = pytest.mark.timeout(300)
@@ -120,6 +121,14 @@ def test_refit_save_and_load(qtbot, planted_widget, ui, tmp_path: Path, monkeypa
     u.click("save_geojson_btn")
     saved = json.loads((tmp_path / "regions.geojson").read_text())
     assert len(saved["features"]) == 3
+    # one colour per class: on the canvas, in the class list, in the file
+    colors = {f["properties"]["classification"]["name"]: f["properties"]["classification"]["color"]
+              for f in saved["features"]}  # fmt: skip
+    assert colors == {"tumour": list(rgb(class_color("tumour"))), "normal": list(rgb(class_color("normal")))}
+    assert colors["tumour"] != colors["normal"]
+    for shape_color, cls in zip(layer.edge_color, layer.features["class"], strict=True):
+        assert [round(c * 255) for c in shape_color[:3]] == colors[cls]
+    assert list(layer.text.values) == ["tumour", "normal", "normal"]  # class names on the canvas
     _dialogs(monkeypatch, open_=tmp_path / "regions.geojson")
     u.click("load_geojson_btn")
     loaded = w.head.annotation_layer()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 from napari.layers import Shapes
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import Qt
+from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -33,10 +35,37 @@ from napari_virchow.session import SlideSession, TrainResult
 #: below this many tiles in a class, the cross-validated figures mean little
 MIN_TILES_PER_CLASS = 10
 
-__all__ = ["CLASS_COLORS", "HeadPanel", "cv_auc", "set_head_job"]
+__all__ = ["CLASS_COLORS", "HeadPanel", "class_color", "cv_auc", "set_head_job"]
 
 CLASS_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
                 "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000"]  # fmt: skip
+
+
+POSITIVE_WORDS = ("tumour", "tumor", "cancer", "carcinoma", "malignant", "lesion")
+NEGATIVE_WORDS = ("normal", "benign", "healthy", "background")
+
+
+def class_color(name: str) -> str:
+    """The one colour of an annotation class: on the canvas, in the class list and in GeoJSON.
+
+    Tumour-like names are red, normal-like green, others a stable palette entry by name.
+    """
+    low = name.strip().lower()
+    if any(word in low for word in POSITIVE_WORDS):
+        return CLASS_COLORS[0]
+    if any(word in low for word in NEGATIVE_WORDS):
+        return CLASS_COLORS[1]
+    return CLASS_COLORS[2 + zlib.crc32(low.encode()) % (len(CLASS_COLORS) - 2)]
+
+
+def rgb(hex_color: str) -> tuple[int, int, int]:
+    return (int(hex_color[1:3], 16), int(hex_color[3:5], 16), int(hex_color[5:7], 16))
+
+
+def _swatch(hex_color: str) -> QIcon:
+    pixmap = QPixmap(12, 12)
+    pixmap.fill(QColor(hex_color))
+    return QIcon(pixmap)
 
 
 def cv_auc(head: Any) -> float | None:
@@ -64,7 +93,8 @@ class HeadPanel(QGroupBox):
         self._host = host
         lay = form(self)
         self.class_combo = named(QComboBox(editable=True), "class_combo", "class of the regions you draw next")
-        self.class_combo.addItems(["tumour", "normal"])
+        for name in ("tumour", "normal"):
+            self.class_combo.addItem(_swatch(class_color(name)), name)
         self.class_combo.currentTextChanged.connect(self._class_changed)
         new_ann = named(QPushButton("New annotation layer"), "new_annotations_btn")
         new_ann.clicked.connect(self.new_annotation_layer)
@@ -113,8 +143,10 @@ class HeadPanel(QGroupBox):
         layer = self._host.viewer.add_shapes(name=name, scale=scale, units=units,
                                              features={"class": np.array([], dtype=object)},
                                              face_color="transparent", edge_width=4, edge_color="class",
-                                             edge_color_cycle=CLASS_COLORS)  # fmt: skip
-        layer.feature_defaults["class"] = self.class_combo.currentText()
+                                             edge_color_cycle=CLASS_COLORS,
+                                             text={"string": "{class}", "size": 10, "color": "white",
+                                                   "anchor": "upper_left"})  # fmt: skip
+        self._use_class(layer, self.class_combo.currentText())
         layer.mode = "add_polygon"
         layer.events.data.connect(self._annotations_edited)
         return layer
@@ -124,9 +156,23 @@ class HeadPanel(QGroupBox):
         return shapes[-1] if shapes else None
 
     def _class_changed(self, name: str) -> None:
+        index = self.class_combo.findText(name)
+        if index >= 0:
+            self.class_combo.setItemIcon(index, _swatch(class_color(name)))
         layer = self.annotation_layer()
         if layer is not None:
-            layer.feature_defaults["class"] = name
+            self._use_class(layer, name)
+
+    @staticmethod
+    def _use_class(layer: Shapes, name: str) -> None:
+        """New shapes get class ``name``, drawn in its one colour."""
+        from napari.utils.colormaps.standardize_color import transform_color
+
+        colors = dict(layer.edge_color_cycle_map)
+        if name not in colors:
+            colors[name] = transform_color(class_color(name))[0]
+            layer.edge_color_cycle_map = colors
+        layer.feature_defaults["class"] = name
 
     def annotations(self) -> tuple[list[np.ndarray], list[str]]:
         """Polygons (level-0 (x, y) px) and class names of the annotation layer."""
@@ -163,9 +209,9 @@ class HeadPanel(QGroupBox):
         layer.mode = "pan_zoom"
         layer.events.data.disconnect(self._annotations_edited)
         for item in items:
-            layer.feature_defaults["class"] = item.class_name or "unclassified"
+            self._use_class(layer, item.class_name or "unclassified")
             layer.add_polygons([np.asarray(item.polygon)[:, ::-1]])
-        layer.feature_defaults["class"] = self.class_combo.currentText()
+        self._use_class(layer, self.class_combo.currentText())
         layer.events.data.connect(self._annotations_edited)
         return layer
 
@@ -186,7 +232,8 @@ class HeadPanel(QGroupBox):
         if not path:
             return
         try:
-            write_annotations(path, [Annotation(p, c) for p, c in zip(polygons, classes, strict=True)])
+            write_annotations(path, [Annotation(p, c, color=rgb(class_color(c)))
+                                     for p, c in zip(polygons, classes, strict=True)])  # fmt: skip
         except (VirchowError, OSError) as exc:
             report(VirchowError(str(exc)) if isinstance(exc, OSError) else exc)
             return
