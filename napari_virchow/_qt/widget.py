@@ -183,8 +183,6 @@ class VirchowWidget(QWidget):
             session = None
         self.head.show_head(session)
 
-    _config_changed_public = _config_changed
-
     def _mpp_changed(self) -> None:
         try:
             self.session()  # applies the override to the slide layer and its overlays now

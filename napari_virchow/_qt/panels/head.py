@@ -41,6 +41,8 @@ CLASS_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0"
                 "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000"]  # fmt: skip
 
 
+#: colours for other classes: strong ones that read on H&E pink and purple (no pinks, no purples)
+OTHER_CLASS_COLORS = ["#4363d8", "#f58231", "#00b3b3", "#9acd32", "#ffd700", "#000000", "#8b4513"]
 POSITIVE_WORDS = ("tumour", "tumor", "cancer", "carcinoma", "malignant", "lesion")
 NEGATIVE_WORDS = ("normal", "benign", "healthy", "background")
 
@@ -55,7 +57,7 @@ def class_color(name: str) -> str:
         return CLASS_COLORS[0]
     if any(word in low for word in NEGATIVE_WORDS):
         return CLASS_COLORS[1]
-    return CLASS_COLORS[2 + zlib.crc32(low.encode()) % (len(CLASS_COLORS) - 2)]
+    return OTHER_CLASS_COLORS[zlib.crc32(low.encode()) % len(OTHER_CLASS_COLORS)]
 
 
 def rgb(hex_color: str) -> tuple[int, int, int]:
@@ -138,13 +140,15 @@ class HeadPanel(QGroupBox):
         """A Shapes layer in the slide's scale whose new shapes get the chosen class."""
         slide = self._host.slide_layer()
         scale = tuple(slide.scale) if slide is not None else (1.0, 1.0)
+        # edges in level-0 px: thick enough to see on the whole slide, thin when zoomed in
+        width = max(4.0, max(slide.level_shapes[0][:2]) / 300) if slide is not None else 4.0
         units = tuple(slide.units) if slide is not None else None
         name = overlay_name(slide, "annotations") if slide is not None else "annotations"
         layer = self._host.viewer.add_shapes(name=name, scale=scale, units=units,
                                              features={"class": np.array([], dtype=object)},
-                                             face_color="transparent", edge_width=4, edge_color="class",
+                                             face_color="transparent", edge_width=width, edge_color="class",
                                              edge_color_cycle=CLASS_COLORS,
-                                             text={"string": "{class}", "size": 10, "color": "white",
+                                             text={"string": "{class}", "size": 11, "color": "black",
                                                    "anchor": "upper_left"})  # fmt: skip
         self._use_class(layer, self.class_combo.currentText())
         layer.mode = "add_polygon"
