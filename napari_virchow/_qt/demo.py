@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from napari_virchow import jobs as _jobs
+from napari_virchow._qt.layers import overlay_name
 from napari_virchow._sample_data import sample_path
 from napari_virchow.session import SlideSession
 
@@ -67,7 +68,7 @@ def _summary(viewer: Any, widget: Any, encoder: str, seconds: float) -> dict[str
     slide_layer = widget._slide_layer()
     layers = []
     for kind in ("probability", "clusters", "similarity"):
-        name = f"{slide_layer.name} · {kind}"
+        name = overlay_name(slide_layer, kind)
         if name not in viewer.layers:
             continue
         layer = viewer.layers[name]

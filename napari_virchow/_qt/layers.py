@@ -11,9 +11,12 @@ from napari.utils.colormaps import Colormap
 
 from napari_virchow.analysis.rasters import Raster
 
-__all__ = ["HEAT", "SIMILARITY", "layer_named", "overlay_name", "show_boxes", "show_colorbar_on_top", "show_raster"]
+__all__ = [
+    "HEAT", "SIMILARITY", "layer_named", "overlay_kind", "overlay_name", "show_boxes", "show_colorbar_on_top",
+    "show_raster",
+]  # fmt: skip
 
-#: colour-bar titles of the overlays that have one (the layer's "kind" suffix → what the bar shows)
+#: colour-bar titles of the overlays that have one (the kind in the layer's name → what the bar shows)
 BAR_TITLES = {"probability": "P(tumour)", "similarity": "similarity"}
 #: a layer's own colour-bar title (e.g. ``"P(Epidermis)"``), in its ``metadata``
 BAR_TITLE_KEY = "virchow_colorbar_title"
@@ -36,8 +39,17 @@ def layer_named(viewer: napari.Viewer, name: str) -> Layer | None:
 
 
 def overlay_name(slide_layer: Layer, what: str) -> str:
-    """Layer name of an overlay of ``slide_layer`` (e.g. ``"CMU-1 · probability"``)."""
-    return f"{slide_layer.name} · {what}"
+    """Layer name of an overlay of ``slide_layer`` (e.g. ``"probability · CMU-1"``).
+
+    The kind comes first: napari's layer list elides long names in the middle, and the kind is
+    what tells overlays apart.
+    """
+    return f"{what} · {slide_layer.name}"
+
+
+def overlay_kind(layer: Layer) -> str:
+    """``"probability"`` for ``"probability · CMU-1"`` (the name of any other layer for others)."""
+    return layer.name.split(" · ", 1)[0]
 
 
 def show_raster(viewer: napari.Viewer, name: str, raster: Raster, *, kind: str = "image",
@@ -94,7 +106,7 @@ def show_colorbar_on_top(viewer: napari.Viewer) -> str | None:
     """
     top = None
     for layer in reversed(list(viewer.layers)):
-        kind = layer.name.rsplit(" · ", 1)[-1]
+        kind = overlay_kind(layer)
         if kind in BAR_TITLES and isinstance(layer, Image) and layer.visible and top is None:
             top = layer
         if kind in BAR_TITLES and isinstance(layer, Image):
@@ -103,7 +115,7 @@ def show_colorbar_on_top(viewer: napari.Viewer) -> str | None:
     text = overlays.text if overlays is not None and hasattr(overlays, "text") else viewer.text_overlay
     title = None
     if top is not None:
-        title = top.metadata.get(BAR_TITLE_KEY) or BAR_TITLES[top.name.rsplit(" · ", 1)[-1]]
+        title = top.metadata.get(BAR_TITLE_KEY) or BAR_TITLES[overlay_kind(top)]
     if title is not None:
         text.text, text.position, text.font_size, text.visible = f"colour bar: {title}", "top_right", 11, True
     elif text.text.startswith("colour bar: "):

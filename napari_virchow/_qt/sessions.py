@@ -75,7 +75,7 @@ class SessionBook:
         units = ("µm", "µm") if wanted else ("pixel", "pixel")
         # the slide layer and everything drawn over it move together: they stay aligned
         for other in self._viewer.layers:
-            if other is not layer and other.name.startswith(f"{layer.name} · "):
+            if other is not layer and other.name.endswith(f" · {layer.name}"):
                 _rescale(other, new / old, units)
         _rescale(layer, new / old, units)
 

@@ -19,14 +19,14 @@ def test_cluster_draws_labels_legend_and_embedding_colours(qtbot, planted_widget
     u.click("rgb_check")
     u.click("cluster_btn")
     wait_idle(qtbot, w)
-    labels = w.viewer.layers["planted · clusters"]
+    labels = w.viewer.layers["clusters · planted"]
     assert labels.data.max() == 3 and "cluster 3" in w.clusters.legend.text()
     # one colour per cluster, the same on the canvas and in the legend
     for cid in (1, 2, 3):
         assert cluster_color(cid) in w.clusters.legend.text()
         np.testing.assert_allclose(labels.colormap.map(cid)[:3], [int(cluster_color(cid)[i:i + 2], 16) / 255
                                                                   for i in (1, 3, 5)], atol=1e-6)  # fmt: skip
-    rgb = w.viewer.layers["planted · embedding colours"]
+    rgb = w.viewer.layers["embedding colours · planted"]
     session = w.session()
     rows, cols = session.grid.grid_shape
     not_embedded = ~session.store().done

@@ -40,7 +40,7 @@ def test_compute_visible_embeds_tiles_in_view_shows_them_and_revisit_is_free(qtb
     assert len(in_view) > 0 and not len(session.missing(in_view))
     assert session.store().n_done == len(in_view)  # only what is on screen, nothing else
     # the user sees what was computed: outlines of the embedded tiles
-    embedded = w.viewer.layers["cmu_small_region_pyramid · embedded"]
+    embedded = w.viewer.layers["embedded · cmu_small_region_pyramid"]
     assert embedded.visible and embedded.contour > 0 and embedded.data.max() == 1
     assert not w.jobbar.progress.isVisible() and not u["cancel_btn"].isEnabled()
     assert w.jobbar.status.text().startswith("done:")
@@ -147,7 +147,7 @@ def test_follow_view_computes_where_the_camera_goes(qtbot, widget, ui) -> None: 
 def test_tissue_mask_is_shown_and_hidden(qtbot, widget, ui) -> None:  # noqa: ANN001
     w, u = widget, ui(widget)
     u.click("tissue_check")
-    layer = w.viewer.layers["cmu_small_region_pyramid · tissue"]
+    layer = w.viewer.layers["tissue · cmu_small_region_pyramid"]
     grid = w.session().grid
     assert layer.visible and int(layer.data.sum()) == grid.n_tissue
     assert "tiles are tissue" in w.jobbar.status.text()
@@ -167,4 +167,4 @@ def test_tissue_threshold_slider_release_refilters_the_mask(qtbot, widget, ui) -
     grid = w.session().grid
     assert grid.tissue_threshold == pytest.approx(0.9) and grid.n_tissue < before
     assert w.compute.tissue_value.text() == "0.90"
-    assert int(w.viewer.layers["cmu_small_region_pyramid · tissue"].data.sum()) == grid.n_tissue
+    assert int(w.viewer.layers["tissue · cmu_small_region_pyramid"].data.sum()) == grid.n_tissue

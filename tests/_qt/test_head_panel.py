@@ -50,7 +50,7 @@ def test_probe_from_annotations_shows_auc_and_finds_the_other_copy(qtbot, plante
     assert f"AUC {session.head.metrics['cv_roc_auc']:.2f}" in label  # the probe's cross-validated AUC
     assert "fewer than 10 tiles of tumour" in label  # 4 tiles: the figures are not to be trusted
     assert not w.jobbar.status.text().startswith("fitting")  # no stale stage line
-    heat = w.viewer.layers["planted · probability"]
+    heat = w.viewer.layers["probability · planted"]
     assert tuple(heat.scale) == pytest.approx((session.grid.tile_size_l0 * 0.5,) * 2)
     # transparent at 0, opaque at 1: low probabilities do not darken the tissue
     assert heat.colormap.map(np.array([0.0]))[0, 3] == 0 and heat.colormap.map(np.array([1.0]))[0, 3] == 1
@@ -67,16 +67,16 @@ def test_probe_from_annotations_shows_auc_and_finds_the_other_copy(qtbot, plante
     assert np.all(np.isnan(shown[session.probability < 0.5]))
     assert np.all(np.isfinite(shown[done & (session.probability >= 0.5)]))
     u.click("smooth_check")
-    heat = w.viewer.layers["planted · probability"]
+    heat = w.viewer.layers["probability · planted"]
     assert heat.data.shape[0] > rows  # upsampled, smoothed
     assert w.viewer.canvas.overlays.text.text == "colour bar: P(tumour)"
 
     # a similarity overlay on top: its bar (and title) is the one shown
     u.click("pick_btn")
     click_canvas(qtbot, w, 600, 600)
-    qtbot.waitUntil(lambda: "planted · similarity" in w.viewer.layers, timeout=60_000)
+    qtbot.waitUntil(lambda: "similarity · planted" in w.viewer.layers, timeout=60_000)
     wait_idle(qtbot, w)
-    similarity = w.viewer.layers["planted · similarity"]
+    similarity = w.viewer.layers["similarity · planted"]
     assert similarity.colorbar.visible and not heat.colorbar.visible
     assert w.viewer.canvas.overlays.text.text == "colour bar: similarity"
     similarity.visible = False

@@ -100,7 +100,7 @@ def test_mpp_override_after_a_failed_attempt_applies_at_once_and_aligns(qtbot, m
     wait_idle(qtbot, w)
     session = w.session()
     assert session.slide.mpp == 0.5 and session.store().n_done == session.grid.n_tissue
-    embedded = w.viewer.layers["nompp · embedded"]
+    embedded = w.viewer.layers["embedded · nompp"]
     slide_edges = np.asarray(slide_layer.extent.world)[:, -2:]
     overlay_edges = np.asarray(embedded.extent.world)[:, -2:]
     tile_um = session.grid.tile_size_l0 * 0.5

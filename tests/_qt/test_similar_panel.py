@@ -44,13 +44,13 @@ def test_click_query_lists_hits_and_jump_zooms_to_one(qtbot, planted_widget, ui)
     assert "µm" in w.similar.hit_list.item(0).text() and "score" in w.similar.hit_list.item(0).text()
     row_height = w.similar.hit_list.visualItemRect(w.similar.hit_list.item(0)).height()
     assert w.similar.hit_list.viewport().height() >= 5 * row_height  # at least five hits in sight
-    assert "planted · hits" in w.viewer.layers and "planted · query" in w.viewer.layers  # the query is marked
+    assert "hits · planted" in w.viewer.layers and "query · planted" in w.viewer.layers  # the query is marked
     zoom = camera(w.viewer).zoom
     u.click_item("hit_list", 0)
     centre = np.asarray(camera(w.viewer).center[-2:]) / 0.5
     assert abs(centre[1] - (hits[0].x + session.grid.tile_size_l0 / 2)) < 1
     assert camera(w.viewer).zoom > zoom  # jumping zooms in on the hit
-    assert w.viewer.layers["planted · hits"].selected_data == {0}  # and highlights it
+    assert w.viewer.layers["hits · planted"].selected_data == {0}  # and highlights it
 
 
 @pytest.mark.drives("pick_btn")
@@ -64,7 +64,7 @@ def test_drag_after_a_click_query_draws_a_box_and_does_not_pan(qtbot, planted_wi
     centre = tuple(camera(w.viewer).center)
     seen = []
     _drag_canvas(qtbot, w, (460, 460), (880, 880),
-                 during=lambda: seen.append(len(w.viewer.layers["planted · query"].data)))  # fmt: skip
+                 during=lambda: seen.append(len(w.viewer.layers["query · planted"].data)))  # fmt: skip
     assert tuple(camera(w.viewer).center) == pytest.approx(centre)  # no pan
     assert seen == [1]  # a rubber band while dragging
     wait_idle(qtbot, w)
