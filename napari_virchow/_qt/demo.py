@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from napari_virchow import jobs as _jobs
-from napari_virchow._qt.layers import overlay_name
 from napari_virchow._sample_data import sample_path
 from napari_virchow.session import SlideSession
 
@@ -65,6 +64,8 @@ def _edges_um(layer: Any) -> list[float]:
 
 
 def _summary(viewer: Any, widget: Any, encoder: str, seconds: float) -> dict[str, Any]:
+    from napari_virchow._qt.layers import overlay_name
+
     slide_layer = widget._slide_layer()
     layers = []
     for kind in ("probability", "clusters", "similarity"):
