@@ -146,7 +146,9 @@ def test_follow_view_computes_where_the_camera_goes(qtbot, widget, ui) -> None: 
 @pytest.mark.drives("tissue_check")
 def test_tissue_mask_is_shown_and_hidden(qtbot, widget, ui) -> None:  # noqa: ANN001
     w, u = widget, ui(widget)
-    u.click("tissue_check")
+    u.click("tissue_check")  # the mask is found in a worker, then drawn
+    qtbot.waitUntil(lambda: "tissue · cmu_small_region_pyramid" in w.viewer.layers, timeout=30_000)
+    wait_idle(qtbot, w)
     layer = w.viewer.layers["tissue · cmu_small_region_pyramid"]
     grid = w.session().grid
     assert layer.visible and int(layer.data.sum()) == grid.n_tissue
@@ -162,6 +164,8 @@ def test_tissue_mask_is_shown_and_hidden(qtbot, widget, ui) -> None:  # noqa: AN
 def test_tissue_threshold_slider_release_refilters_the_mask(qtbot, widget, ui) -> None:  # noqa: ANN001
     w, u = widget, ui(widget)
     u.click("tissue_check")
+    qtbot.waitUntil(lambda: "tissue · cmu_small_region_pyramid" in w.viewer.layers, timeout=30_000)
+    wait_idle(qtbot, w)
     before = w.session().grid.n_tissue
     u.drag_slider("tissue_slider", 90)  # a high saturation threshold: fewer tissue tiles
     grid = w.session().grid

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from napari.utils.colormaps import DirectLabelColormap
@@ -30,6 +32,18 @@ from napari_virchow.session import SlideSession
 __all__ = ["ComputePanel"]
 
 EMBEDDED_COLOR = "#00e5ff"  # cyan outlines read on H&E pink and purple
+
+
+class TissueFound:
+    """The tile grid and its tissue mask are built."""
+
+
+@_jobs.cancellable
+def find_tissue_job(session: SlideSession, *, cancel: Any = None) -> Iterator[object]:
+    """Build the tile grid (thumbnail + tissue mask) off the UI thread."""
+    yield _jobs.Stage("finding tissue …")
+    session.grid  # noqa: B018 - builds the grid in this thread
+    yield TissueFound()
 
 
 class ComputePanel(QGroupBox):
@@ -115,10 +129,13 @@ class ComputePanel(QGroupBox):
             return
         try:
             session = self._host.session()
-            grid = session.grid
         except VirchowError as exc:
             report(exc)
             return
+        if "grid" not in session.__dict__:  # the tissue mask reads a thumbnail: a worker's job
+            self._host.run(find_tissue_job)
+            return
+        grid = session.grid
         layer = show_raster(viewer, name, session.raster(grid.tissue.astype(np.int32)), kind="labels", opacity=0.35)
         layer.visible = True
         self.tissue_slider.blockSignals(True)
@@ -143,6 +160,8 @@ class ComputePanel(QGroupBox):
         layer.contour = 1
 
     def on_event(self, session: SlideSession, ev: object) -> None:
+        if isinstance(ev, TissueFound) and self.tissue_check.isChecked():
+            self.show_tissue()
         done_something = isinstance(ev, _jobs.BatchDone) or (isinstance(ev, _jobs.Stage) and ev.final)
         if done_something and session.encoder_loaded:  # the store is open: never load a model here
             with contextlib.suppress(VirchowError):  # a store problem is reported by the job itself
