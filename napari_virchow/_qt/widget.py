@@ -35,7 +35,7 @@ from qtpy.QtCore import QSize
 from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
 
 from napari_virchow import jobs as _jobs
-from napari_virchow._qt.errors import report
+from napari_virchow._qt.errors import gui_message, report
 from napari_virchow._qt.layers import show_colorbar_on_top
 from napari_virchow._qt.panels.clusters import ClusterPanel
 from napari_virchow._qt.panels.compute import ComputePanel
@@ -144,7 +144,7 @@ class VirchowWidget(QWidget):
             session = self.session()
         except VirchowError as exc:
             report(exc)
-            self.set_status(str(exc))
+            self.set_status(gui_message(exc))
             return
         self.jobbar.ask(None)
         self.rates.start()
@@ -187,7 +187,7 @@ class VirchowWidget(QWidget):
         try:
             self.session()  # applies the override to the slide layer and its overlays now
         except VirchowError as exc:
-            self.set_status(str(exc))
+            self.set_status(gui_message(exc))
 
     # --- job events ----------------------------------------------------------------------------
     def _rate_key(self, session: SlideSession) -> object:
@@ -217,7 +217,7 @@ class VirchowWidget(QWidget):
 
     def _on_error(self, exc: BaseException) -> None:
         report(exc)
-        self.jobbar.set_status(f"error: {exc}" if isinstance(exc, VirchowError) else "")
+        self.jobbar.set_status(f"error: {gui_message(exc)}" if isinstance(exc, VirchowError) else "")
 
     def _busy_changed(self, busy: bool) -> None:
         self.jobbar.set_busy(busy)

@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
 )  # fmt: skip
 
 from napari_virchow import jobs as _jobs
-from napari_virchow._qt.errors import report
+from napari_virchow._qt.errors import gui_message, report
 from napari_virchow._qt.layers import BAR_TITLE_KEY, HEAT, overlay_name, show_colorbar_on_top, show_raster
 from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow.analysis.rasters import mask_below
@@ -196,7 +196,7 @@ class HeadPanel(QGroupBox):
             polygons, classes = self.annotations()
         except VirchowError as exc:
             report(exc)
-            self._host.set_status(str(exc))
+            self._host.set_status(gui_message(exc))
             return
         self._host.run(_jobs.train_job, polygons, classes)
 
