@@ -128,7 +128,7 @@ def _one_overlay_on_top(viewer: Any, widget: Any) -> None:
     slide = widget.slide_layer()
     if slide is None:
         return
-    for kind in ("clusters", "similarity", "embedded"):
+    for kind in ("clusters", "similarity", "query", "hits", "embedded"):
         name = overlay_name(slide, kind)
         if name in viewer.layers:
             viewer.layers[name].visible = False
