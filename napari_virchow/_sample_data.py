@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from napari_virchow._reader import LayerData, read_slides
+from napari_virchow._reader import LayerData, prefer_this_reader, read_slides
 
 __all__ = ["cmu_small_region_pyramid", "cmu_small_region_svs", "sample_path"]
 
@@ -20,9 +20,11 @@ def sample_path(name: str) -> Path:
 
 def cmu_small_region_pyramid() -> list[LayerData]:
     """CMU-1 small region as a pyramidal tiled-JPEG TIFF (3 levels, 0.499 µm/px, 20×)."""
+    prefer_this_reader()  # the plugin is in use: File ▸ Open stops asking which reader for slides
     return read_slides(sample_path("cmu_small_region_pyramid.tif"))
 
 
 def cmu_small_region_svs() -> list[LayerData]:
     """CMU-1 small region as the original single-level Aperio SVS (coarser levels made lazily)."""
+    prefer_this_reader()
     return read_slides(sample_path("cmu_small_region.svs"))

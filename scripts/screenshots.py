@@ -17,6 +17,7 @@ import numpy as np
 from qtpy.QtWidgets import QApplication
 
 from napari_virchow._qt.demo import QUERY_POINT, start_demo, wait_for
+from napari_virchow._qt.layers import overlay_kind
 from napari_virchow._qt.viewport import camera
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
@@ -31,9 +32,9 @@ def settle(rounds: int = 40) -> None:
 
 
 def only(viewer: napari.Viewer, *visible: str) -> None:
-    """Show the slide and the named overlays (suffixes of layer names), hide the rest."""
+    """Show the slide and the named overlays (kinds: the first part of their names), hide the rest."""
     for layer in viewer.layers:
-        keep = layer is viewer.layers[0] or any(layer.name.endswith(v) for v in visible)
+        keep = layer is viewer.layers[0] or overlay_kind(layer) in visible
         layer.visible = keep
 
 
@@ -70,7 +71,9 @@ def shot_overlays(out: Path) -> None:
     save(viewer, out, "heatmap_threshold.png", canvas_only=True)
     only(viewer, "clusters")
     save(viewer, out, "clusters.png", canvas_only=True)
-    only(viewer, "similarity", "hits")
+    only(viewer, "embedded")
+    save(viewer, out, "embedded.png", canvas_only=True)
+    only(viewer, "similarity", "hits", "query")
     save(viewer, out, "similarity.png")
     widget.tissue_check.setChecked(True)
     only(viewer, "tissue")

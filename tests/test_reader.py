@@ -9,12 +9,12 @@ import pytest
 import tifffile
 
 from napari_virchow import SlideError
-from napari_virchow._reader import METADATA_KEY, napari_get_reader, read_slides
+from napari_virchow._reader import METADATA_KEY, napari_get_reader, read_for_napari, read_slides
 
 
 def test_reader_claims_slides(sample_svs: Path, sample_pyramid: Path) -> None:
-    assert napari_get_reader(str(sample_svs)) is read_slides
-    assert napari_get_reader([sample_svs, sample_pyramid]) is read_slides
+    assert napari_get_reader(str(sample_svs)) is read_for_napari
+    assert napari_get_reader([sample_svs, sample_pyramid]) is read_for_napari
 
 
 @pytest.mark.parametrize("name", ["image.png", "notes.txt", "data.zarr"])
@@ -34,7 +34,7 @@ def test_reader_probe_never_raises(tmp_path: Path) -> None:
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"II*\x00garbage")
     assert napari_get_reader(str(broken)) is None
-    assert napari_get_reader(str(tmp_path / "missing.svs")) is read_slides  # fails later, clearly
+    assert napari_get_reader(str(tmp_path / "missing.svs")) is read_for_napari  # fails later, clearly
 
 
 def test_layer_data_has_um_scale_and_metadata(sample_pyramid: Path) -> None:

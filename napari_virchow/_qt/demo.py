@@ -26,6 +26,7 @@ __all__ = ["QUERY_POINT", "choose_encoder", "demo_job", "run_demo", "start_demo"
 #: preset query: a tile of epidermis in the CMU-1 small region (level-0 px)
 QUERY_POINT = (1230.0, 2000.0)
 FALLBACK_ENCODER = "virchow2-tiny"
+DEMO_K = 6
 HOW_TO_GET_WEIGHTS = (
     "accept the licence at https://huggingface.co/paige-ai/Virchow2, log in with `hf auth login` "
     "(the weights are then cached on first use), or pass --weights PATH"
@@ -44,7 +45,7 @@ def choose_encoder(weights: str | None) -> tuple[str, str | None, bool]:
 
 
 @_jobs.cancellable
-def demo_job(session: SlideSession, polygons: list[np.ndarray], classes: list[str], *, k: int = 6,
+def demo_job(session: SlideSession, polygons: list[np.ndarray], classes: list[str], *, k: int = DEMO_K,
              cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
     """Embed the sample's tissue, train on the example annotations, cluster, query: one worker."""
     w, h = session.slide.dimensions
@@ -52,7 +53,8 @@ def demo_job(session: SlideSession, polygons: list[np.ndarray], classes: list[st
     yield from _jobs.train_job(session, polygons, classes, cancel=cancel)
     yield from _jobs.cluster_job(session, k, cancel=cancel)
     yield from _jobs.query_job(session, *QUERY_POINT, k=10, cancel=cancel)
-    yield _jobs.Stage("demo ready: heatmap, clusters and similar regions are drawn", final=True)
+    yield _jobs.Stage("demo ready: the heatmap is shown; clusters and similar regions are in the layer list "
+                      "(click their eye icons)", final=True)
 
 
 def _edges_um(layer: Any) -> list[float]:
@@ -63,16 +65,19 @@ def _edges_um(layer: Any) -> list[float]:
 
 
 def _summary(viewer: Any, widget: Any, encoder: str, seconds: float) -> dict[str, Any]:
+    from napari_virchow._qt.layers import overlay_name
+
     slide_layer = widget._slide_layer()
     layers = []
     for kind in ("probability", "clusters", "similarity"):
-        name = f"{slide_layer.name} · {kind}"
+        name = overlay_name(slide_layer, kind)
         if name not in viewer.layers:
             continue
         layer = viewer.layers[name]
         data = np.asarray(layer.data)
         nonempty = int(np.count_nonzero(data)) if kind == "clusters" else int(np.count_nonzero(np.isfinite(data)))
-        layers.append({"name": name, "kind": kind, "extent_um": _edges_um(layer), "nonempty_tiles": nonempty})
+        layers.append({"name": name, "kind": kind, "extent_um": _edges_um(layer), "nonempty_tiles": nonempty,
+                       "visible": bool(layer.visible)})  # fmt: skip
     return {"layers": layers, "slide_extent_um": _edges_um(slide_layer), "encoder": encoder,
             "seconds": round(seconds, 1)}  # fmt: skip
 
@@ -104,8 +109,29 @@ def start_demo(*, weights: str | None = None, show: bool = True) -> tuple[Any, A
     annotations = widget.load_geojson(sample_path("cmu_small_region_annotations.geojson"))
     polygons, classes = widget.annotations()
     annotations.visible = True
-    widget._run(demo_job, polygons, classes)
+    widget.clusters.k_spin.setValue(DEMO_K)  # the panel shows the k the legend is made with
+    widget.run(demo_job, polygons, classes, k=DEMO_K)
+
+    def tidy(busy: bool) -> None:  # once, when the demo's job ends
+        if not busy:
+            widget.runner.busy_changed.disconnect(tidy)
+            _one_overlay_on_top(viewer, widget)
+
+    widget.runner.busy_changed.connect(tidy)
     return viewer, widget, encoder
+
+
+def _one_overlay_on_top(viewer: Any, widget: Any) -> None:
+    """The demo's last view: the heatmap over the slide, the other overlays a click away."""
+    from napari_virchow._qt.layers import overlay_name
+
+    slide = widget.slide_layer()
+    if slide is None:
+        return
+    for kind in ("clusters", "similarity", "query", "hits", "embedded"):
+        name = overlay_name(slide, kind)
+        if name in viewer.layers:
+            viewer.layers[name].visible = False
 
 
 def wait_for(widget: Any, timeout_s: float = 600.0) -> None:

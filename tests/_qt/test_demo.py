@@ -25,6 +25,9 @@ def test_demo_draws_three_aligned_nonempty_overlays(tmp_path: Path) -> None:
     assert summary["encoder"] == "virchow2-tiny"
     kinds = {layer["kind"]: layer for layer in summary["layers"]}
     assert set(kinds) == {"probability", "clusters", "similarity"}
+    # the last view is readable: the heatmap on the slide, the other overlays one click away
+    assert {k: layer["visible"] for k, layer in kinds.items()} == {"probability": True, "clusters": False,
+                                                                    "similarity": False}  # fmt: skip
     sx0, sy0, sx1, sy1 = summary["slide_extent_um"]
     tile_um = 224 * 0.499
     for layer in kinds.values():

@@ -1,0 +1,79 @@
+"""'Clusters': k-means over the embedded tiles, with a legend and optional PCA colours."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from napari.utils.colormaps import DirectLabelColormap
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
+
+from napari_virchow import jobs as _jobs
+from napari_virchow._qt.layers import overlay_name, show_raster
+from napari_virchow._qt.panels.base import Host, form, named
+from napari_virchow.session import SlideSession
+
+__all__ = ["PALETTE", "ClusterPanel"]
+
+#: a qualitative palette that reads on H&E (Okabe–Ito, then Tableau): no three near-purples
+PALETTE = ["#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00", "#cc79a7", "#000000",
+           "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]  # fmt: skip
+
+
+def cluster_color(cid: int) -> str:
+    return PALETTE[(cid - 1) % len(PALETTE)]
+
+
+class ClusterPanel(QGroupBox):
+    """Number of clusters, embedding colours, Cluster, and the legend."""
+
+    def __init__(self, host: Host, parent: QWidget | None = None) -> None:
+        super().__init__("Clusters", parent)
+        self._host = host
+        lay = form(self)
+        row = QHBoxLayout()
+        self.k_spin = named(QSpinBox(minimum=2, maximum=64, value=8), "k_spin", "number of clusters")
+        self.rgb_check = named(QCheckBox("embedding colours"), "rgb_check",
+                               "also colour each embedded tile by its first 3 principal components")
+        self.cluster_btn = named(QPushButton("Cluster"), "cluster_btn")
+        self.cluster_btn.clicked.connect(self.cluster)
+        row.addWidget(self.k_spin)
+        row.addWidget(self.cluster_btn)
+        lay.addRow("k", row)
+        lay.addRow(self.rgb_check)
+        self.legend = named(QLabel(), "legend_label")
+        self.legend.setTextFormat(Qt.TextFormat.RichText)
+        lay.addRow(self.legend)
+
+    def cluster(self) -> None:
+        """K-means over every embedded tile of the slide."""
+        self._host.run(_jobs.cluster_job, self.k_spin.value(), with_rgb=self.rgb_check.isChecked())
+
+    def draw(self, session: SlideSession) -> None:
+        layer = self._host.slide_layer()
+        if layer is None or session.cluster_labels is None:
+            return
+        counts = session.cluster_counts()
+        colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent",
+                                                   **{cid: cluster_color(cid) for cid in counts}})  # fmt: skip
+        lyr = show_raster(self._host.viewer, overlay_name(layer, "clusters"), session.raster(session.cluster_labels),
+                          kind="labels", opacity=0.5, colormap=colormap)  # fmt: skip
+        lyr.colormap = colormap
+        self.legend.setText("<br>".join(f"<span style='color:{cluster_color(cid)}'>■</span> cluster {cid}: "
+                                        f"{n:,} tiles" for cid, n in counts.items()))  # fmt: skip
+
+    def on_event(self, session: SlideSession, ev: object) -> None:
+        if isinstance(ev, _jobs.Clustered):
+            self.draw(session)
+            layer = self._host.slide_layer()
+            if ev.result.rgb is not None and layer is not None:
+                # only the embedded tiles get a colour: the rest stays see-through (alpha 0), not grey
+                raster = session.raster(ev.result.rgb)
+                seen = np.isfinite(raster.data[..., :1]).astype(np.float32)
+                rgba = replace(raster, data=np.concatenate([np.nan_to_num(raster.data), seen], axis=-1))
+                show_raster(self._host.viewer, overlay_name(layer, "embedding colours"), rgba, rgb=True,
+                            opacity=0.6)  # fmt: skip
+            self._host.set_status(f"{len(ev.result.counts)} clusters of the embedded tiles")
+        elif isinstance(ev, _jobs.BatchDone) and "clusters" in ev.changed:
+            self.draw(session)

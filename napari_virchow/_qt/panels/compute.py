@@ -1,0 +1,168 @@
+"""'Compute': embed the tiles on screen (once, or following the view), and the tissue mask."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from napari.utils.colormaps import DirectLabelColormap
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)  # fmt: skip
+
+from napari_virchow import jobs as _jobs
+from napari_virchow._qt.errors import report
+from napari_virchow._qt.layers import overlay_name, show_raster
+from napari_virchow._qt.panels.base import Host, form, named
+from napari_virchow._qt.viewport import visible_box_level0
+from napari_virchow.errors import VirchowError
+from napari_virchow.session import SlideSession
+
+__all__ = ["ComputePanel"]
+
+EMBEDDED_COLOR = "#00e5ff"  # cyan outlines read on H&E pink and purple
+
+
+class TissueFound:
+    """The tile grid and its tissue mask are built."""
+
+
+@_jobs.cancellable
+def find_tissue_job(session: SlideSession, *, cancel: Any = None) -> Iterator[object]:
+    """Build the tile grid (thumbnail + tissue mask) off the UI thread."""
+    yield _jobs.Stage("finding tissue …")
+    session.grid  # noqa: B018 - builds the grid in this thread
+    yield TissueFound()
+
+
+class ComputePanel(QGroupBox):
+    """Compute visible / follow view / all in view, the tile limit and the tissue mask."""
+
+    def __init__(self, host: Host, parent: QWidget | None = None) -> None:
+        super().__init__("Compute", parent)
+        self._host = host
+        lay = QVBoxLayout(self)
+        row = QHBoxLayout()
+        self.compute_btn = named(QPushButton("Compute visible"), "compute_btn",
+                                 "embed the tissue tiles on screen that are not cached yet")
+        self.compute_btn.clicked.connect(lambda: self.compute_visible())
+        self.follow_check = named(QCheckBox("Follow view"), "follow_check", "compute what is on screen as you move")
+        self.all_btn = named(QPushButton("All in view…"), "all_btn", "count the tiles on screen and ask first")
+        self.all_btn.clicked.connect(self.compute_all_in_view)
+        for w in (self.compute_btn, self.all_btn):
+            row.addWidget(w)
+        lay.addLayout(row)
+        lay.addWidget(self.follow_check)
+        rows = form()
+        self.limit_spin = named(QSpinBox(minimum=1, maximum=10_000_000, value=2000, singleStep=500), "limit_spin",
+                                "more tiles than this are computed only after you confirm")  # fmt: skip
+        rows.addRow("ask above (tiles)", self.limit_spin)
+        tissue_row = QHBoxLayout()
+        self.tissue_check = named(QCheckBox("tissue mask"), "tissue_check", "show which tiles count as tissue")
+        self.tissue_check.toggled.connect(lambda _: self.show_tissue())
+        self.tissue_slider = named(QSlider(Qt.Orientation.Horizontal, minimum=0, maximum=100), "tissue_slider",
+                                   "saturation threshold (0 = Otsu's automatic value)")
+        self.tissue_slider.valueChanged.connect(self._tissue_moved)
+        self.tissue_slider.sliderReleased.connect(self._tissue_threshold_changed)
+        self.tissue_value = named(QLabel("auto"), "tissue_value_label")
+        self.tissue_value.setMinimumWidth(self.tissue_value.fontMetrics().horizontalAdvance("0.00 "))
+        for w in (self.tissue_check, self.tissue_slider, self.tissue_value):
+            tissue_row.addWidget(w)
+        lay.addLayout(rows)
+        lay.addLayout(tissue_row)
+
+    # --- compute -------------------------------------------------------------------------------
+    def visible_box(self) -> tuple[float, float, float, float] | None:
+        layer = self._host.slide_layer()
+        return None if layer is None else visible_box_level0(self._host.viewer, layer)
+
+    def compute_visible(self, *, force: bool = False) -> None:
+        """Embed the tissue tiles on screen that are not cached yet (centre-out)."""
+        box = self.visible_box()
+        if box is None:
+            self._host.set_status("the slide is not on screen" if self._host.slide_layer() else
+                                  "no slide layer: open a slide with File ▸ Open (SVS, NDPI, MRXS, TIFF …)")
+            return
+        self._host.run(_jobs.compute_job, box, limit=self.limit_spin.value(), force=force)
+
+    def compute_all_in_view(self) -> None:
+        """Count the tiles on screen and ask before computing them."""
+        box = self.visible_box()
+        if box is not None:
+            self._host.run(_jobs.compute_job, box, limit=0)
+
+    def follow(self, box: tuple[float, float, float, float]) -> None:
+        self._host.run(_jobs.compute_job, box, limit=self.limit_spin.value())
+
+    # --- tissue --------------------------------------------------------------------------------
+    def _tissue_moved(self, value: int) -> None:
+        self.tissue_value.setText(f"{value / 100:.2f}" if value else "auto")
+        if not self.tissue_slider.isSliderDown():  # keyboard or click on the groove: apply now
+            self._tissue_threshold_changed()
+
+    def _tissue_threshold_changed(self) -> None:
+        try:
+            self._host.session().set_tissue_threshold(self.tissue_slider.value() / 100 or None)
+        except VirchowError as exc:
+            report(exc)
+            return
+        self.show_tissue()
+
+    def show_tissue(self) -> None:
+        slide = self._host.slide_layer()
+        viewer = self._host.viewer
+        name = overlay_name(slide, "tissue") if slide is not None else None
+        if not self.tissue_check.isChecked():
+            if name and name in viewer.layers:
+                viewer.layers[name].visible = False
+            return
+        try:
+            session = self._host.session()
+        except VirchowError as exc:
+            report(exc)
+            return
+        if "grid" not in session.__dict__:  # the tissue mask reads a thumbnail: a worker's job
+            self._host.run(find_tissue_job)
+            return
+        grid = session.grid
+        layer = show_raster(viewer, name, session.raster(grid.tissue.astype(np.int32)), kind="labels", opacity=0.35)
+        layer.visible = True
+        self.tissue_slider.blockSignals(True)
+        self.tissue_slider.setValue(int(round(grid.tissue_threshold * 100)))
+        self.tissue_slider.blockSignals(False)
+        self.tissue_value.setText(f"{grid.tissue_threshold:.2f}")
+        self._host.set_status(f"{grid.n_tissue:,} of {len(grid):,} tiles are tissue "
+                              f"(saturation threshold {grid.tissue_threshold:.2f})")  # fmt: skip
+
+    def show_embedded(self, session: SlideSession) -> None:
+        """Outline what is embedded, so a compute with no overlay on still shows its result."""
+        slide = self._host.slide_layer()
+        if slide is None:
+            return
+        from napari_virchow.analysis.rasters import upsample
+
+        done = session.store().done.astype(np.int32)
+        raster = upsample(session.raster(done), 8, smooth=None)
+        outline = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: EMBEDDED_COLOR})
+        layer = show_raster(self._host.viewer, overlay_name(slide, "embedded"), raster, kind="labels",
+                            opacity=0.9, colormap=outline)  # fmt: skip
+        layer.contour = 1
+
+    def on_event(self, session: SlideSession, ev: object) -> None:
+        if isinstance(ev, TissueFound) and self.tissue_check.isChecked():
+            self.show_tissue()
+        done_something = isinstance(ev, _jobs.BatchDone) or (isinstance(ev, _jobs.Stage) and ev.final)
+        if done_something and session.encoder_loaded:  # the store is open: never load a model here
+            with contextlib.suppress(VirchowError):  # a store problem is reported by the job itself
+                self.show_embedded(session)

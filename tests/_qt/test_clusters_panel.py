@@ -1,0 +1,63 @@
+"""'Clusters' driven through Qt: k, embedding colours, Cluster, legend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_virchow._qt.panels.clusters import cluster_color
+from tests._qt.conftest import compute_whole_slide, wait_idle
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.mark.drives("k_spin", "rgb_check", "cluster_btn")
+def test_cluster_draws_labels_legend_and_embedding_colours(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+    w, u = planted_widget, ui(planted_widget)
+    compute_whole_slide(qtbot, w, u)
+    u.spin("k_spin", 3)
+    u.click("rgb_check")
+    u.click("cluster_btn")
+    wait_idle(qtbot, w)
+    labels = w.viewer.layers["clusters · planted"]
+    assert labels.data.max() == 3 and "cluster 3" in w.clusters.legend.text()
+    # one colour per cluster, the same on the canvas and in the legend
+    for cid in (1, 2, 3):
+        assert cluster_color(cid) in w.clusters.legend.text()
+        np.testing.assert_allclose(labels.colormap.map(cid)[:3], [int(cluster_color(cid)[i:i + 2], 16) / 255
+                                                                  for i in (1, 3, 5)], atol=1e-6)  # fmt: skip
+    rgb = w.viewer.layers["embedding colours · planted"]
+    session = w.session()
+    rows, cols = session.grid.grid_shape
+    not_embedded = ~session.store().done
+    alpha = rgb.data[:rows, :cols, 3].ravel()
+    assert np.all(alpha[not_embedded] == 0) and np.all(alpha[~not_embedded] == 1)  # see-through, not grey
+    assert w.jobbar.status.text() == "3 clusters of the embedded tiles"
+
+
+@pytest.mark.drives("cluster_btn", "pick_btn", "export_geojson_btn")
+def test_export_overlays_to_qupath(qtbot, planted_widget, ui, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import json
+
+    from qtpy.QtWidgets import QFileDialog
+
+    from tests._qt.conftest import click_canvas
+
+    w, u = planted_widget, ui(planted_widget)
+    compute_whole_slide(qtbot, w, u)
+    u.click("cluster_btn")
+    wait_idle(qtbot, w)
+    u.click("pick_btn")
+    click_canvas(qtbot, w, 600, 600)
+    qtbot.waitUntil(lambda: w.similar.hit_list.count() > 0, timeout=60_000)
+    wait_idle(qtbot, w)
+    out = tmp_path / "planted.overlays.geojson"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(out), "")))
+    u.click("export_geojson_btn")
+    feats = json.loads(out.read_text())["features"]
+    classes = [f["properties"]["classification"]["name"] for f in feats]
+    non_empty = sum(n > 0 for n in w.session().cluster_counts().values())
+    assert sum(c.startswith("Cluster ") for c in classes) == non_empty > 1
+    assert classes.count("Similar") == w.similar.hit_list.count()
+    first = next(f for f in feats if f["properties"]["classification"]["name"] == "Cluster 1")
+    assert first["properties"]["classification"]["color"] == [int(cluster_color(1)[i:i + 2], 16) for i in (1, 3, 5)]

@@ -1,0 +1,152 @@
+"""'Cancer probability' driven through Qt: annotate, train, threshold, smooth, save and load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qtpy.QtWidgets import QFileDialog
+
+from napari_virchow._qt.panels.head import class_color, rgb
+from tests._qt.conftest import click_canvas, compute_whole_slide, planted_truth, square, wait_idle
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _dialogs(monkeypatch, *, save: Path | None = None, open_: Path | None = None) -> None:  # noqa: ANN001
+    if save is not None:
+        monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(save), "")))
+    if open_ is not None:
+        monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(open_), "")))
+
+
+def _annotate(w, u) -> object:  # noqa: ANN001
+    """Two classes drawn on a new annotation layer: the first planted copy, and plain tissue."""
+    u.click("new_annotations_btn")
+    layer = w.head.annotation_layer()
+    u.type("class_combo", "tumour")
+    layer.add_polygons([square(448, 448, 896, 896)])  # first planted copy only
+    u.type("class_combo", "normal")
+    layer.add_polygons([square(300, 1100, 1000, 1700)])  # plain tissue
+    assert list(layer.features["class"]) == ["tumour", "normal"]
+    return layer
+
+
+@pytest.mark.drives("new_annotations_btn", "class_combo", "train_btn", "threshold_slider", "smooth_check",
+                     "pick_btn")
+def test_probe_from_annotations_shows_auc_and_finds_the_other_copy(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+    from sklearn.metrics import roc_auc_score
+
+    w, u = planted_widget, ui(planted_widget)
+    compute_whole_slide(qtbot, w, u)
+    _annotate(w, u)
+    u.click("train_btn")
+    wait_idle(qtbot, w)
+    session = w.session()
+    label = w.head.head_label.text()
+    assert session.head is not None and "cross-validated accuracy" in label
+    assert f"AUC {session.head.metrics['cv_roc_auc']:.2f}" in label  # the probe's cross-validated AUC
+    assert "fewer than 10 tiles of tumour" in label  # 4 tiles: the figures are not to be trusted
+    assert not w.jobbar.status.text().startswith("fitting")  # no stale stage line
+    heat = w.viewer.layers["probability · planted"]
+    assert tuple(heat.scale) == pytest.approx((session.grid.tile_size_l0 * 0.5,) * 2)
+    # transparent at 0, opaque at 1: low probabilities do not darken the tissue
+    assert heat.colormap.map(np.array([0.0]))[0, 3] == 0 and heat.colormap.map(np.array([1.0]))[0, 3] == 1
+    assert heat.colorbar.visible
+    done = session.store().done & session.grid.tissue
+    auc = roc_auc_score(planted_truth(session)[done], session.probability[done])
+    assert auc >= 0.9, auc  # the second, never annotated copy is found too
+    rows, cols = session.grid.grid_shape
+    np.testing.assert_allclose(heat.data[:rows, :cols].ravel()[done], session.probability[done], rtol=1e-6)
+
+    u.slide_keys("threshold_slider", 50)
+    assert w.head.threshold_label.text() == "0.50"
+    shown = heat.data[:rows, :cols].ravel()
+    assert np.all(np.isnan(shown[session.probability < 0.5]))
+    assert np.all(np.isfinite(shown[done & (session.probability >= 0.5)]))
+    u.click("smooth_check")
+    heat = w.viewer.layers["probability · planted"]
+    assert heat.data.shape[0] > rows  # upsampled, smoothed
+    assert w.viewer.canvas.overlays.text.text == "colour bar: P(tumour)"
+
+    # a similarity overlay on top: its bar (and title) is the one shown
+    u.click("pick_btn")
+    click_canvas(qtbot, w, 600, 600)
+    qtbot.waitUntil(lambda: "similarity · planted" in w.viewer.layers, timeout=60_000)
+    wait_idle(qtbot, w)
+    similarity = w.viewer.layers["similarity · planted"]
+    assert similarity.colorbar.visible and not heat.colorbar.visible
+    assert w.viewer.canvas.overlays.text.text == "colour bar: similarity"
+    similarity.visible = False
+    assert heat.colorbar.visible and w.viewer.canvas.overlays.text.text == "colour bar: P(tumour)"
+
+
+@pytest.mark.drives("new_annotations_btn", "class_combo", "train_btn")
+def test_annotations_with_one_class_are_refused(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+    w, u = planted_widget, ui(planted_widget)
+    u.click("new_annotations_btn")
+    u.type("class_combo", "tumour")
+    w.head.annotation_layer().add_polygons([square(448, 448, 896, 896)])
+    u.click("train_btn")
+    wait_idle(qtbot, w)
+    assert "only 'tumour'" in w.jobbar.status.text() and "two classes" in w.jobbar.status.text()
+
+
+@pytest.mark.drives("refit_check", "save_head_btn", "load_head_btn", "save_geojson_btn", "load_geojson_btn")
+def test_refit_save_and_load(qtbot, planted_widget, ui, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    w, u = planted_widget, ui(planted_widget)
+    compute_whole_slide(qtbot, w, u)
+    layer = _annotate(w, u)
+    u.click("refit_check")
+    layer.add_polygons([square(1152, 1152, 1600, 1600)])  # an edit re-fits on its own
+    qtbot.waitUntil(lambda: w.session().head is not None, timeout=60_000)
+    wait_idle(qtbot, w)
+    u.click("refit_check")
+    head = w.session().head
+    assert head.metrics["n_samples"] > 0
+
+    _dialogs(monkeypatch, save=tmp_path / "probe.safetensors")
+    u.click("save_head_btn")
+    assert (tmp_path / "probe.safetensors").is_file()
+    w.session().set_head(None)
+    _dialogs(monkeypatch, open_=tmp_path / "probe.safetensors")
+    u.click("load_head_btn")
+    wait_idle(qtbot, w)
+    assert w.session().head is not None and "head for virchow2-tiny" in w.head.head_label.text()
+    np.testing.assert_allclose(w.session().head.weights, head.weights, rtol=1e-6)
+
+    _dialogs(monkeypatch, save=tmp_path / "regions.geojson")
+    u.click("save_geojson_btn")
+    saved = json.loads((tmp_path / "regions.geojson").read_text())
+    assert len(saved["features"]) == 3
+    # one colour per class: on the canvas, in the class list, in the file
+    colors = {f["properties"]["classification"]["name"]: f["properties"]["classification"]["color"]
+              for f in saved["features"]}  # fmt: skip
+    assert colors == {"tumour": list(rgb(class_color("tumour"))), "normal": list(rgb(class_color("normal")))}
+    assert colors["tumour"] != colors["normal"]
+    for shape_color, cls in zip(layer.edge_color, layer.features["class"], strict=True):
+        assert [round(c * 255) for c in shape_color[:3]] == colors[cls]
+    assert list(layer.text.values) == ["tumour", "normal", "normal"]  # class names on the canvas
+    _dialogs(monkeypatch, open_=tmp_path / "regions.geojson")
+    u.click("load_geojson_btn")
+    loaded = w.head.annotation_layer()
+    assert loaded is not layer and len(loaded.data) == 3
+    assert list(loaded.features["class"]) == ["tumour", "normal", "normal"]
+
+
+@pytest.mark.drives("save_geojson_btn", "save_head_btn")
+def test_saving_to_a_bad_place_is_one_message(planted_widget, ui, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from napari_virchow.analysis.heads import LinearHead
+
+    w, u = planted_widget, ui(planted_widget)
+    shown: list[str] = []
+    monkeypatch.setattr("napari_virchow._qt.errors.show_error", shown.append)
+    w.head.new_annotation_layer().add_polygons([square(448, 448, 896, 896)])
+    _dialogs(monkeypatch, save=tmp_path / "missing" / "a.geojson")
+    u.click("save_geojson_btn")
+    w.session().head = LinearHead(np.zeros((1, 96)), [0.0], ["normal", "tumour"], encoder="virchow2-tiny")
+    _dialogs(monkeypatch, save=tmp_path / "myhead")
+    u.click("save_head_btn")
+    assert len(shown) == 2 and "a.geojson" in shown[0] and "myhead" in shown[1], shown
