@@ -44,6 +44,7 @@ from zarr.storage import LocalStore
 
 from napari_virchow import __version__
 from napari_virchow.errors import StoreError
+from napari_virchow.io.files import atomic_write_bytes
 from napari_virchow.store.cache import (
     STORE_NAME_RE,
     cache_max_bytes,
@@ -51,6 +52,7 @@ from napari_virchow.store.cache import (
     enforce_limit,
     open_inuse_shared,
     remove_store,
+    resolve_cache_root,
     store_folder_name,
 )
 
@@ -116,25 +118,14 @@ class StoreKey:
 
 
 def _atomic_put(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` so that readers and crashes see the old or the new file only."""
+    """Write ``data`` to ``path`` so that readers and crashes see the old or the new file only.
+
+    The one atomic write of the package (temp + fsync + rename, :mod:`napari_virchow.io.files`);
+    kept as a module function because the zarr store calls it through the module, so tests can
+    inject failures (disk full) here.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Dot-prefixed so zarr listings and the LRU walk ignore leftovers of a killed writer.
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            # fsync so that after a power cut too the rows reach disk before `done` does.
-            os.fsync(fh.fileno())
-        if exclusive:
-            os.link(tmp, path)  # raises FileExistsError instead of replacing
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    atomic_write_bytes(path, data, exclusive=exclusive)
 
 
 class _AtomicLocalStore(LocalStore):
@@ -315,7 +306,7 @@ class EmbeddingStore:
             coords = np.asarray(coords)
             if coords.shape != (n_tiles, 2):
                 raise ValueError(f"coords must have shape ({n_tiles}, 2), got {coords.shape}")
-        root = Path(root).expanduser() if root is not None else default_cache_root()
+        root = resolve_cache_root(root)
         path = cls.find(key, root=root)
         if path is not None and mode == "w":
             if not remove_store(path):
@@ -366,7 +357,7 @@ class EmbeddingStore:
     @staticmethod
     def find(key: StoreKey, *, root: Path | str | None = None) -> Path | None:
         """Folder of the store for ``key`` under ``root`` if there is one (matched by digest)."""
-        root = Path(root).expanduser() if root is not None else default_cache_root()
+        root = resolve_cache_root(root)
         # Matched by digest, not by full name, so a renamed/moved slide still finds its store.
         hits = sorted(root.glob(f"*--{key.digest[:16]}")) if root.is_dir() else []
         return next((p for p in hits if p.is_dir()), None)
