@@ -288,7 +288,7 @@ class SlideSession:
         self.use_clusters(result)
         return result
 
-    def clustertile_counts(self) -> dict[int, int]:
+    def cluster_counts(self) -> dict[int, int]:
         """Tiles per cluster id (1..k) among embedded tiles."""
         if self.cluster_labels is None or self.cluster_model is None:
             return {}
