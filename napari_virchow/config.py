@@ -21,7 +21,7 @@ class SessionConfig:
     """How to embed a slide: encoder, weights, device, precision, batch size, cache, µm/px override.
 
     The one configuration of the package: the widget builds it from its controls, the CLI from
-    its flags (``cli.common.config_from_args``), a notebook by hand. Frozen (a dict key) and
+    its flags (``cli.options.config_from_args``), a notebook by hand. Frozen (a dict key) and
     picklable (sent to dask workers).
     """
 

@@ -171,7 +171,7 @@ def args_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="INDEX",
                    help="a folder (gets INDEX.faiss/.json/.npz) or a NAME.faiss file")  # fmt: skip
     p.add_argument("--kind", choices=("auto", "flat", "hnsw", "ivf"), default="auto",
-                   help="auto: exact up to 25,000 tiles, HNSW beyond")  # fmt: skip
+                   help="auto: exact up to 20,000 tiles, HNSW beyond (see analysis.index.AUTO_FLAT_MAX)")  # fmt: skip
 
 
 def cmd_index(args: argparse.Namespace) -> int:

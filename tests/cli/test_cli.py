@@ -432,3 +432,14 @@ def test_cache_ls_and_clear(cohort: Cohort, tmp_path: Path, capsys: pytest.Captu
     assert rc == 0 and out.count("removed ") == 1
     rc, out, _ = _run(capsys, "cache", "ls", "--cache", cache, "--json")
     assert json.loads(out)["stores"] == []
+
+
+def test_help_texts_match_the_code() -> None:
+    from napari_virchow.analysis.index import AUTO_FLAT_MAX
+    from napari_virchow.cli.options import MAX_UPSAMPLING
+
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    kind = next(a for a in sub["index"]._actions if "--kind" in a.option_strings)
+    assert f"{AUTO_FLAT_MAX:,}" in kind.help
+    force = next(a for a in sub["embed"]._actions if "--force" in a.option_strings)
+    assert f"{MAX_UPSAMPLING:g}×" in force.help
