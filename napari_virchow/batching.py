@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Literal
 
@@ -179,7 +179,7 @@ def _read(grid: TileGrid, idx: np.ndarray) -> np.ndarray:
 
 def tile_batches(
     grid: TileGrid, batches: list[np.ndarray], readers: int, cancel: threading.Event | None
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
     """(indices, tiles) per batch, read in this thread or prefetched by ``readers`` threads."""
     if readers == 0:
         for idx in batches:
@@ -226,7 +226,8 @@ class Writer(threading.Thread):
 
     def __init__(self, store: EmbeddingStore, idx: np.ndarray, emb: np.ndarray) -> None:
         super().__init__(name="napari-virchow-writer", daemon=True)
-        self._args, self._error = (store, idx, emb), None
+        self._args = (store, idx, emb)
+        self._error: BaseException | None = None
         self.start()
 
     def run(self) -> None:

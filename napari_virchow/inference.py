@@ -126,7 +126,7 @@ def open_store(
     *,
     weights_id: str | None = None,
     cache_root: str | os.PathLike[str] | None = None,
-    mode: str = "a",
+    mode: Literal["a", "r", "w"] = "a",
 ) -> EmbeddingStore:
     """Create or reopen the store of (slide, encoder, grid); one row per lattice tile.
 
@@ -135,12 +135,16 @@ def open_store(
     dim = get_spec(encoder).dim if isinstance(encoder, str) else encoder.dim
     return EmbeddingStore.open(
         store_key(slide, encoder, grid, weights_id=weights_id), n_tiles=len(grid), dim=dim,
-        root=None if cache_root is None else Path(cache_root), slide_path=str(slide.path.resolve()),
+        root=_root(cache_root), slide_path=str(slide.path.resolve()),
         coords=grid.coords, tile_size_l0=grid.tile_size_l0, mode=mode,
     )  # fmt: skip
 
 
-def _requested(grid: TileGrid, bbox: BBox | None, indices: Sequence[int] | None) -> np.ndarray:
+def _root(cache_root: str | os.PathLike[str] | None) -> Path | None:
+    return None if cache_root is None else Path(cache_root)
+
+
+def _requested(grid: TileGrid, bbox: BBox | None, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
     if bbox is not None and indices is not None:
         raise ValueError("pass bbox or indices, not both")
     if bbox is not None:
@@ -168,7 +172,7 @@ def plan(
     grid: TileGrid | None = None,
     bbox: BBox | None = None,
     *,
-    indices: Sequence[int] | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
     store: EmbeddingStore | None = None,
     batch_size: int | None = None,
     readers: int | Literal["auto"] = "auto",
@@ -179,7 +183,7 @@ def plan(
     requested = _requested(grid, bbox, indices)
     if store is not None:
         todo = store.missing(requested)
-    elif EmbeddingStore.find(store_key(slide, encoder, grid), root=cache_root) is None:
+    elif EmbeddingStore.find(store_key(slide, encoder, grid), root=_root(cache_root)) is None:
         todo = requested
     else:
         with open_store(slide, encoder, grid, cache_root=cache_root, mode="r") as found:
@@ -208,7 +212,7 @@ def iter_embed(
     store: EmbeddingStore | None = None,
     bbox: BBox | None = None,
     *,
-    indices: Sequence[int] | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
     batch_size: int | None = None,
     readers: int | Literal["auto"] = "auto",
     cancel: threading.Event | None = None,

@@ -210,7 +210,7 @@ def index_search_job(session: SlideSession, index_path: str, *, k: int = 20,
         raise VirchowError("pick a query first: press 'Pick query' and click a region of the slide")
     yield Stage("searching the index …")
     index = load_index(index_path, encoder=session.config.encoder)
-    hits = index.search(session.query_vector, k, exclude_slide=str(session.slide.path))
+    hits = index.search(session.query_vector, k, exclude_slide=session.slide_path)
     thumbs: list[np.ndarray | None] = []
     for hit in hits:
         if not hit.exists or hit.slide is None:

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 __all__ = ["ClusterResult", "SessionConfig", "SlideSession", "TrainResult"]
 
 BBox = Sequence[float]
+Indices = Sequence[int] | np.ndarray
+Polygons = Sequence[np.ndarray]  # level-0 (x, y) vertices, one array per region
+Holes = Sequence[Sequence[np.ndarray]] | None  # per region, its holes' vertices
 
 
 class SlideSession:
@@ -59,8 +62,7 @@ class SlideSession:
     mpp
         µm/px override for slides that do not record it (takes precedence over the config's).
     weights_id
-        The weights' id when known (e.g. from a dask worker that embedded the slide): stores are
-        then found and read without loading the encoder.
+        The weights' id when known (e.g. from a dask worker): stores are read without loading the encoder.
     """
 
     def __init__(self, slide: Slide | str | os.PathLike[str], config: SessionConfig | None = None,
@@ -147,8 +149,7 @@ class SlideSession:
     def store(self, mode: Literal["a", "r"] = "a") -> EmbeddingStore:
         """The embedding store: ``"a"`` creates it or reopens it for writing, ``"r"`` opens an existing one read-only.
 
-        A store open for writing also serves reads; asking for ``"a"`` while it is open
-        read-only reopens it for writing. ``"r"`` raises StoreError when nothing is cached.
+        One open for writing serves reads too; ``"r"`` raises StoreError when nothing is cached.
         """
         if self._closed:
             raise VirchowError(f"the session of {self.slide.path.name} is closed; open a new one")
@@ -179,7 +180,7 @@ class SlideSession:
         store = self._stored()
         return indices if store is None else store.missing(indices)
 
-    def plan(self, bbox: BBox | None = None, *, indices: Sequence[int] | None = None) -> Plan:
+    def plan(self, bbox: BBox | None = None, *, indices: Indices | None = None) -> Plan:
         """What :meth:`compute` with these arguments would do: tiles requested, cached, to compute."""
         from napari_virchow.inference import plan
 
@@ -194,7 +195,7 @@ class SlideSession:
             self.last_tiles_per_s = estimate_tiles_per_s(self.encoder(), batch_size=self.config.batch_size)
         return self.last_tiles_per_s
 
-    def compute(self, bbox: BBox | None = None, *, indices: Sequence[int] | None = None,
+    def compute(self, bbox: BBox | None = None, *, indices: Indices | None = None,
                 cancel: threading.Event | None = None) -> Iterator[BatchResult]:  # fmt: skip
         """Embed what is requested (default: every tissue tile) and not stored, yielding per batch.
 
@@ -246,18 +247,22 @@ class SlideSession:
 
     def set_head(self, head: LinearHead | None, *, tissue_only: bool = False) -> np.ndarray | None:
         """Use ``head`` for the probability overlay; returns its value per tile (NaN = not computed)."""
-        if head is not None and head.encoder != self.config.encoder:
+        if head is None:
+            self.head = self.probability = None
+            return None
+        return self.apply_head(head, tissue_only=tissue_only)
+
+    def apply_head(self, head: LinearHead, *, tissue_only: bool = False) -> np.ndarray:
+        """:meth:`set_head` with a head: its positive-class probability per lattice tile (NaN = not embedded)."""
+        if head.encoder != self.config.encoder:
             raise HeadError(f"this head was trained on {head.encoder!r} embeddings, but the slide is "
                             f"embedded with {self.config.encoder!r}: train or load a head for {self.config.encoder!r}")
-        self.head = head
-        if head is None:
-            self.probability = None
-            return None
         idx, emb = self.embedded(tissue_only=tissue_only)
-        self.probability = self._blank()
+        probability = self._blank()
         if len(idx):
-            self.probability[idx] = head.positive_proba(emb)
-        return self.probability
+            probability[idx] = head.positive_proba(emb)
+        self.head, self.probability = head, probability
+        return probability
 
     def heatmap(self, *, smooth: int = 0) -> Raster | None:
         """The head's probability as a raster aligned with the slide (None without a head)."""
@@ -344,9 +349,8 @@ class SlideSession:
         return changed
 
     # --- annotations -> labelled tiles -> head -----------------------------------------------------------
-    def annotated_tiles(self, polygons: Sequence[np.ndarray], classes: Sequence[str], *, min_overlap: float = 0.5,
-                        holes: Sequence[Sequence[np.ndarray]] | None = None,
-                        ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    def annotated_tiles(self, polygons: Polygons, classes: Sequence[str | None], *, min_overlap: float = 0.5,
+                        holes: Holes = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """Tiles mostly inside an annotation (level-0 (x, y) polygons, minus ``holes``), and their class names."""
         g = self.grid
         labels, names = rasterize_annotations(polygons, classes, g.coords, g.tile_size_l0, min_overlap=min_overlap,
@@ -354,9 +358,8 @@ class SlideSession:
         idx = np.flatnonzero(labels >= 0)
         return idx.astype(np.int64), np.asarray(names, dtype=object)[labels[idx]].astype(str)
 
-    def labelled_embeddings(self, polygons: Sequence[np.ndarray], classes: Sequence[str], *, min_overlap: float = 0.5,
-                            holes: Sequence[Sequence[np.ndarray]] | None = None,
-                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    def labelled_embeddings(self, polygons: Polygons, classes: Sequence[str | None], *, min_overlap: float = 0.5,
+                            holes: Holes = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
         """The embedded annotated tiles: (indices, float32 embeddings, class names)."""
         idx, labels = self.annotated_tiles(polygons, classes, min_overlap=min_overlap, holes=holes)
         keep = np.isin(idx, self.missing(idx), invert=True)
@@ -364,8 +367,7 @@ class SlideSession:
         emb = self.read(idx) if len(idx) else np.zeros((0, self.config.spec.dim), np.float32)
         return idx, emb, labels
 
-    def train_head(self, polygons: Sequence[np.ndarray], classes: Sequence[str], *,
-                   min_overlap: float = 0.5) -> TrainResult:  # fmt: skip
+    def train_head(self, polygons: Polygons, classes: Sequence[str], *, min_overlap: float = 0.5) -> TrainResult:
         """Fit a probe on the embedded tiles under annotation polygons (level-0 (x, y) px).
 
         Embed the annotated tiles first (:meth:`annotated_tiles` + :meth:`compute`).

@@ -238,7 +238,7 @@ def _write_faiss(index: Any, path: str) -> None:
                 failed.append(exc)
                 raise
 
-        writer = faiss.PyCallbackIOWriter(write)
+        writer = faiss.PyCallbackIOWriter(write)  # type: ignore[attr-defined]  # not in faiss's stubs
         try:
             faiss.write_index(index, writer)
             del writer  # flushes what the writer buffers, while the file is still open

@@ -93,12 +93,12 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
 def _labelled_tiles(slide: str, regions: list[Annotation], config: SessionConfig,
                     args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Embed the tiles under one slide's annotations; their embeddings and class names."""
-    shapes = {"polygons": [a.polygon for a in regions], "classes": [a.class_name for a in regions]}
+    polygons, classes = [a.polygon for a in regions], [a.class_name for a in regions]
+    kw = {"min_overlap": args.min_overlap, "holes": [a.holes for a in regions]}
     with open_session(slide, config) as session:
-        idx, _ = session.annotated_tiles(**shapes, min_overlap=args.min_overlap, holes=[a.holes for a in regions])
+        idx, _ = session.annotated_tiles(polygons, classes, **kw)
         n_new, _ = embed_missing(session, idx, progress=show_progress(args))
-        _, emb, lab = session.labelled_embeddings(**shapes, min_overlap=args.min_overlap,
-                                                  holes=[a.holes for a in regions])  # fmt: skip
+        _, emb, lab = session.labelled_embeddings(polygons, classes, **kw)
         CONSOLE.out(f"{session.slide.path.name}: {len(idx)} annotated tiles ({n_new} embedded now)")
     return emb, lab
 
@@ -137,8 +137,8 @@ def _write_heatmap(session: SlideSession, head: LinearHead, out: Path, args: arg
     if head.weights_id and head.weights_id != session.weights_id:
         CONSOLE.warn(f"{args.head} was fitted on embeddings of weights {head.weights_id}, these are "
                      f"{session.weights_id}: its probabilities may be meaningless")  # fmt: skip
-    values = session.set_head(head, tissue_only=True)
-    raster = session.heatmap(smooth=args.smooth)
+    values = session.apply_head(head, tissue_only=True)
+    raster = session.raster(values, smooth=args.smooth)
     g, slide, stem = session.grid, session.slide, session.slide.path.stem
     idx = np.flatnonzero(~np.isnan(values))
     meta = {

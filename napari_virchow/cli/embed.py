@@ -146,7 +146,7 @@ class _GeoJsonWork:
             notes.append(self._write(f"{stem}.similar.geojson", feats, f"query + {len(feats) - 1} similar tiles"))
         if self.head is not None:
             t = self.args.threshold
-            values = session.set_head(self.head, tissue_only=True)
+            values = session.apply_head(self.head, tissue_only=True)
             idx = np.flatnonzero(~np.isnan(values))
             feats = threshold_features(values[idx], g.coords[idx], g.tile_size_l0, t,
                                        class_name=str(self.head.positive_class))  # fmt: skip
