@@ -19,33 +19,41 @@ import logging
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Generator, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from napari_virchow._torch import torch
+from napari_virchow.batching import (
+    PREFETCH_PER_READER,
+    Embedder,
+    Writer,
+    default_batch_size,
+    leave_one_core,
+    next_batch,
+    resolve_readers,
+    tile_batches,
+    torch_threads,
+)
 from napari_virchow.errors import StoreError
 from napari_virchow.models.encoder import Encoder
+from napari_virchow.models.specs import get_spec
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
+from napari_virchow.store.cache import lattice_fingerprint
 from napari_virchow.store.claims import shared_batches
 from napari_virchow.store.embeddings import EmbeddingStore, StoreKey
 
 __all__ = [
-    "BatchResult", "Plan", "default_batch_size", "embed_slide", "estimate_tiles_per_s",
+    "PREFETCH_PER_READER", "BatchResult", "Plan", "default_batch_size", "embed_slide", "estimate_tiles_per_s",
     "iter_embed", "leave_one_core", "open_store", "plan", "resolve_readers", "store_key",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 BBox = Sequence[float]
-#: batches read ahead per reader thread (bounded memory: 32 tiles of 224² are 4.8 MB)
-PREFETCH_PER_READER = 2
 
 
 @dataclass(frozen=True)
@@ -97,28 +105,6 @@ class Plan:
         return self.n_todo / tiles_per_s if tiles_per_s > 0 else float("inf")
 
 
-def leave_one_core() -> int:
-    """A torch thread count that leaves one core to the UI: ``max(1, cpu_count - 1)``."""
-    return max(1, (os.cpu_count() or 1) - 1)
-
-
-def default_batch_size(device: torch.device | str) -> int:
-    """32 on CUDA, 16 on MPS, 8 on CPU (a batch is also the cancel / redraw granularity)."""
-    kind = torch.device(device).type
-    return {"cuda": 32, "mps": 16}.get(kind, 8)
-
-
-def resolve_readers(readers: int | Literal["auto"], device: torch.device | str) -> int:
-    """Reader threads: ``"auto"`` is 0 (read in the consuming thread) on CPU, 2–8 on a GPU."""
-    if readers != "auto":
-        if int(readers) != readers or readers < 0:
-            raise ValueError(f"readers must be 'auto' or an int >= 0, got {readers!r}")
-        return int(readers)
-    if torch.device(device).type == "cpu":
-        return 0
-    return min(8, max(2, (os.cpu_count() or 2) // 2))
-
-
 def _default_grid(slide: Slide, encoder: Encoder) -> TileGrid:
     return TileGrid(slide, mpp=encoder.spec.mpp, size=encoder.spec.input_size)
 
@@ -131,26 +117,35 @@ def store_key(slide: Slide, encoder: Encoder | str, grid: TileGrid, *, weights_i
     """
     name = encoder if isinstance(encoder, str) else encoder.spec.name
     wid = weights_id if weights_id is not None else encoder.weights_id  # type: ignore[union-attr]
-    return StoreKey(f"{slide.fingerprint}-step{grid.tile_size_l0}", name, wid, grid.mpp, grid.size)
+    return StoreKey(lattice_fingerprint(slide.fingerprint, grid.tile_size_l0), name, wid, grid.mpp, grid.size)
 
 
 def open_store(
     slide: Slide,
-    encoder: Encoder,
+    encoder: Encoder | str,
     grid: TileGrid,
     *,
+    weights_id: str | None = None,
     cache_root: str | os.PathLike[str] | None = None,
-    mode: str = "a",
+    mode: Literal["a", "r", "w"] = "a",
 ) -> EmbeddingStore:
-    """Create or reopen the store of (slide, encoder, grid); one row per lattice tile."""
+    """Create or reopen the store of (slide, encoder, grid); one row per lattice tile.
+
+    ``encoder`` is a loaded encoder, or a registered name with ``weights_id`` (no model needed).
+    """
+    dim = get_spec(encoder).dim if isinstance(encoder, str) else encoder.dim
     return EmbeddingStore.open(
-        store_key(slide, encoder, grid), n_tiles=len(grid), dim=encoder.dim,
-        root=None if cache_root is None else Path(cache_root), slide_path=str(slide.path),
+        store_key(slide, encoder, grid, weights_id=weights_id), n_tiles=len(grid), dim=dim,
+        root=_root(cache_root), slide_path=str(slide.path.resolve()),
         coords=grid.coords, tile_size_l0=grid.tile_size_l0, mode=mode,
     )  # fmt: skip
 
 
-def _requested(grid: TileGrid, bbox: BBox | None, indices: Sequence[int] | None) -> np.ndarray:
+def _root(cache_root: str | os.PathLike[str] | None) -> Path | None:
+    return None if cache_root is None else Path(cache_root)
+
+
+def _requested(grid: TileGrid, bbox: BBox | None, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
     if bbox is not None and indices is not None:
         raise ValueError("pass bbox or indices, not both")
     if bbox is not None:
@@ -178,7 +173,7 @@ def plan(
     grid: TileGrid | None = None,
     bbox: BBox | None = None,
     *,
-    indices: Sequence[int] | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
     store: EmbeddingStore | None = None,
     batch_size: int | None = None,
     readers: int | Literal["auto"] = "auto",
@@ -189,7 +184,7 @@ def plan(
     requested = _requested(grid, bbox, indices)
     if store is not None:
         todo = store.missing(requested)
-    elif EmbeddingStore.find(store_key(slide, encoder, grid), root=cache_root) is None:
+    elif EmbeddingStore.find(store_key(slide, encoder, grid), root=_root(cache_root)) is None:
         todo = requested
     else:
         with open_store(slide, encoder, grid, cache_root=cache_root, mode="r") as found:
@@ -211,97 +206,6 @@ def estimate_tiles_per_s(encoder: Encoder, *, batch_size: int | None = None) -> 
     return n / max(time.perf_counter() - t0, 1e-9)
 
 
-class _Embedder:
-    """``encoder.embed`` in sub-batches, halving them for good on CUDA out-of-memory."""
-
-    def __init__(self, encoder: Encoder, batch_size: int) -> None:
-        self.encoder, self.batch_size = encoder, batch_size
-
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        out = np.empty((len(tiles), self.encoder.dim), np.float32)
-        i = 0
-        while i < len(tiles):
-            n = min(self.batch_size, len(tiles) - i)
-            try:
-                out[i : i + n] = self.encoder.embed(tiles[i : i + n])
-                i += n
-                continue
-            except torch.cuda.OutOfMemoryError as exc:
-                if self.batch_size == 1:
-                    _note(
-                        exc,
-                        "even one tile does not fit: free GPU memory, or use dtype='bf16' or device='cpu'",
-                    )
-                    raise
-            # Halve outside the except block, so the exception's frames (and the activations
-            # they reference) are gone before the retry.
-            self.batch_size = max(1, self.batch_size // 2)
-            log.warning("CUDA out of memory: continuing with batches of %d", self.batch_size)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        return out
-
-
-def _read(grid: TileGrid, idx: np.ndarray) -> np.ndarray:
-    try:
-        return grid.read_tiles(idx)
-    except Exception as exc:
-        _note(
-            exc,
-            f"while reading tiles {idx.tolist()} of {grid.slide.path.name} (level {grid.read_level})",
-        )
-        raise
-
-
-def _note(exc: BaseException, text: str) -> None:
-    if hasattr(exc, "add_note"):  # Python >= 3.11; on 3.10 the traceback still shows the read
-        exc.add_note(text)
-
-
-def _tile_batches(
-    grid: TileGrid, batches: Iterable[np.ndarray], readers: int, cancel: threading.Event | None
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(indices, tiles) per batch, read in this thread or prefetched by ``readers`` threads."""
-    if readers == 0:
-        for idx in batches:
-            if cancel is not None and cancel.is_set():
-                return
-            yield idx, _read(grid, idx)
-        return
-    pool = ThreadPoolExecutor(readers, thread_name_prefix="napari-virchow-reader")
-    pending: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
-    upcoming = iter(batches)
-    try:
-        for idx in upcoming:
-            pending.append((idx, pool.submit(_read, grid, idx)))
-            if len(pending) >= readers * PREFETCH_PER_READER:
-                break
-        while pending:
-            idx, future = pending.popleft()
-            tiles = future.result()  # a reader's exception is re-raised here, in the consumer
-            nxt = next(upcoming, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(_read, grid, nxt)))
-            yield idx, tiles
-    finally:
-        # Runs on exhaustion, error, and when the consumer closes the generator: queued reads
-        # are dropped, running ones finish (one batch per thread), then every thread is joined.
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def iter_embed(
     slide: Slide,
     encoder: Encoder,
@@ -309,7 +213,7 @@ def iter_embed(
     store: EmbeddingStore | None = None,
     bbox: BBox | None = None,
     *,
-    indices: Sequence[int] | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
     batch_size: int | None = None,
     readers: int | Literal["auto"] = "auto",
     cancel: threading.Event | None = None,
@@ -359,7 +263,7 @@ def iter_embed(
     grid = grid if grid is not None else _default_grid(slide, encoder)
     own_store = store is None
     store = store if store is not None else open_store(slide, encoder, grid, cache_root=cache_root)
-    writer: _Writer | None = None
+    writer: Writer | None = None
     batches: Generator[np.ndarray, None, None] | None = None
     try:
         _check_store(store, grid, encoder)
@@ -371,12 +275,12 @@ def iter_embed(
         if size < 1:
             raise ValueError(f"batch_size must be >= 1, got {size}")
         n_cached, n_computed = len(requested) - len(todo), 0
-        embed = _Embedder(encoder, size)
+        embed = Embedder(encoder, size)
         # Chunks another live process is computing are skipped, then waited for: two runs share.
         batches = shared_batches(store, todo, size, cancel)
-        reader = _tile_batches(grid, batches, resolve_readers(readers, encoder.device), cancel)
-        with contextlib.closing(reader), _torch_threads(threads):
-            batch, error = _next(reader)
+        reader = tile_batches(grid, batches, resolve_readers(readers, encoder.device), cancel)
+        with contextlib.closing(reader), torch_threads(threads):
+            batch, error = next_batch(reader)
             while batch is not None and not (cancel is not None and cancel.is_set()):
                 idx, tiles = batch
                 emb = embed(tiles)
@@ -384,9 +288,14 @@ def iter_embed(
                 # half its time). The writer thread lives for one batch only: no thread outlives
                 # a yield, so a generator abandoned by its consumer leaks nothing, and a batch is
                 # yielded only once it is stored.
-                writer = _Writer(store, idx, emb)
-                batch, error = _next(reader)
+                writer = Writer(store, idx, emb)
+                try:
+                    batch, error = next_batch(reader)
+                except BaseException:  # KeyboardInterrupt while reading: the write ends before the store closes
+                    writer.settle()
+                    raise
                 writer.join()
+                writer = None
                 n_computed += len(idx)
                 elapsed = time.perf_counter() - t0
                 yield BatchResult(idx, emb, n_cached + n_computed, len(requested), n_computed,
@@ -397,53 +306,11 @@ def iter_embed(
         # Ctrl-C (or any exception) may land while a batch is being written: the write finishes
         # before the store, and its cross-process lock, are released. No thread outlives a store.
         if writer is not None:
-            writer.finish()
+            writer.settle()
         if batches is not None:
             batches.close()  # releases this run's chunk claims
         if own_store:
             store.close()
-
-
-class _Writer(threading.Thread):
-    """Store one batch in the background; ``join()`` re-raises what the write raised."""
-
-    def __init__(self, store: EmbeddingStore, idx: np.ndarray, emb: np.ndarray) -> None:
-        super().__init__(name="napari-virchow-writer", daemon=True)
-        self._args, self._error = (store, idx, emb), None
-        self.start()
-
-    def run(self) -> None:
-        store, idx, emb = self._args
-        try:
-            store.write(idx, emb)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer by join()
-            self._error = exc
-
-    def join(self, timeout: float | None = None) -> None:
-        super().join(timeout)
-        if self._error is not None:
-            raise self._error
-
-    def finish(self) -> None:
-        """Wait for the write to end, even through further Ctrl-C (re-raised once it has)."""
-        interrupted: BaseException | None = None
-        while self.is_alive():
-            try:
-                super().join()
-            except KeyboardInterrupt as exc:  # a second Ctrl-C: the write still completes first
-                interrupted = exc
-        if interrupted is not None:
-            raise interrupted
-
-
-def _next(
-    reader: Iterator[tuple[np.ndarray, np.ndarray]],
-) -> tuple[tuple[np.ndarray, np.ndarray] | None, Exception | None]:
-    """The next batch, or the reader's exception (raised after the batch before is yielded)."""
-    try:
-        return next(reader, None), None
-    except Exception as exc:
-        return None, exc
 
 
 def embed_slide(

@@ -102,7 +102,7 @@ def _load(session: SlideSession, cancel: threading.Event | None = None) -> Itera
         yield Stage(f"loading {session.config.encoder} …")
         session.encoder()
         _stop_if_cancelled(cancel)
-    if "grid" not in session.__dict__:
+    if not session.grid_ready:
         yield Stage("finding tissue …")
         session.grid  # noqa: B018 - builds the grid (thumbnail + tissue mask) in this thread
         _stop_if_cancelled(cancel)
@@ -111,7 +111,6 @@ def _load(session: SlideSession, cancel: threading.Event | None = None) -> Itera
 def _embed(session: SlideSession, todo: np.ndarray, cancel: threading.Event | None) -> Iterator[BatchDone]:
     for batch in session.compute(indices=todo, cancel=cancel):
         changed = session.absorb(batch.indices, batch.embeddings)
-        session.last_tiles_per_s = batch.tiles_per_s
         yield BatchDone(batch.n_done, batch.n_total, batch.tiles_per_s, batch.indices, tuple(changed))
     _stop_if_cancelled(cancel)
 
@@ -127,20 +126,16 @@ def compute_job(session: SlideSession, box: Sequence[float], *, limit: int = 200
     """
     yield from _load(session, cancel)
     tiles = session.tiles_in(box)
-    todo = session.missing(tiles)
-    if len(todo) > limit and not force:
-        rate = getattr(session, "last_tiles_per_s", None)
-        if not rate:
-            from napari_virchow.inference import estimate_tiles_per_s
-
+    plan = session.plan(indices=tiles)
+    if plan.n_todo > limit and not force:
+        if not session.last_tiles_per_s:
             yield Stage("timing the encoder …")
-            rate = estimate_tiles_per_s(session.encoder(), batch_size=session.config.batch_size)
-            session.last_tiles_per_s = rate
-        yield TooMany(len(todo), len(tiles), limit, len(todo) / rate)
+        yield TooMany(plan.n_todo, plan.n_total, limit, plan.eta_s(session.tiles_per_s()))
         return
-    if not len(todo):
+    if not plan.n_todo:
         yield Stage(f"{len(tiles)} tissue tiles in view, all cached", final=True)
         return
+    todo = session.missing(tiles)
     t0 = time.perf_counter()
     yield from _embed(session, todo, cancel)
     yield Stage(f"done: {len(todo)} tiles in {time.perf_counter() - t0:.1f} s", final=True)
@@ -174,11 +169,9 @@ def cluster_job(session: SlideSession, k: int, *, with_rgb: bool = False,
     """K-means over the embedded tiles (and PCA colours)."""
     yield from _load(session, cancel)
     yield Stage(f"clustering into {k} …")
-    before = session.cluster_model, session.cluster_labels
-    result = session.set_clusters(k, with_rgb=with_rgb)
-    if cancel is not None and cancel.is_set():  # k-means is one call: a cancel during it drops its result
-        session.cluster_model, session.cluster_labels = before
-        raise Cancelled
+    result = session.fit_clusters(k, with_rgb=with_rgb)
+    _stop_if_cancelled(cancel)  # k-means is one call: a cancel during it drops its result
+    session.use_clusters(result)
     yield Clustered(result)
 
 
@@ -217,7 +210,7 @@ def index_search_job(session: SlideSession, index_path: str, *, k: int = 20,
         raise VirchowError("pick a query first: press 'Pick query' and click a region of the slide")
     yield Stage("searching the index …")
     index = load_index(index_path, encoder=session.config.encoder)
-    hits = index.search(session.query_vector, k, exclude_slide=str(session.slide.path))
+    hits = index.search(session.query_vector, k, exclude_slide=session.slide_path)
     thumbs: list[np.ndarray | None] = []
     for hit in hits:
         if not hit.exists or hit.slide is None:

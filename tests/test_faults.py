@@ -121,7 +121,8 @@ def test_cancel_before_inference_embeds_nothing(stage: str, planted_slide: Path,
 
 
 @pytest.mark.timeout(60)
-def test_cancel_mid_inference_keeps_a_consistent_store(planted_slide: Path, tmp_path: Path) -> None:
+def test_cancel_mid_inference_keeps_a_consistent_store(planted_slide: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     session = _session(planted_slide, tmp_path)
     encoder = session.encoder()
     real, calls, cancel = encoder.embed, [], threading.Event()
@@ -132,7 +133,7 @@ def test_cancel_mid_inference_keeps_a_consistent_store(planted_slide: Path, tmp_
             cancel.set()  # Cancel pressed while the encoder is busy with the second batch
         return real(tiles, **kwargs)
 
-    encoder.embed = embed  # type: ignore[method-assign]
+    monkeypatch.setattr(encoder, "embed", embed)  # undone after: the encoder is shared by the process
     events = _drive(_jobs.compute_job(session, WHOLE, limit=10_000, cancel=cancel), cancel, lambda ev: False)
     _assert_cancelled(events)
     batches = [e for e in events if isinstance(e, _jobs.BatchDone)]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -349,3 +350,33 @@ def test_no_thread_outlives_a_yield_on_cpu(slide: Slide, grid: TileGrid, encoder
     next(gen)
     assert _pipeline_threads() == []
     gen.close()
+
+
+@pytest.mark.timeout(60)
+def test_keyboard_interrupt_while_a_batch_is_written_waits_for_the_writer(
+    slide: Slide, grid: TileGrid, encoder: Encoder, tmp_path: Path
+) -> None:
+    """Ctrl-C lands while batch 2 is read and batch 1 is being written: the write ends before iter_embed does."""
+    first_of_second = int(grid.tissue_indices[4])
+    flaky = copy.copy(grid)
+    read_tile = grid.read_tile
+
+    def interrupted(index: int) -> np.ndarray:
+        if index == first_of_second:
+            raise KeyboardInterrupt
+        return read_tile(index)
+
+    flaky.read_tile = interrupted  # type: ignore[method-assign]
+    with open_store(slide, encoder, grid, cache_root=tmp_path) as store:
+        real_write = store.write
+
+        def slow_write(idx: np.ndarray, emb: np.ndarray) -> None:
+            time.sleep(0.5)  # the fsyncs of a slow disk: still writing when the interrupt arrives
+            real_write(idx, emb)
+
+        store.write = slow_write  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            for _ in iter_embed(slide, encoder, flaky, store, batch_size=4, readers=0):
+                pass
+        assert not [t for t in threading.enumerate() if t.name == "napari-virchow-writer" and t.is_alive()]
+        np.testing.assert_array_equal(store.read_done()[0], np.sort(grid.tissue_indices[:4]))  # batch 1 kept

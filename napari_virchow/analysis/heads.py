@@ -69,6 +69,18 @@ class LinearHead:
         """Embedding dimension the head expects."""
         return int(self.weights.shape[1])
 
+    @property
+    def cv_auc(self) -> float | None:
+        """Cross-validated ROC AUC from fitting (one-vs-rest macro for > 2 classes); None if not cross-validated."""
+        value = self.metrics.get("cv_roc_auc")
+        return None if value is None else float(value)
+
+    @property
+    def cv_accuracy(self) -> float | None:
+        """Cross-validated accuracy from fitting; None if not cross-validated."""
+        value = self.metrics.get("cv_accuracy")
+        return None if value is None else float(value)
+
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """Class probabilities, ``(n, n_classes)`` float32, columns in ``classes`` order."""
         x = np.asarray(embeddings)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_virchow.analysis.similarity import AnalysisError, Hit, l2_normalize, query_vector
-from napari_virchow.io.files import atomic_write
+from napari_virchow.analysis.similarity import AnalysisError, Hit, l2_normalize, query_vector, spatially_distinct
+from napari_virchow.io.files import atomic_write_set
 
 __all__ = ["AUTO_FLAT_MAX", "IndexEntry", "SlideIndex", "build_index", "load_index"]
 
@@ -187,30 +187,24 @@ class SlideIndex:
 
     def _suppress(self, scores: np.ndarray, rows: np.ndarray, k: int, min_dist: int) -> list[Hit]:
         slides = self.meta["slides"]
-        picked: dict[int, list[np.ndarray]] = {}
-        exists: dict[int, bool] = {}
-        hits: list[Hit] = []
-        for score, row in zip(scores, rows, strict=True):
-            if row < 0 or len(hits) >= k:
-                break
-            s = int(np.searchsorted(self.row_start, row, side="right") - 1)
-            xy = self.coords[row]
-            reach = min_dist * int(slides[s]["tile_size_l0"])
-            if reach > 0 and any(np.abs(p - xy).max() <= reach for p in picked.get(s, [])):
-                continue
-            picked.setdefault(s, []).append(xy)
-            if s not in exists:
-                exists[s] = Path(slides[s]["path"]).exists()
-            hits.append(
-                Hit(index=int(self.tile_index[row]), x=int(xy[0]), y=int(xy[1]),
-                    score=float(score), slide=slides[s]["path"], exists=exists[s])
-            )
-        return hits
+        found = rows >= 0  # faiss pads with -1 when fewer vectors match
+        rows, scores = rows[found], scores[found]
+        slide_of = np.searchsorted(self.row_start, rows, side="right") - 1
+        tile_l0 = np.array([int(s["tile_size_l0"]) for s in slides], np.int64)
+        kept = spatially_distinct(self.coords[rows], min_dist * tile_l0[slide_of], k, groups=slide_of)
+        exists = {int(s): Path(slides[s]["path"]).exists() for s in set(slide_of[kept].tolist())}
+        return [
+            Hit(index=int(self.tile_index[rows[j]]), x=int(self.coords[rows[j]][0]), y=int(self.coords[rows[j]][1]),
+                score=float(scores[j]), slide=slides[slide_of[j]]["path"], exists=exists[int(slide_of[j])])
+            for j in kept
+        ]  # fmt: skip
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``INDEX.faiss`` + ``INDEX.json`` + ``INDEX.npz`` (or ``x.faiss`` + siblings)."""
-        import faiss
+        """Write ``INDEX.faiss`` + ``INDEX.json`` + ``INDEX.npz`` (or ``x.faiss`` + siblings), all or none.
 
+        Raises OSError (e.g. ENOSPC) when the files cannot be written; the previous index, if
+        any, is then left as it was and no partial file is left behind.
+        """
         index_file, meta_file, arrays_file = _files(path)
         index_file.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"coords": self.coords, "tile_index": self.tile_index, "row_start": self.row_start}
@@ -219,13 +213,39 @@ class SlideIndex:
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
                 np.savez(f, **arrays)
 
-        atomic_write(arrays_file, write_arrays)
-        atomic_write(index_file, lambda tmp: faiss.write_index(self.index, tmp))
         text = json.dumps(self.meta, indent=1)
-        # The JSON goes last; load_index cross-checks row counts in case a write was cut short.
-        atomic_write(meta_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        # The JSON goes last; load_index cross-checks row counts in case files were mixed.
+        atomic_write_set([
+            (arrays_file, write_arrays),
+            (index_file, lambda tmp: _write_faiss(self.index, tmp)),
+            (meta_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8")),
+        ])  # fmt: skip
         self.path = index_file
         return index_file
+
+
+def _write_faiss(index: Any, path: str) -> None:
+    """``faiss.write_index`` through Python's file I/O, so a full disk raises OSError, not faiss's RuntimeError."""
+    import faiss
+
+    with open(path, "wb") as fh:
+        failed: list[OSError] = []
+
+        def write(data: bytes) -> int:
+            try:
+                return fh.write(data)
+            except OSError as exc:
+                failed.append(exc)
+                raise
+
+        writer = faiss.PyCallbackIOWriter(write)  # type: ignore[attr-defined]  # not in faiss's stubs
+        try:
+            faiss.write_index(index, writer)
+            del writer  # flushes what the writer buffers, while the file is still open
+        except RuntimeError:
+            if failed:
+                raise failed[0] from None
+            raise
 
 
 def _make_index(kind: str, dim: int, n: int, sample: Callable[[], np.ndarray]) -> tuple[Any, dict]:
@@ -272,6 +292,10 @@ def build_index(
     # Only .shape and slicing are used, so a zarr array from the embedding store streams in
     # chunks instead of being loaded whole.
     shapes = [tuple(e.embeddings.shape) for e in items]
+    if all(len(sh) == 2 and sh[0] == 0 for sh in shapes):
+        names = ", ".join(Path(e.path).name for e in items[:5]) + (" ..." if len(items) > 5 else "")
+        raise AnalysisError(f"nothing to index: no embedded tissue tile in {len(items)} slide(s) ({names}); check "
+                            "that the slides show tissue (or lower the tissue threshold) and embed them first")
     dims = {sh[1] for sh in shapes if len(sh) == 2 and sh[0] > 0}
     if len(dims) != 1 or any(len(sh) != 2 for sh in shapes):
         raise AnalysisError(f"slides to index need (n, dim) embeddings of one dim, got {shapes}")

@@ -21,6 +21,7 @@ __all__ = [
     "l2_normalize",
     "query_vector",
     "row_chunks",
+    "spatially_distinct",
     "top_k_hits",
 ]
 
@@ -118,19 +119,30 @@ def top_k_hits(
             valid[ex.astype(np.int64)] = False
     cand = np.flatnonzero(valid)
     cand = cand[np.argsort(-s[cand], kind="stable")]
-    reach = min_distance_tiles * tile_size_l0
-    picked: list[int] = []
-    for i in cand:
-        if len(picked) >= k:
-            break
-        if picked and reach > 0:
-            d = np.abs(xy[picked] - xy[i]).max(axis=1)
-            if (d <= reach).any():
-                continue
-        picked.append(int(i))
-    return [
-        Hit(index=i, x=int(xy[i, 0]), y=int(xy[i, 1]), score=float(s[i]), slide=slide,
-            exists=exists)
-        for i in picked
-    ]
+    picked = cand[spatially_distinct(xy[cand], min_distance_tiles * tile_size_l0, k)]
+    return [Hit(index=int(i), x=int(xy[i, 0]), y=int(xy[i, 1]), score=float(s[i]), slide=slide, exists=exists)
+            for i in picked]  # fmt: skip
 
+
+def spatially_distinct(xy: np.ndarray, reach: int | np.ndarray, k: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """Greedy non-maximum suppression: the one spatial suppression step of the package.
+
+    ``xy`` are candidates' level-0 positions, best first. Walk them in order and keep one unless
+    an earlier kept candidate of the same group (slide) lies within ``reach`` level-0 px of it
+    (Chebyshev distance); stop at ``k``. ``reach`` is one number or one per candidate (slides
+    with other tile sizes); ``<= 0`` keeps everything. Returns the kept positions into ``xy``.
+    """
+    pts = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
+    reaches = np.broadcast_to(np.asarray(reach, dtype=np.int64), (len(pts),))
+    group = np.zeros(len(pts), np.int64) if groups is None else np.asarray(groups, np.int64)
+    kept: list[int] = []
+    kept_by_group: dict[int, list[int]] = {}
+    for i in range(len(pts)):
+        if len(kept) >= k:
+            break
+        mine = kept_by_group.setdefault(int(group[i]), [])
+        if mine and reaches[i] > 0 and (np.abs(pts[mine] - pts[i]).max(axis=1) <= reaches[i]).any():
+            continue
+        mine.append(i)
+        kept.append(i)
+    return np.asarray(kept, dtype=np.int64)

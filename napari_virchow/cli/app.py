@@ -2,9 +2,10 @@
 
 Each command is a pair of functions, ``_args_<name>(parser)`` adding its options and
 ``_cmd_<name>(args) -> int`` running it, listed once in ``_COMMANDS`` with the shared option
-groups it takes (``_cli_common``: ``--cache``/``-v`` everywhere; encoder, weights, device, dtype,
-batch size and µm/px override where tiles are embedded; ``--scheduler`` for cohort commands).
-Commands too long for this file live in ``_cli_embed`` and ``_cli_analysis``. Heavy modules
+groups it takes (:mod:`.options`: ``--cache``/``-v`` everywhere; encoder, weights, device, dtype,
+batch size and µm/px override where tiles are embedded; ``--scheduler`` for cohort commands),
+which :func:`~napari_virchow.cli.options.config_from_args` maps onto one ``SessionConfig``.
+Commands too long for this file live in :mod:`.embed` and :mod:`.analysis`. Heavy modules
 (torch, timm) are imported inside the commands so ``--help`` stays instant.
 
 Exit status: 0 ok; 1 some slides failed (one line each, the other slides finished); 2 bad input
@@ -37,9 +38,9 @@ _args_search, _cmd_search = _analysis.args_search, _analysis.cmd_search
 
 
 def _cache_root(args: argparse.Namespace) -> Path:
-    from napari_virchow.store.cache import default_cache_root
+    from napari_virchow.store.cache import resolve_cache_root
 
-    return Path(args.cache).expanduser().absolute() if getattr(args, "cache", None) else default_cache_root()
+    return resolve_cache_root(getattr(args, "cache", None))
 
 
 # --- encoders ---------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Embed a cohort on an existing dask.distributed cluster: one task per slide, one encoder per worker.
 
-The client sends each slide path and the resolved options; a worker opens the slide, loads the
-encoder once per process (:func:`~napari_virchow.cli.common.get_encoder` keeps it), embeds the
-missing tissue tiles into the store under ``--cache`` and returns a small summary. Slides, weights
+The client sends each slide path and the :class:`~napari_virchow.session.SessionConfig` (picklable);
+a worker runs one :class:`~napari_virchow.session.SlideSession` per slide (the encoder is loaded
+once per process by :mod:`napari_virchow.encoder_cache`), embeds the missing tissue tiles into the
+store under ``--cache`` and returns a small summary. Slides, weights
 and the cache must be reachable from the workers at the same paths (a shared file system).
 A task never raises: a broken slide comes back as a summary with ``error`` set, so the other
 slides go on.
@@ -15,11 +16,12 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from napari_virchow.cli.common import CliError, RunOptions, SlideJob, get_encoder, one_line
+from napari_virchow.cli.common import CliError, embed_missing, load_encoder, one_line, open_session
+from napari_virchow.config import SessionConfig
+from napari_virchow.encoder_cache import loaded_encoders
 from napari_virchow.errors import VirchowError
 
 __all__ = ["embed_on_cluster", "embed_task", "loaded_encoders"]
@@ -50,8 +52,10 @@ def _use_worker_threads() -> None:
     torch.set_num_threads(max(1, nthreads))
 
 
-def embed_task(slide: str, options: dict[str, Any]) -> dict[str, Any]:
+def embed_task(slide: str, config: SessionConfig | dict[str, Any]) -> dict[str, Any]:
     """Worker side: embed every missing tissue tile of ``slide``; returns a summary, never raises.
+
+    ``config`` is the command's :class:`SessionConfig` (or its fields as a dict).
 
     Returns
     -------
@@ -66,15 +70,14 @@ def embed_task(slide: str, options: dict[str, Any]) -> dict[str, Any]:
     try:
         import dask
 
-        opts = RunOptions(**options)
+        config = config if isinstance(config, SessionConfig) else SessionConfig(**config)
         _use_worker_threads()
-        encoder = get_encoder(opts)
+        encoder = load_encoder(config)
         # Inside a task dask's default scheduler is this cluster: the slide's own dask reads
         # (tissue thumbnail) would be shipped to it and fail, their file handles cannot be pickled.
-        with dask.config.set(scheduler="threads"), SlideJob(slide, opts) as job, \
-                job.open_store(encoder.weights_id) as store:  # fmt: skip
-            n_new, seconds = job.embed(store)
-            out.update(n_tissue=job.grid.n_tissue, n_new=n_new, seconds=seconds, weights_id=encoder.weights_id)
+        with dask.config.set(scheduler="threads"), open_session(slide, config) as session:
+            n_new, seconds = embed_missing(session, progress=False)
+            out.update(n_tissue=session.grid.n_tissue, n_new=n_new, seconds=seconds, weights_id=encoder.weights_id)
     except VirchowError as exc:
         out["error"] = one_line(exc)
     except Exception as exc:  # anything else from one slide is still that slide's failure only
@@ -83,14 +86,8 @@ def embed_task(slide: str, options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def loaded_encoders() -> int:
-    """Encoders held by this process (run on workers with ``client.run`` to check the reuse)."""
-    from napari_virchow.cli import common as _cli_common
-
-    return len(_cli_common._ENCODERS)
-
-
-def embed_on_cluster(address: str, slides: Sequence[str], opts: RunOptions) -> Iterator[tuple[str, dict[str, Any]]]:
+def embed_on_cluster(address: str, slides: Sequence[str],
+                     config: SessionConfig) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
     """Submit one :func:`embed_task` per slide to the scheduler at ``address``.
 
     Yields
@@ -114,10 +111,9 @@ def embed_on_cluster(address: str, slides: Sequence[str], opts: RunOptions) -> I
             "check the address (tcp://HOST:8786) and that `dask scheduler` is running"
         ) from exc
     try:
-        options = asdict(opts)
         run = uuid.uuid4().hex[:8]
         futures = {
-            client.submit(embed_task, str(Path(s).absolute()), options, key=f"napari-virchow-embed-{run}-{i}",
+            client.submit(embed_task, str(Path(s).absolute()), config, key=f"napari-virchow-embed-{run}-{i}",
                           pure=False, retries=0): s
             for i, s in enumerate(slides)
         }  # fmt: skip

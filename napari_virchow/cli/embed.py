@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,20 +11,21 @@ import numpy as np
 
 from napari_virchow.cli.common import (
     CliError,
-    RunOptions,
-    SlideJob,
-    check_cache,
     check_writable,
+    config_from_args,
+    embed_missing,
     output_names,
     point,
     positive_int,
     probability,
     run_slides,
+    show_progress,
 )
 
 if TYPE_CHECKING:
     from napari_virchow.analysis.heads import LinearHead
-    from napari_virchow.store.embeddings import EmbeddingStore
+    from napari_virchow.config import SessionConfig
+    from napari_virchow.session import SlideSession
 
 _SLIDES_HELP = "whole-slide image files (SVS, NDPI, MRXS, SCN, tiled TIFF, ...)"
 _OUT_FIX = "choose another --out DIR"
@@ -34,22 +36,24 @@ def out_folder(args: argparse.Namespace) -> Path:
     return check_writable(args.out, "output folder", _OUT_FIX)
 
 
-def write_file(path: Path, write: Any, *args: Any, **kwargs: Any) -> Path:
-    """``write(path, ...)``, turning a file-system failure into one line that names the file."""
+def write_file(path: Path, write: Any, *args: Any, **kwargs: Any) -> Any:
+    """``write(path, ...)`` (an atomic writer), turning a file-system failure into one line naming the file."""
     try:
         return write(path, *args, **kwargs)
     except OSError as exc:
-        raise CliError(f"cannot write {path} ({exc.strerror or exc}); {_OUT_FIX}") from exc
+        why = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+        raise CliError(f"cannot write {path} ({why}; nothing was written); free space or {_OUT_FIX}") from exc
 
 
-def load_cli_head(path: str, opts: RunOptions) -> LinearHead:
-    """A head for ``opts.encoder`` (a head of another encoder is refused with one line)."""
+def load_cli_head(path: str, config: SessionConfig) -> LinearHead:
+    """A head for ``config.encoder`` (a head of another encoder is refused with one line)."""
     from napari_virchow.analysis.heads import load_head
     from napari_virchow.errors import HeadError
 
-    head = load_head(path, encoder=opts.encoder)
-    if head.dim != opts.spec.dim:
-        raise HeadError(f"{path}: head expects {head.dim}-d embeddings, {opts.encoder} gives {opts.spec.dim}")
+    head = load_head(path, encoder=config.encoder)
+    dim = config.spec.dim
+    if head.dim != dim:
+        raise HeadError(f"{path}: head expects {head.dim}-d embeddings, {config.encoder} gives {dim}")
     return head
 
 
@@ -61,8 +65,8 @@ def args_embed(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    opts = RunOptions.from_args(args)
-    return run_slides(args.slides, opts, scheduler=args.scheduler)
+    config = config_from_args(args)
+    return run_slides(args.slides, config, scheduler=args.scheduler, progress=show_progress(args))
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -82,16 +86,15 @@ def args_export(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    opts = RunOptions.from_args(args)
-    check_cache(opts)
+    config = config_from_args(args)
     geojson = args.geojson or bool(args.clusters or args.query or args.head)
     if args.geojson and not (args.clusters or args.query or args.head):
         raise CliError("--geojson needs what to draw: --clusters K, --query X,Y and/or --head HEAD")
-    head = load_cli_head(args.head, opts) if args.head else None
+    head = load_cli_head(args.head, config) if args.head else None
     out = out_folder(args)
     output_names(args.slides, ".geojson" if geojson else ".h5")
     work = _GeoJsonWork(out, args, head) if geojson else _H5Work(out)
-    return run_slides(args.slides, opts, work, scheduler=args.scheduler)
+    return run_slides(args.slides, config, work, scheduler=args.scheduler, progress=show_progress(args))
 
 
 class _H5Work:
@@ -100,27 +103,27 @@ class _H5Work:
     def __init__(self, out: Path) -> None:
         self.out = out
 
-    def __call__(self, job: SlideJob, store: EmbeddingStore) -> str:
+    def __call__(self, session: SlideSession) -> str:
         from napari_virchow import __version__
         from napari_virchow.io.export import trident_coords_attrs, write_features_h5
         from napari_virchow.io.geojson import safe_output_path
 
-        idx, emb = job.embedded_tissue(store)
-        slide, grid = job.slide, job.grid
+        idx, emb = session.embedded(tissue_only=True)
+        slide, grid, stem, dim = session.slide, session.grid, session.slide.path.stem, session.config.spec.dim
         attrs = trident_coords_attrs(
-            job.path.stem, patch_size=grid.size, patch_size_level0=grid.tile_size_l0, level0_mpp=slide.require_mpp(),
+            stem, patch_size=grid.size, patch_size_level0=grid.tile_size_l0, level0_mpp=slide.require_mpp(),
             target_mpp=grid.mpp, level0_size=slide.dimensions, objective_power=slide.objective_power,
             savetodir=str(self.out),
         )  # fmt: skip
         file_attrs = {
-            "encoder": job.spec.name, "weights_id": store.key.weights_id, "dim": job.spec.dim,
+            "encoder": session.config.encoder, "weights_id": session.weights_id, "dim": dim,
             "mpp": slide.mpp, "mpp_source": slide.mpp_source, "target_mpp": grid.mpp, "tile_size": grid.size,
-            "slide_path": str(job.path.resolve()), "slide_fingerprint": slide.fingerprint,
+            "slide_path": session.slide_path, "slide_fingerprint": slide.fingerprint,
             "coords_origin": "level-0 top-left (x, y)", "napari_virchow_version": __version__,
         }  # fmt: skip
-        path = safe_output_path(self.out, f"{job.path.stem}.h5")
+        path = safe_output_path(self.out, f"{stem}.h5")
         write_file(path, write_features_h5, emb, grid.coords[idx], attrs=attrs, file_attrs=file_attrs)
-        return f"  wrote {path} ({len(idx)} tiles × {job.spec.dim})"
+        return f"  wrote {path} ({len(idx)} tiles × {dim})"
 
 
 class _GeoJsonWork:
@@ -129,23 +132,23 @@ class _GeoJsonWork:
     def __init__(self, out: Path, args: argparse.Namespace, head: LinearHead | None) -> None:
         self.out, self.args, self.head = out, args, head
 
-    def __call__(self, job: SlideJob, store: EmbeddingStore) -> str:
+    def __call__(self, session: SlideSession) -> str:
         from napari_virchow.io.export import cluster_features, threshold_features
 
-        idx, emb = job.embedded_tissue(store)
-        g, stem, notes = job.grid, job.path.stem, []
+        g, stem, notes = session.grid, session.slide.path.stem, []
         if self.args.clusters:
-            from napari_virchow.analysis.clusters import fit_clusters
-
-            labels = fit_clusters(emb, k=self.args.clusters).predict(emb)
-            feats = cluster_features(labels, g.coords[idx], g.tile_size_l0)
+            result = session.fit_clusters(self.args.clusters, tissue_only=True)
+            idx = np.flatnonzero(result.labels)
+            feats = cluster_features(result.labels[idx], g.coords[idx], g.tile_size_l0)
             notes.append(self._write(f"{stem}.clusters.geojson", feats, f"{len(feats)} cluster regions"))
         if self.args.query:
-            feats = query_features(job, store, self.args.query, k=self.args.top_k, tissue=(idx, emb))
+            feats = query_features(session, self.args.query, k=self.args.top_k, progress=show_progress(self.args))
             notes.append(self._write(f"{stem}.similar.geojson", feats, f"query + {len(feats) - 1} similar tiles"))
         if self.head is not None:
             t = self.args.threshold
-            feats = threshold_features(self.head.positive_proba(emb), g.coords[idx], g.tile_size_l0, t,
+            values = session.apply_head(self.head, tissue_only=True)
+            idx = np.flatnonzero(~np.isnan(values))
+            feats = threshold_features(values[idx], g.coords[idx], g.tile_size_l0, t,
                                        class_name=str(self.head.positive_class))  # fmt: skip
             notes.append(self._write(f"{stem}.heatmap.geojson", feats, f"{self.head.positive_class} >= {t:g}"))
         return "\n".join(notes)
@@ -158,26 +161,17 @@ class _GeoJsonWork:
         return f"  wrote {path} ({what})"
 
 
-def query_features(
-    job: SlideJob, store: EmbeddingStore, xy: tuple[float, float], *, k: int,
-    tissue: tuple[np.ndarray, np.ndarray],
-) -> list[dict[str, Any]]:  # fmt: skip
+def query_features(session: SlideSession, xy: tuple[float, float], *, k: int,
+                   progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
     """The query tile (class ``Query``) and its ``k`` most similar distinct tissue tiles (``Similar``)."""
-    from napari_virchow.analysis.similarity import cosine_similarity, top_k_hits
     from napari_virchow.io.geojson import Annotation, annotation_to_feature, hits_to_features
 
-    g = job.grid
-    i = g.index_at(*xy)
-    if i is None:
-        w, h = job.slide.dimensions
-        raise CliError(f"query ({xy[0]:g}, {xy[1]:g}) is outside {job.name} ({w}×{h} px) or its tile grid")
-    job.embed(store, np.array([i]))  # a background tile is embedded on demand
-    idx, emb = tissue
-    scores = np.full(len(g), np.nan, np.float32)
-    scores[idx] = cosine_similarity(store.read(np.array([i]))[0], emb)
-    hits = top_k_hits(scores, g.coords, g.tile_size_l0, k=k, exclude=np.array([i]), slide=str(job.path.resolve()))
-    x0, y0 = (int(v) for v in g.coords[i])
-    t = g.tile_size_l0
+    query = session.query_indices(*xy)
+    embed_missing(session, query, progress=progress)  # a background tile is embedded on demand
+    session.set_query(query, tissue_only=True)
+    hits = session.hits(k)
+    x0, y0 = (int(v) for v in session.grid.coords[query[0]])
+    t = session.grid.tile_size_l0
     box = np.array([[x0, y0], [x0 + t, y0], [x0 + t, y0 + t], [x0, y0 + t]])
-    query = annotation_to_feature(Annotation(box, "Query", (0, 200, 255), name="Query"))
-    return [query, *hits_to_features(hits, t, class_name="Similar")]
+    feature = annotation_to_feature(Annotation(box, "Query", (0, 200, 255), name="Query"))
+    return [feature, *hits_to_features(hits, t, class_name="Similar")]

@@ -17,6 +17,7 @@ physical size, so QuPath or this package's :class:`~napari_virchow.slides.slide.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -146,7 +147,11 @@ def write_features_h5(
     rows = max(1, min(_H5_CHUNK_ROWS, feats.shape[0]))
 
     def write(tmp: str) -> None:
-        with h5py.File(tmp, "w") as f:
+        # HDF5 builds the file in memory and Python writes it out: a full disk or a lost share is
+        # then a plain OSError. HDF5 failing to flush on close (ENOSPC) leaves its file id
+        # half-closed, and the next HDF5 file of the process crashed the interpreter (exit 139).
+        image = io.BytesIO()
+        with h5py.File(image, "w") as f:
             # maxshape (None, ...) as TRIDENT, so its save_h5(mode="a") can append to these files.
             dim = feats.shape[1]
             fd = f.create_dataset("features", data=feats, maxshape=(None, dim), chunks=(rows, dim))
@@ -158,6 +163,8 @@ def write_features_h5(
             f.attrs.update({"format": FEATURES_FORMAT, "package_version": __version__})
             for key, value in (file_attrs or {}).items():
                 f.attrs[key] = _h5_value(value)
+        with open(tmp, "wb") as fh:
+            fh.write(image.getbuffer())
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, write)

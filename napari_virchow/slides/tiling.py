@@ -136,7 +136,8 @@ class TileGrid:
         self.tile_size_l0 = max(1, round(self.size * self.mpp / slide_mpp))
         if self.tile_size_l0 < MIN_TILE_L0:
             raise SlideError(
-                f"{slide.path.name} records {slide_mpp:g} µm/px: a {self.size}-px tile at {self.mpp:g} µm/px "
+                f"{slide.path.name} {'is given (override)' if slide.mpp_source == 'override' else 'records'} "
+                f"{slide_mpp:g} µm/px: a {self.size}-px tile at {self.mpp:g} µm/px "
                 f"would be {self.tile_size_l0} px of it, upsampled {self.size / self.tile_size_l0:.0f}×. If the "
                 "file's resolution is wrong, pass the right one (`--mpp-override`, the µm/px field in the "
                 "widget, or `Slide(path, mpp=...)`); else use a slide scanned at higher magnification."

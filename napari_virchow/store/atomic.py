@@ -8,36 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import uuid
 from pathlib import Path
 
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
+from napari_virchow.io.files import atomic_write_bytes
+
 __all__ = ["AtomicLocalStore", "atomic_put"]
 
 
 def atomic_put(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` so that readers and crashes see the old or the new file only."""
+    """Write ``data`` to ``path`` so that readers and crashes see the old or the new file only.
+
+    The package's one atomic write (:func:`napari_virchow.io.files.atomic_write_bytes`: temp file,
+    fsync of the file and its folder, rename); a module function so tests can inject failures here.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Dot-prefixed so zarr listings and the LRU walk ignore leftovers of a killed writer.
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            # fsync so that after a power cut too the rows reach disk before `done` does.
-            os.fsync(fh.fileno())
-        if exclusive:
-            os.link(tmp, path)  # raises FileExistsError instead of replacing
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    atomic_write_bytes(path, data, exclusive=exclusive)
 
 
 class AtomicLocalStore(LocalStore):

@@ -39,7 +39,10 @@ __all__ = [
     "clear",
     "default_cache_root",
     "enforce_limit",
+    "lattice_fingerprint",
     "list_stores",
+    "resolve_cache_root",
+    "slide_fingerprint_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,34 @@ def default_cache_root() -> Path:
     if env:
         return Path(env).expanduser()
     return Path(user_cache_dir("napari-virchow")) / "embeddings"
+
+
+def resolve_cache_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """The one cache-root rule: ``root`` (``--cache DIR``, absolute) if given, else :func:`default_cache_root`.
+
+    Absolute, so a dask worker with another working directory finds the same folder.
+    """
+    if root is None or not str(root).strip():
+        return default_cache_root().absolute()
+    return Path(root).expanduser().absolute()
+
+
+#: separates a slide's fingerprint from its lattice step in the store key's slide field
+_STEP = "-step"
+
+
+def lattice_fingerprint(fingerprint: str, step_l0: int) -> str:
+    """The store key's slide field: the slide fingerprint and its lattice step (tile side in level-0 px).
+
+    The same file tiled with another µm/px override has another lattice, so another store.
+    """
+    return f"{fingerprint}{_STEP}{int(step_l0)}"
+
+
+def slide_fingerprint_of(key_fingerprint: str) -> str:
+    """The bare slide fingerprint of a store key's slide field (inverse of :func:`lattice_fingerprint`)."""
+    head, sep, step = key_fingerprint.rpartition(_STEP)
+    return head if sep and step.isdigit() else key_fingerprint
 
 
 def cache_max_bytes(max_gb: float | None = None) -> float:
@@ -221,7 +252,7 @@ def _info(path: Path) -> StoreInfo:
 
 def list_stores(root: Path | str | None = None) -> list[StoreInfo]:
     """All stores under ``root`` (default :func:`default_cache_root`), most recently used first."""
-    root = Path(root).expanduser() if root is not None else default_cache_root()
+    root = resolve_cache_root(root)
     infos = [_info(p) for p in _store_dirs(root)]
     return sorted(infos, key=lambda i: i.last_used, reverse=True)
 
@@ -236,7 +267,7 @@ def _matches(info: StoreInfo, slide: str | None, encoder: str | None) -> bool:
         return True
     # stores are keyed by "<fingerprint>-step<lattice px>": the bare fingerprint matches too
     fingerprint = info.slide_fingerprint
-    if fingerprint is not None and slide in (fingerprint, fingerprint.split("-step")[0]):
+    if fingerprint is not None and slide in (fingerprint, slide_fingerprint_of(fingerprint)):
         return True
     if info.slide_path:
         sp = Path(info.slide_path)
@@ -315,7 +346,7 @@ def enforce_limit(
     list of Path
         Evicted folders, oldest first.
     """
-    root = Path(root).expanduser() if root is not None else default_cache_root()
+    root = resolve_cache_root(root)
     limit = cache_max_bytes() if max_bytes is None else float(max_bytes)
     kept = {Path(p).resolve() for p in keep}
     _sweep_leftovers(root)

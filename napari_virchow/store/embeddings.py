@@ -48,6 +48,7 @@ from napari_virchow.store.cache import (
     enforce_limit,
     open_inuse_shared,
     remove_store,
+    resolve_cache_root,
 )
 from napari_virchow.store.claims import Claims
 from napari_virchow.store.integrity import DAMAGE, DamageReport, read_flags, row_chunks
@@ -194,7 +195,7 @@ class EmbeddingStore(StoreWriting):
             coords = np.asarray(coords)
             if coords.shape != (n_tiles, 2):
                 raise ValueError(f"coords must have shape ({n_tiles}, 2), got {coords.shape}")
-        root = Path(root).expanduser() if root is not None else default_cache_root()
+        root = resolve_cache_root(root)
         path = cls.find(key, root=root)
         if path is not None and mode == "w":
             if not remove_store(path):
@@ -240,7 +241,7 @@ class EmbeddingStore(StoreWriting):
     @staticmethod
     def find(key: StoreKey, *, root: Path | str | None = None) -> Path | None:
         """Folder of the store for ``key`` under ``root`` if there is one (matched by digest)."""
-        root = Path(root).expanduser() if root is not None else default_cache_root()
+        root = resolve_cache_root(root)
         # Matched by digest, not by full name, so a renamed/moved slide still finds its store.
         hits = sorted(root.glob(f"*--{key.digest[:16]}")) if root.is_dir() else []
         return next((p for p in hits if p.is_dir()), None)

@@ -158,8 +158,6 @@ def test_tissue_mask_is_shown_and_hidden(qtbot, widget, ui) -> None:  # noqa: AN
     assert not layer.visible
 
 
-@pytest.mark.xfail(strict=True, reason="needs core branch (SlideSession.set_tissue_threshold calls "
-                                       "TileGrid.with_tissue positionally)")  # fmt: skip
 @pytest.mark.drives("tissue_check", "tissue_slider")
 def test_tissue_threshold_slider_release_refilters_the_mask(qtbot, widget, ui) -> None:  # noqa: ANN001
     w, u = widget, ui(widget)

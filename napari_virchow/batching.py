@@ -1,0 +1,259 @@
+"""Batches of the embedding pipeline: sizes, reader threads, the encoder call, the store writer.
+
+The pieces :func:`napari_virchow.inference.iter_embed` is made of, each small enough to test on
+its own: how many tiles a batch holds (by device, capped by a memory estimate), how many reader
+threads prefetch, the encoder call that halves its batch on CUDA out-of-memory, and the
+one-batch writer thread that stores batch k while batch k + 1 is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from napari_virchow._torch import torch
+
+if TYPE_CHECKING:
+    from napari_virchow.models.encoder import Encoder
+    from napari_virchow.models.specs import EncoderSpec
+    from napari_virchow.slides.tiling import TileGrid
+    from napari_virchow.store.embeddings import EmbeddingStore
+
+__all__ = [
+    "PREFETCH_PER_READER", "batch_bytes", "cap_batch_size", "default_batch_size", "leave_one_core",
+    "memory_budget", "resolve_readers",
+]  # fmt: skip
+
+log = logging.getLogger("napari_virchow.inference")
+
+#: batches read ahead per reader thread (bounded memory: 32 tiles of 224² are 4.8 MB)
+PREFETCH_PER_READER = 2
+
+
+def leave_one_core() -> int:
+    """A torch thread count that leaves one core to the UI: ``max(1, cpu_count - 1)``."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+def default_batch_size(device: torch.device | str) -> int:
+    """32 on CUDA, 16 on MPS, 8 on CPU (a batch is also the cancel / redraw granularity)."""
+    kind = torch.device(device).type
+    return {"cuda": 32, "mps": 16}.get(kind, 8)
+
+
+def resolve_readers(readers: int | Literal["auto"], device: torch.device | str) -> int:
+    """Reader threads: ``"auto"`` is 0 (read in the consuming thread) on CPU, 2–8 on a GPU."""
+    if readers != "auto":
+        if int(readers) != readers or readers < 0:
+            raise ValueError(f"readers must be 'auto' or an int >= 0, got {readers!r}")
+        return int(readers)
+    if torch.device(device).type == "cpu":
+        return 0
+    return min(8, max(2, (os.cpu_count() or 2) // 2))
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+def batch_bytes(spec: EncoderSpec, n: int) -> int:
+    """Peak bytes to embed ``n`` tiles in one batch: tiles, float32 input, one ViT block's activations.
+
+    An estimate for capping batch sizes, not a measurement: under ``inference_mode`` only one
+    block's activations are alive at a time (tokens × width for the residual stream, q/k/v and
+    norms, tokens × hidden for the MLP, and the attention matrix).
+    """
+    kw = spec.model_kwargs
+    width = int(kw.get("embed_dim", 1280))
+    hidden = int(width * float(kw.get("mlp_ratio", 4.0)))
+    heads = int(kw.get("num_heads", 16))
+    patch = int(kw.get("patch_size", 14))
+    tokens = (spec.input_size // patch) ** 2 + spec.num_prefix_tokens
+    pixels = spec.input_size**2 * 3
+    per_tile = pixels * (1 + 2 * 4) + 4 * tokens * (6 * width + 2 * hidden) + 4 * heads * tokens**2
+    return int(n) * per_tile
+
+
+def _available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else free pages; None when unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return None
+
+
+def memory_budget(device: torch.device | str) -> int | None:
+    """Bytes one batch may use: 80 % of free GPU memory on CUDA, half the available RAM otherwise."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free * 0.8)
+    available = _available_host_bytes()
+    return None if available is None else available // 2
+
+
+def cap_batch_size(requested: int, spec: EncoderSpec, device: torch.device | str) -> tuple[int, str | None]:
+    """``requested``, or the largest batch the memory estimate allows, with a note saying why."""
+    budget = memory_budget(device)
+    if budget is None or batch_bytes(spec, requested) <= budget:
+        return requested, None
+    fits = max(1, budget // batch_bytes(spec, 1))
+    if fits >= requested:
+        return requested, None
+    gb = batch_bytes(spec, requested) / 1e9
+    return fits, (f"batch size {requested} would need about {gb:.1f} GB for {spec.name} on {torch.device(device)}; "
+                  f"using {fits} (what fits in {budget / 1e9:.1f} GB): the embeddings are the same")  # fmt: skip
+
+
+# --- the encoder call -------------------------------------------------------------------------------
+
+
+def note(exc: BaseException, text: str) -> None:
+    """Add ``text`` to the traceback of ``exc`` (Python >= 3.11; on 3.10 nothing is added)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(text)
+
+
+class Embedder:
+    """``encoder.embed`` in sub-batches, halving them for good on CUDA out-of-memory."""
+
+    def __init__(self, encoder: Encoder, batch_size: int) -> None:
+        self.encoder, self.batch_size = encoder, batch_size
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        out = np.empty((len(tiles), self.encoder.dim), np.float32)
+        i = 0
+        while i < len(tiles):
+            n = min(self.batch_size, len(tiles) - i)
+            try:
+                out[i : i + n] = self.encoder.embed(tiles[i : i + n])
+                i += n
+                continue
+            except torch.cuda.OutOfMemoryError as exc:
+                if self.batch_size == 1:
+                    note(exc, "even one tile does not fit: free GPU memory, or use dtype='bf16' or device='cpu'")
+                    raise
+            # Halve outside the except block, so the exception's frames (and the activations
+            # they reference) are gone before the retry.
+            self.batch_size = max(1, self.batch_size // 2)
+            log.warning("CUDA out of memory: continuing with batches of %d", self.batch_size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return out
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` inside the block (None: unchanged), restored after."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- reading -------------------------------------------------------------------------------------------
+
+
+def _read(grid: TileGrid, idx: np.ndarray) -> np.ndarray:
+    try:
+        return grid.read_tiles(idx)
+    except Exception as exc:
+        note(exc, f"while reading tiles {idx.tolist()} of {grid.slide.path.name} (level {grid.read_level})")
+        raise
+
+
+def tile_batches(
+    grid: TileGrid, batches: Iterable[np.ndarray], readers: int, cancel: threading.Event | None
+) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
+    """(indices, tiles) per batch, read in this thread or prefetched by ``readers`` threads."""
+    if readers == 0:
+        for idx in batches:
+            if cancel is not None and cancel.is_set():
+                return
+            yield idx, _read(grid, idx)
+        return
+    pool = ThreadPoolExecutor(readers, thread_name_prefix="napari-virchow-reader")
+    pending: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
+    upcoming = iter(batches)
+    try:
+        for idx in upcoming:
+            pending.append((idx, pool.submit(_read, grid, idx)))
+            if len(pending) >= readers * PREFETCH_PER_READER:
+                break
+        while pending:
+            idx, future = pending.popleft()
+            tiles = future.result()  # a reader's exception is re-raised here, in the consumer
+            nxt = next(upcoming, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_read, grid, nxt)))
+            yield idx, tiles
+    finally:
+        # Runs on exhaustion, error, and when the consumer closes the generator: queued reads
+        # are dropped, running ones finish (one batch per thread), then every thread is joined.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def next_batch(
+    reader: Iterator[tuple[np.ndarray, np.ndarray]],
+) -> tuple[tuple[np.ndarray, np.ndarray] | None, Exception | None]:
+    """The next batch, or the reader's exception (raised after the batch before is yielded)."""
+    try:
+        return next(reader, None), None
+    except Exception as exc:
+        return None, exc
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+
+class Writer(threading.Thread):
+    """Store one batch in the background; ``join()`` re-raises what the write raised."""
+
+    def __init__(self, store: EmbeddingStore, idx: np.ndarray, emb: np.ndarray) -> None:
+        super().__init__(name="napari-virchow-writer", daemon=True)
+        self._args = (store, idx, emb)
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        store, idx, emb = self._args
+        try:
+            store.write(idx, emb)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer by join()
+            self._error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the write; re-raise its exception here, in the consumer."""
+        super().join(timeout)
+        if self._error is not None:
+            raise self._error
+
+    def settle(self) -> None:
+        """Wait for the write on an exit path that is already raising: its own error is dropped.
+
+        A further Ctrl-C while waiting does not cut the write short: it is re-raised once the
+        write has ended, so the store is never closed under a write in flight.
+        """
+        interrupted: KeyboardInterrupt | None = None
+        while self.is_alive():
+            try:
+                super().join()
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
