@@ -35,10 +35,12 @@ class SegmentLayout:
 
     @property
     def rows(self) -> int:
+        """Segments down the page."""
         return -(-self.height // self.seg_height)
 
     @property
     def cols(self) -> int:
+        """Segments across the page."""
         return -(-self.width // self.seg_width)
 
 
@@ -70,6 +72,13 @@ class TiffLevel:
         self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
         self.bytecounts = np.asarray(page.databytecounts, dtype=np.int64)
         self.tiled = bool(page.is_tiled)
+        self._count_lock = threading.Lock()
+        self._decodes = 0
+
+    @property
+    def decodes(self) -> int:
+        """Stored segments decoded so far (every path: views, tiles, thumbnails); a real counter."""
+        return self._decodes
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -88,7 +97,10 @@ class TiffLevel:
         return int((self.offsets + self.bytecounts).max())
 
     def _segment(self, row: int, col: int) -> np.ndarray | None:
-        index = row * self.layout.cols + col
+        return self.decode_segment(row * self.layout.cols + col)
+
+    def decode_segment(self, index: int) -> np.ndarray | None:
+        """Stored segment ``index`` (row-major) decoded, (length, width, samples); ``None`` if absent."""
         count = int(self.bytecounts[index])
         if count == 0:
             return None  # a sparse file: the scanner skipped this tile, show it as background
@@ -96,6 +108,8 @@ class TiffLevel:
         if len(data) != count:
             raise OSError(f"{self.path}: segment {index} is cut short (the file is truncated)")
         decoded, _, shape = self._decode(data, index, jpegtables=self._jpegtables)
+        with self._count_lock:
+            self._decodes += 1
         # tifffile returns (separate sample, depth, length, width, samples); keep (length, width, s)
         return np.asarray(decoded).reshape(decoded.shape[-3:])
 
@@ -158,6 +172,7 @@ class TiffPyramid:
         self.levels = [TiffLevel(path, page, self._fd) for page in pages]
 
     def close(self) -> None:
+        """Close the descriptor (idempotent)."""
         if not self._closed.is_set():
             self._closed.set()
             os.close(self._fd)

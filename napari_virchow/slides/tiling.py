@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from napari_virchow.errors import SlideError
+from napari_virchow.slides.batch_read import read_regions
+from napari_virchow.slides.resample import resize_batch
 from napari_virchow.slides.slide import Slide
 
 __all__ = ["RESIZE_TOLERANCE", "TileGrid", "detect_tissue"]
@@ -161,6 +163,14 @@ class TileGrid:
         self._flag_tissue(tissue_threshold)
 
     def _choose_level(self, slide_mpp: float) -> tuple[int, int]:
+        """(level, px read there): the file level nearest the target without going coarser.
+
+        A level within ±:data:`RESIZE_TOLERANCE` of the target µm/px is read as is, even when
+        it is up to 10 % coarser (a scanner's 0.503 µm/px serves 0.5); otherwise the coarsest
+        file level not coarser than the target (1 % slack for rounded downsamples) is read and
+        resampled, so 1.0 and 2.0 µm/px come from a /4 level where the file has one and never
+        decode level 0. The lattice (level-0 px) does not depend on this choice.
+        """
         # Only levels stored in the file: the slide's lazily coarsened levels are computed from
         # the file's last level anyway, which costs as much as resampling a read of that level.
         file_ds = self.slide.level_downsamples[: len(self.slide.file_level_dimensions)]
@@ -273,26 +283,23 @@ class TileGrid:
     # --- pixels -------------------------------------------------------------------------------
     def read_tile(self, index: int) -> np.ndarray:
         """Tile ``index`` as (size, size, 3) uint8 at the grid's µm/px."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"tile {index} out of range 0..{len(self) - 1}")
-        x, y = (int(v) for v in self.coords[index])
-        rs = self.read_size
-        pixels = self.slide.read_region((x, y), self.read_level, (rs, rs))
-        if not self.resized:
-            return pixels
-        from PIL import Image
-
-        # PIL's bicubic widens its kernel when shrinking (antialiased), like timm's transforms.
-        img = Image.fromarray(pixels).resize((self.size, self.size), Image.Resampling.BICUBIC)
-        return np.asarray(img)
+        return self.read_tiles([index])[0]
 
     def read_tiles(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Tiles ``indices`` as (n, size, size, 3) uint8."""
+        """Tiles ``indices`` as (n, size, size, 3) uint8, read as one batch.
+
+        The stored tiles under the batch are decoded once each (see
+        :mod:`~napari_virchow.slides.batch_read`), so pass neighbouring tiles together (row-major
+        or centre-out, as the pipeline does). When :attr:`resized`, the whole batch is resampled
+        at once with :func:`~napari_virchow.slides.resample.resize_batch` (antialiased bicubic).
+        """
         idx = np.asarray(indices, dtype=np.int64).ravel()
-        out = np.empty((len(idx), self.size, self.size, 3), np.uint8)
-        for k, i in enumerate(idx):
-            out[k] = self.read_tile(int(i))
-        return out
+        bad = idx[(idx < 0) | (idx >= len(self))]
+        if bad.size:
+            raise IndexError(f"tile {int(bad[0])} out of range 0..{len(self) - 1}")
+        rs = self.read_size
+        raw = read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs))
+        return resize_batch(raw, self.size) if self.resized else raw
 
     def __repr__(self) -> str:
         rows, cols = self.grid_shape

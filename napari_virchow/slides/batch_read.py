@@ -1,0 +1,193 @@
+"""Read many same-sized regions of one pyramid level, decoding each stored tile once.
+
+A 224-px tile on a 256-px stored grid overlaps up to four stored tiles, and its neighbours
+overlap the same ones: reading tiles one at a time decodes every stored tile up to four times
+(nine at 40×, where a tile reads 448 px). :func:`read_regions` reads a batch as the union of the
+stored tiles it covers instead, each decoded once, and slices the regions out of them.
+
+Decoded stored tiles are kept in a :class:`SegmentCache` per file level (bounded by bytes, least
+recently used out), shared by every batch and reader thread: the next batch of a row-major or
+centre-out run reuses the stored tiles on its border instead of decoding them again, and two
+threads that need the same stored tile at once decode it once (the second waits). The cache
+holds about one band of stored tiles across the level (at most :data:`CACHE_MAX_BYTES`), so the
+memory of a union is bounded whatever the batch: regions are assembled in row-major order and a
+band that no longer fits is dropped, never held.
+
+Pixels are those of :meth:`TiffLevel.read <napari_virchow.slides.tiff.TiffLevel.read>`
+(the same segments, the same conversion to RGB on white); other backends read per region.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import openslide
+
+from napari_virchow.errors import SlideError
+from napari_virchow.slides.tiff import WHITE, TiffLevel, to_rgb
+
+if TYPE_CHECKING:
+    from napari_virchow.slides.slide import Slide
+
+__all__ = ["CACHE_MAX_BYTES", "SegmentCache", "read_regions"]
+
+#: the most decoded pixels one level's cache holds (a band of 40× stored tiles across a 100k-px slide)
+CACHE_MAX_BYTES = 192 * 2**20
+#: rows of stored tiles a cache is sized for: what concurrent readers working on nearby rows of
+#: tiles (up to 1024 px of the level tall) share, plus one
+BAND_PX = 1024
+
+
+class SegmentCache:
+    """Decoded stored tiles (segments) of one :class:`TiffLevel`, RGB, least recently used out.
+
+    Parameters
+    ----------
+    level
+        The level whose segments are decoded.
+    capacity
+        Bytes of decoded pixels kept; default: the segments across the level in a band
+        :data:`BAND_PX` tall (plus one row), at most :data:`CACHE_MAX_BYTES`.
+    """
+
+    def __init__(self, level: TiffLevel, capacity: int | None = None) -> None:
+        lay = level.layout
+        seg_bytes = lay.seg_height * lay.seg_width * 3
+        if capacity is None:
+            band_rows = -(-BAND_PX // lay.seg_height) + 1
+            capacity = min(CACHE_MAX_BYTES, band_rows * lay.cols * seg_bytes)
+        self.level = level
+        self.capacity = max(int(capacity), seg_bytes)
+        self._lock = threading.Lock()
+        self._items: OrderedDict[int, np.ndarray | None] = OrderedDict()
+        self._pending: dict[int, threading.Event] = {}
+        self._bytes = 0
+
+    def get(self, index: int) -> np.ndarray | None:
+        """Segment ``index`` as (h, w, 3) uint8 RGB on white, ``None`` where the file has none."""
+        while True:
+            with self._lock:
+                if index in self._items:
+                    self._items.move_to_end(index)
+                    return self._items[index]
+                waiting = self._pending.get(index)
+                if waiting is None:
+                    self._pending[index] = threading.Event()
+                    break
+            waiting.wait()  # another thread decodes it; if that failed, try ourselves
+        try:
+            seg = self.level.decode_segment(index)
+            rgb = None if seg is None else np.ascontiguousarray(to_rgb(seg))
+        except BaseException:
+            with self._lock:
+                self._pending.pop(index).set()
+            raise
+        with self._lock:
+            self._items[index] = rgb
+            self._bytes += 0 if rgb is None else rgb.nbytes
+            while self._bytes > self.capacity and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= 0 if old is None else old.nbytes
+            self._pending.pop(index).set()
+        return rgb
+
+    def clear(self) -> None:
+        """Drop every decoded segment (memory back; the next reads decode again)."""
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of decoded pixels held now."""
+        return self._bytes
+
+
+_caches: weakref.WeakKeyDictionary[TiffLevel, SegmentCache] = weakref.WeakKeyDictionary()
+_caches_lock = threading.Lock()
+
+
+def segment_cache(level: TiffLevel) -> SegmentCache:
+    """The shared cache of ``level`` (made on first use, gone with the level)."""
+    with _caches_lock:
+        cache = _caches.get(level)
+        if cache is None:
+            cache = _caches[level] = SegmentCache(level)
+        return cache
+
+
+def read_level_boxes(cache: SegmentCache, origins: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Regions ``[y:y+height, x:x+width]`` of the cache's level for each (x, y) of ``origins``.
+
+    Returns (n, height, width, 3) uint8; outside the level and absent segments are white.
+    """
+    lay = cache.level.layout
+    sh, sw = lay.seg_height, lay.seg_width
+    n = len(origins)
+    out = np.empty((n, height, width, 3), np.uint8)
+    # row-major: a band of segments is finished before the next one is decoded
+    order = np.lexsort((origins[:, 0], origins[:, 1])) if n > 1 else range(n)
+    for k in order:
+        x0, y0 = int(origins[k, 0]), int(origins[k, 1])
+        cy0, cy1 = max(y0, 0), min(y0 + height, lay.height)
+        cx0, cx1 = max(x0, 0), min(x0 + width, lay.width)
+        tile = out[k]
+        if (cy0, cy1, cx0, cx1) != (y0, y0 + height, x0, x0 + width):
+            tile[:] = WHITE  # partly outside the level: background
+        if cy0 >= cy1 or cx0 >= cx1:
+            continue
+        for row in range(cy0 // sh, (cy1 - 1) // sh + 1):
+            iy0, iy1 = max(row * sh, cy0), min(row * sh + sh, cy1)
+            for col in range(cx0 // sw, (cx1 - 1) // sw + 1):
+                ix0, ix1 = max(col * sw, cx0), min(col * sw + sw, cx1)
+                seg = cache.get(row * lay.cols + col)
+                dst = tile[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+                if seg is None:  # a sparse file: the scanner skipped this tile
+                    dst[:] = WHITE
+                else:
+                    dst[:] = seg[iy0 - row * sh : iy1 - row * sh, ix0 - col * sw : ix1 - col * sw]
+    return out
+
+
+def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray, level: int,
+                 size: tuple[int, int]) -> np.ndarray:  # fmt: skip
+    """Many :meth:`Slide.read_region` calls as one batch: (n, height, width, 3) uint8.
+
+    Parameters
+    ----------
+    slide
+        An open slide.
+    locations
+        (x, y) top-left corners in level-0 px, as for :meth:`Slide.read_region`.
+    level
+        A level stored in the file (not a lazily coarsened one).
+    size
+        (width, height) in px of ``level``, the same for every region.
+
+    Pixel-identical to one ``slide.read_region(loc, level, size)`` per location. For TIFF-family
+    slides read directly, each stored tile under the batch is decoded once (and reused by the
+    next batch while it stays in the level's :class:`SegmentCache`); other slides are read
+    region by region through OpenSlide, whose own tile cache serves shared tiles.
+    """
+    locs = np.asarray(locations, dtype=np.int64).reshape(-1, 2)
+    w, h = int(size[0]), int(size[1])
+    tiff = slide._tiff
+    if tiff is None or not 0 <= level < len(tiff.levels):
+        out = np.empty((len(locs), h, w, 3), np.uint8)
+        for k, (x, y) in enumerate(locs):
+            out[k] = slide.read_region((int(x), int(y)), level, (w, h))
+        return out
+    if slide._closed:
+        raise SlideError(f"{slide.path.name} was closed; open the slide again to read pixels.")
+    ds = slide.level_downsamples[level]
+    # the same rounding as Slide.read_region: floor of the level-0 position over the downsample
+    origins = np.array([(int(int(x) // ds), int(int(y) // ds)) for x, y in locs], np.int64).reshape(-1, 2)
+    try:
+        return read_level_boxes(segment_cache(tiff.levels[level]), origins, h, w)
+    except (openslide.OpenSlideError, OSError, ValueError, RuntimeError) as exc:
+        raise SlideError(f"{slide.path.name}: reading pixels failed ({exc}); the file may be corrupt.") from exc
