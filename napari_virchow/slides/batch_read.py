@@ -19,6 +19,7 @@ Pixels are those of :meth:`TiffLevel.read <napari_virchow.slides.tiff.TiffLevel.
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -41,6 +42,8 @@ CACHE_MAX_BYTES = 192 * 2**20
 #: rows of stored tiles a cache is sized for: what concurrent readers working on nearby rows of
 #: tiles (up to 1024 px of the level tall) share, plus one
 BAND_PX = 1024
+#: evicted buffers kept for the next decodes
+SPARE_SEGMENTS = 8
 
 
 class SegmentCache:
@@ -67,6 +70,9 @@ class SegmentCache:
         self._items: OrderedDict[int, np.ndarray | None] = OrderedDict()
         self._pending: dict[int, threading.Event] = {}
         self._bytes = 0
+        # evicted segment buffers decoded into again: fresh memory per decode costs page faults
+        self._spare: list[np.ndarray] = []
+        self._shape = (lay.seg_height, lay.seg_width, 3)
 
     def get(self, index: int) -> np.ndarray | None:
         """Segment ``index`` as (h, w, 3) uint8 RGB on white, ``None`` where the file has none."""
@@ -80,19 +86,29 @@ class SegmentCache:
                     self._pending[index] = threading.Event()
                     break
             waiting.wait()  # another thread decodes it; if that failed, try ourselves
+        with self._lock:
+            spare = self._spare.pop() if self._spare else None
         try:
-            seg = self.level.decode_segment(index)
+            seg = self.level.decode_segment(index, out=spare)
             rgb = None if seg is None else np.ascontiguousarray(to_rgb(seg))
         except BaseException:
             with self._lock:
                 self._pending.pop(index).set()
             raise
         with self._lock:
+            if spare is not None and rgb is not spare:
+                self._spare.append(spare)  # not used (a sparse tile): keep it for the next decode
             self._items[index] = rgb
             self._bytes += 0 if rgb is None else rgb.nbytes
             while self._bytes > self.capacity and len(self._items) > 1:
                 _, old = self._items.popitem(last=False)
-                self._bytes -= 0 if old is None else old.nbytes
+                if old is None:
+                    continue
+                self._bytes -= old.nbytes
+                # Recycle the buffer only if nobody else holds it: popped, its references are `old`
+                # and getrefcount's argument (a reader copying from it, or a view, adds one).
+                if len(self._spare) < SPARE_SEGMENTS and old.shape == self._shape and sys.getrefcount(old) <= 2:
+                    self._spare.append(old)
             self._pending.pop(index).set()
         return rgb
 
@@ -100,6 +116,7 @@ class SegmentCache:
         """Drop every decoded segment (memory back; the next reads decode again)."""
         with self._lock:
             self._items.clear()
+            self._spare.clear()
             self._bytes = 0
 
     @property
@@ -121,15 +138,20 @@ def segment_cache(level: TiffLevel) -> SegmentCache:
         return cache
 
 
-def read_level_boxes(cache: SegmentCache, origins: np.ndarray, height: int, width: int) -> np.ndarray:
+def read_level_boxes(cache: SegmentCache, origins: np.ndarray, height: int, width: int,
+                     out: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Regions ``[y:y+height, x:x+width]`` of the cache's level for each (x, y) of ``origins``.
 
-    Returns (n, height, width, 3) uint8; outside the level and absent segments are white.
+    Returns (n, height, width, 3) uint8 (``out`` when given); outside the level and absent
+    segments are white.
     """
     lay = cache.level.layout
     sh, sw = lay.seg_height, lay.seg_width
     n = len(origins)
-    out = np.empty((n, height, width, 3), np.uint8)
+    if out is None:
+        out = np.empty((n, height, width, 3), np.uint8)
+    elif out.shape != (n, height, width, 3) or out.dtype != np.uint8:
+        raise ValueError(f"out must be ({n}, {height}, {width}, 3) uint8, got {out.shape} {out.dtype}")
     # row-major: a band of segments is finished before the next one is decoded
     order = np.lexsort((origins[:, 0], origins[:, 1])) if n > 1 else range(n)
     for k in order:
@@ -155,7 +177,7 @@ def read_level_boxes(cache: SegmentCache, origins: np.ndarray, height: int, widt
 
 
 def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray, level: int,
-                 size: tuple[int, int]) -> np.ndarray:  # fmt: skip
+                 size: tuple[int, int], *, out: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Many :meth:`Slide.read_region` calls as one batch: (n, height, width, 3) uint8.
 
     Parameters
@@ -168,6 +190,8 @@ def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray
         A level stored in the file (not a lazily coarsened one).
     size
         (width, height) in px of ``level``, the same for every region.
+    out
+        An (n, height, width, 3) uint8 array to fill (e.g. a reused scratch buffer).
 
     Pixel-identical to one ``slide.read_region(loc, level, size)`` per location. For TIFF-family
     slides read directly, each stored tile under the batch is decoded once (and reused by the
@@ -178,7 +202,7 @@ def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray
     w, h = int(size[0]), int(size[1])
     tiff = slide._tiff
     if tiff is None or not 0 <= level < len(tiff.levels):
-        out = np.empty((len(locs), h, w, 3), np.uint8)
+        out = np.empty((len(locs), h, w, 3), np.uint8) if out is None else out
         for k, (x, y) in enumerate(locs):
             out[k] = slide.read_region((int(x), int(y)), level, (w, h))
         return out
@@ -188,6 +212,6 @@ def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray
     # the same rounding as Slide.read_region: floor of the level-0 position over the downsample
     origins = np.array([(int(int(x) // ds), int(int(y) // ds)) for x, y in locs], np.int64).reshape(-1, 2)
     try:
-        return read_level_boxes(segment_cache(tiff.levels[level]), origins, h, w)
+        return read_level_boxes(segment_cache(tiff.levels[level]), origins, h, w, out)
     except (openslide.OpenSlideError, OSError, ValueError, RuntimeError) as exc:
         raise SlideError(f"{slide.path.name}: reading pixels failed ({exc}); the file may be corrupt.") from exc

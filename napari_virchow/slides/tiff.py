@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import tifffile
 
@@ -74,6 +75,7 @@ class TiffLevel:
         self.tiled = bool(page.is_tiled)
         self._count_lock = threading.Lock()
         self._decodes = 0
+        self._jpeg_into = _jpeg_colorspaces(page) if self.tiled else None
 
     @property
     def decodes(self) -> int:
@@ -99,19 +101,34 @@ class TiffLevel:
     def _segment(self, row: int, col: int) -> np.ndarray | None:
         return self.decode_segment(row * self.layout.cols + col)
 
-    def decode_segment(self, index: int) -> np.ndarray | None:
-        """Stored segment ``index`` (row-major) decoded, (length, width, samples); ``None`` if absent."""
+    def decode_segment(self, index: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Stored segment ``index`` (row-major) decoded, (length, width, samples); ``None`` if absent.
+
+        ``out``, a (tile length, tile width, 3) uint8 array, receives the pixels of an RGB JPEG
+        tile (no fresh memory per decode); other segments ignore it.
+        """
         count = int(self.bytecounts[index])
         if count == 0:
             return None  # a sparse file: the scanner skipped this tile, show it as background
         data = os.pread(self._fd, count, int(self.offsets[index]))
         if len(data) != count:
             raise OSError(f"{self.path}: segment {index} is cut short (the file is truncated)")
-        decoded, _, shape = self._decode(data, index, jpegtables=self._jpegtables)
+        if out is not None and self._jpeg_into is not None and out.shape == (*self.chunk_unit, 3):
+            # the call tifffile's decode makes, into a buffer the caller recycles
+            colorspace, outcolorspace = self._jpeg_into
+            pixels = imagecodecs.jpeg_decode(data, tables=self._jpegtables, colorspace=colorspace,
+                                             outcolorspace=outcolorspace, shape=self.chunk_unit,
+                                             bitspersample=8, out=out)  # fmt: skip
+            if pixels is not out:  # the contract callers recycle buffers by: the pixels are in `out`
+                out[...] = pixels.reshape(out.shape)
+                pixels = out
+        else:
+            decoded, _, _ = self._decode(data, index, jpegtables=self._jpegtables)
+            # tifffile returns (separate sample, depth, length, width, samples); keep (length, width, s)
+            pixels = np.asarray(decoded).reshape(decoded.shape[-3:])
         with self._count_lock:
             self._decodes += 1
-        # tifffile returns (separate sample, depth, length, width, samples); keep (length, width, s)
-        return np.asarray(decoded).reshape(decoded.shape[-3:])
+        return pixels
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels ``[y0:y1, x0:x1]`` as RGB uint8, composited on white, clipped to the level."""
@@ -136,6 +153,20 @@ class TiffLevel:
                 patch = seg[iy0 - sy : iy1 - sy, ix0 - sx : ix1 - sx]
                 out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = to_rgb(patch)
         return out
+
+
+def _jpeg_colorspaces(page: tifffile.TiffPage) -> tuple[int | None, int] | None:
+    """(colorspace, outcolorspace) tifffile decodes an 8-bit 3-sample JPEG page with, else None."""
+    if int(page.compression) != 7 or int(page.samplesperpixel) != 3 or int(page.bitspersample) != 8:
+        return None
+    if page.extrasamples or int(page.planarconfig) != 1:
+        return None
+    photometric = int(page.photometric)
+    if photometric == 6:  # YCbCr → RGB
+        return None, 2
+    if photometric == 2:  # RGB; without a JFIF marker (Aperio) the data is RGB, not YCbCr
+        return (None if page.is_jfif else 2), 2
+    return None
 
 
 def to_rgb(pixels: np.ndarray) -> np.ndarray:

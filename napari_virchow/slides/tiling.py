@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -42,6 +43,8 @@ THUMB_PX_PER_TILE, THUMB_SIZE_RANGE = 8, (1024, 4096)
 #: fewest level-0 px a tile may span: below this the slide is far coarser than the model's
 #: magnification (or its resolution tag is wrong) and the lattice would explode to ~1 tile per px
 MIN_TILE_L0 = 16
+#: largest pre-resize batch a reader thread keeps as a scratch buffer between batches
+SCRATCH_MAX_BYTES = 64 * 2**20
 
 
 def detect_tissue(rgb: np.ndarray, *, threshold: float | None = None) -> tuple[np.ndarray, float]:
@@ -77,6 +80,19 @@ def detect_tissue(rgb: np.ndarray, *, threshold: float | None = None) -> tuple[n
     elif not 0.0 <= threshold <= 1.0:
         raise ValueError(f"tissue_threshold is a saturation in [0, 1], got {threshold!r}")
     return (sat > threshold) & usable, float(threshold)
+
+
+_local = threading.local()
+
+
+def _scratch(n: int, side: int) -> np.ndarray | None:
+    """A per-thread (n, side, side, 3) uint8 buffer, reused batch after batch (None if huge)."""
+    if n * side * side * 3 > SCRATCH_MAX_BYTES:
+        return None
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.shape[1:] != (side, side, 3) or len(buf) < n:
+        buf = _local.buf = np.empty((n, side, side, 3), np.uint8)
+    return buf[:n]
 
 
 class TileGrid:
@@ -298,8 +314,11 @@ class TileGrid:
         if bad.size:
             raise IndexError(f"tile {int(bad[0])} out of range 0..{len(self) - 1}")
         rs = self.read_size
-        raw = read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs))
-        return resize_batch(raw, self.size) if self.resized else raw
+        if not self.resized:
+            return read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs))
+        # the pre-resize pixels go to a buffer this thread reuses: no fresh pages per batch
+        raw = read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs), out=_scratch(len(idx), rs))
+        return resize_batch(raw, self.size)
 
     def __repr__(self) -> str:
         rows, cols = self.grid_shape

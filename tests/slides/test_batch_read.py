@@ -104,6 +104,20 @@ def test_threads_share_decodes(planted20: Path) -> None:
     assert lvl.decodes - before == len(segments_under(grid, np.arange(len(grid))))  # none twice
     for b, idx in enumerate(batches):
         np.testing.assert_array_equal(results[b], per_tile_reference(grid, idx))
+    # a cache far smaller than the work: buffers are evicted and decoded into again while the
+    # other thread copies from its own; every tile must still be exact
+    cache = segment_cache(lvl)
+    cache.clear()
+    cache.capacity = 3 * 256 * 256 * 3
+    start = threading.Barrier(2)
+    threads = [threading.Thread(target=work, args=(w,)) for w in ([0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert cache.nbytes <= cache.capacity
+    for b, idx in enumerate(batches):
+        np.testing.assert_array_equal(results[b], per_tile_reference(grid, idx))
 
 
 @pytest.mark.timeout(60)
