@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -125,16 +124,15 @@ class SegmentCache:
         return self._bytes
 
 
-_caches: weakref.WeakKeyDictionary[TiffLevel, SegmentCache] = weakref.WeakKeyDictionary()
 _caches_lock = threading.Lock()
 
 
 def segment_cache(level: TiffLevel) -> SegmentCache:
-    """The shared cache of ``level`` (made on first use, gone with the level)."""
+    """The shared cache of ``level`` (made on first use; dropped when the slide is closed)."""
     with _caches_lock:
-        cache = _caches.get(level)
-        if cache is None:
-            cache = _caches[level] = SegmentCache(level)
+        cache = level.segment_cache
+        if not isinstance(cache, SegmentCache):
+            cache = level.segment_cache = SegmentCache(level)
         return cache
 
 

@@ -76,6 +76,8 @@ class TiffLevel:
         self._count_lock = threading.Lock()
         self._decodes = 0
         self._jpeg_into = _jpeg_colorspaces(page) if self.tiled else None
+        #: decoded segments kept for batch reads (a batch_read.SegmentCache, made on first use)
+        self.segment_cache: object | None = None
 
     @property
     def decodes(self) -> int:
@@ -207,6 +209,8 @@ class TiffPyramid:
         if not self._closed.is_set():
             self._closed.set()
             os.close(self._fd)
+            for level in self.levels:
+                level.segment_cache = None  # decoded pixels go with the file
 
 
 def page_supported(page: tifffile.TiffPage) -> bool:

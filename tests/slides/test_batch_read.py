@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +187,18 @@ def test_truncated_file_fails_clearly_every_time(planted20: Path, tmp_path: Path
     slide.close()
     with pytest.raises(SlideError, match="was closed"):
         grid.read_tiles([0])
+
+
+@pytest.mark.timeout(60)
+def test_decoded_pixels_go_with_the_slide(planted20: Path) -> None:
+    slide = Slide(planted20)
+    grid = TileGrid(slide)
+    grid.read_tiles(np.arange(len(grid)))
+    level = slide._tiff.levels[0]
+    cache = weakref.ref(segment_cache(level))
+    assert cache() is not None and cache().nbytes > 0
+    slide.close()
+    assert level.segment_cache is None
+    del grid, slide, level
+    gc.collect()
+    assert cache() is None  # no reference cycle keeps a closed slide's pixels alive
