@@ -29,7 +29,8 @@ import numpy as np
 import openslide
 
 from napari_virchow.errors import SlideError
-from napari_virchow.slides.tiff import WHITE, TiffLevel, to_rgb
+from napari_virchow.slides.jpeg_batch import TorchJpegDecoder, decoder_for
+from napari_virchow.slides.tiff import WHITE, SegmentLayout, TiffLevel, to_rgb
 
 if TYPE_CHECKING:
     from napari_virchow.slides.slide import Slide
@@ -72,6 +73,8 @@ class SegmentCache:
         # evicted segment buffers decoded into again: fresh memory per decode costs page faults
         self._spare: list[np.ndarray] = []
         self._shape = (lay.seg_height, lay.seg_width, 3)
+        #: whether a batch decoder's pixels matched imagecodecs' on this level (None: not tried)
+        self.decoder_ok: bool | None = None
 
     def get(self, index: int) -> np.ndarray | None:
         """Segment ``index`` as (h, w, 3) uint8 RGB on white, ``None`` where the file has none."""
@@ -91,25 +94,57 @@ class SegmentCache:
             seg = self.level.decode_segment(index, out=spare)
             rgb = None if seg is None else np.ascontiguousarray(to_rgb(seg))
         except BaseException:
-            with self._lock:
-                self._pending.pop(index).set()
+            self._release([index])
             raise
         with self._lock:
             if spare is not None and rgb is not spare:
                 self._spare.append(spare)  # not used (a sparse tile): keep it for the next decode
-            self._items[index] = rgb
-            self._bytes += 0 if rgb is None else rgb.nbytes
-            while self._bytes > self.capacity and len(self._items) > 1:
-                _, old = self._items.popitem(last=False)
-                if old is None:
-                    continue
-                self._bytes -= old.nbytes
-                # Recycle the buffer only if nobody else holds it: popped, its references are `old`
-                # and getrefcount's argument (a reader copying from it, or a view, adds one).
-                if len(self._spare) < SPARE_SEGMENTS and old.shape == self._shape and sys.getrefcount(old) <= 2:
-                    self._spare.append(old)
-            self._pending.pop(index).set()
+            self._insert(index, rgb)
         return rgb
+
+    def prefetch(self, indices: Sequence[int], decoder: TorchJpegDecoder) -> None:
+        """Decode the segments of ``indices`` not held yet in one ``decoder`` batch."""
+        with self._lock:
+            todo = [i for i in dict.fromkeys(int(i) for i in indices)
+                    if i not in self._items and i not in self._pending]  # fmt: skip
+            for i in todo:
+                self._pending[i] = threading.Event()
+        if not todo:
+            return
+        try:
+            pixels = decoder.decode(self.level, todo)
+            first = next((k for k, p in enumerate(pixels) if p is not None), None)
+            if self.decoder_ok is None and first is not None:
+                self.decoder_ok = decoder.verify(self.level, todo[first], pixels[first])
+        except BaseException:
+            self._release(todo)
+            raise
+        if not self.decoder_ok:
+            self._release(todo)  # get() decodes them with imagecodecs
+            return
+        with self._lock:
+            for i, rgb in zip(todo, pixels, strict=True):
+                self._insert(i, rgb)
+
+    def _release(self, indices: Sequence[int]) -> None:
+        with self._lock:
+            for i in indices:
+                self._pending.pop(i).set()
+
+    def _insert(self, index: int, rgb: np.ndarray | None) -> None:
+        # under self._lock
+        self._items[index] = rgb
+        self._bytes += 0 if rgb is None else rgb.nbytes
+        while self._bytes > self.capacity and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            if old is None:
+                continue
+            self._bytes -= old.nbytes
+            # Recycle the buffer only if nobody else holds it: popped, its references are `old`
+            # and getrefcount's argument (a reader copying from it, or a view, adds one).
+            if len(self._spare) < SPARE_SEGMENTS and old.shape == self._shape and sys.getrefcount(old) <= 2:
+                self._spare.append(old)
+        self._pending.pop(index).set()
 
     def clear(self) -> None:
         """Drop every decoded segment (memory back; the next reads decode again)."""
@@ -136,46 +171,75 @@ def segment_cache(level: TiffLevel) -> SegmentCache:
         return cache
 
 
+def _segments_of(lay: SegmentLayout, x0: int, y0: int, height: int, width: int) -> list[int]:
+    cy0, cy1 = max(y0, 0), min(y0 + height, lay.height)
+    cx0, cx1 = max(x0, 0), min(x0 + width, lay.width)
+    if cy0 >= cy1 or cx0 >= cx1:
+        return []
+    cols = range(cx0 // lay.seg_width, (cx1 - 1) // lay.seg_width + 1)
+    return [r * lay.cols + c for r in range(cy0 // lay.seg_height, (cy1 - 1) // lay.seg_height + 1) for c in cols]
+
+
+def _assemble(cache: SegmentCache, tile: np.ndarray, x0: int, y0: int) -> None:
+    lay = cache.level.layout
+    sh, sw = lay.seg_height, lay.seg_width
+    height, width = tile.shape[:2]
+    cy0, cy1 = max(y0, 0), min(y0 + height, lay.height)
+    cx0, cx1 = max(x0, 0), min(x0 + width, lay.width)
+    if (cy0, cy1, cx0, cx1) != (y0, y0 + height, x0, x0 + width):
+        tile[:] = WHITE  # partly outside the level: background
+    if cy0 >= cy1 or cx0 >= cx1:
+        return
+    for row in range(cy0 // sh, (cy1 - 1) // sh + 1):
+        iy0, iy1 = max(row * sh, cy0), min(row * sh + sh, cy1)
+        for col in range(cx0 // sw, (cx1 - 1) // sw + 1):
+            ix0, ix1 = max(col * sw, cx0), min(col * sw + sw, cx1)
+            seg = cache.get(row * lay.cols + col)
+            dst = tile[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+            if seg is None:  # a sparse file: the scanner skipped this tile
+                dst[:] = WHITE
+            else:
+                dst[:] = seg[iy0 - row * sh : iy1 - row * sh, ix0 - col * sw : ix1 - col * sw]
+
+
 def read_level_boxes(cache: SegmentCache, origins: np.ndarray, height: int, width: int,
-                     out: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+                     out: np.ndarray | None = None, decoder: TorchJpegDecoder | None = None) -> np.ndarray:  # fmt: skip
     """Regions ``[y:y+height, x:x+width]`` of the cache's level for each (x, y) of ``origins``.
 
     Returns (n, height, width, 3) uint8 (``out`` when given); outside the level and absent
-    segments are white.
+    segments are white. With a ``decoder`` (and a level it supports), the stored tiles of each
+    group of regions are decoded in one batch first, groups holding at most half the cache.
     """
     lay = cache.level.layout
-    sh, sw = lay.seg_height, lay.seg_width
     n = len(origins)
     if out is None:
         out = np.empty((n, height, width, 3), np.uint8)
     elif out.shape != (n, height, width, 3) or out.dtype != np.uint8:
         raise ValueError(f"out must be ({n}, {height}, {width}, 3) uint8, got {out.shape} {out.dtype}")
     # row-major: a band of segments is finished before the next one is decoded
-    order = np.lexsort((origins[:, 0], origins[:, 1])) if n > 1 else range(n)
-    for k in order:
-        x0, y0 = int(origins[k, 0]), int(origins[k, 1])
-        cy0, cy1 = max(y0, 0), min(y0 + height, lay.height)
-        cx0, cx1 = max(x0, 0), min(x0 + width, lay.width)
-        tile = out[k]
-        if (cy0, cy1, cx0, cx1) != (y0, y0 + height, x0, x0 + width):
-            tile[:] = WHITE  # partly outside the level: background
-        if cy0 >= cy1 or cx0 >= cx1:
-            continue
-        for row in range(cy0 // sh, (cy1 - 1) // sh + 1):
-            iy0, iy1 = max(row * sh, cy0), min(row * sh + sh, cy1)
-            for col in range(cx0 // sw, (cx1 - 1) // sw + 1):
-                ix0, ix1 = max(col * sw, cx0), min(col * sw + sw, cx1)
-                seg = cache.get(row * lay.cols + col)
-                dst = tile[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
-                if seg is None:  # a sparse file: the scanner skipped this tile
-                    dst[:] = WHITE
-                else:
-                    dst[:] = seg[iy0 - row * sh : iy1 - row * sh, ix0 - col * sw : ix1 - col * sw]
+    order = [int(k) for k in np.lexsort((origins[:, 0], origins[:, 1]))] if n > 1 else list(range(n))
+    if decoder is None or cache.decoder_ok is False or not decoder.supports(cache.level):
+        for k in order:
+            _assemble(cache, out[k], int(origins[k, 0]), int(origins[k, 1]))
+        return out
+    budget = max(1, cache.capacity // (2 * lay.seg_height * lay.seg_width * 3))
+    group: list[int] = []
+    union: dict[int, None] = {}
+    for pos, k in enumerate(order):
+        group.append(k)
+        union.update(dict.fromkeys(_segments_of(lay, int(origins[k, 0]), int(origins[k, 1]), height, width)))
+        nxt = order[pos + 1] if pos + 1 < len(order) else None
+        if nxt is None or len(union) >= budget:
+            cache.prefetch(list(union), decoder)
+            for j in group:
+                _assemble(cache, out[j], int(origins[j, 0]), int(origins[j, 1]))
+            group, union = [], {}
     return out
 
 
 def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray, level: int,
-                 size: tuple[int, int], *, out: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+                 size: tuple[int, int], *, out: np.ndarray | None = None,
+                 decode_device: str | None = None) -> np.ndarray:  # fmt: skip
     """Many :meth:`Slide.read_region` calls as one batch: (n, height, width, 3) uint8.
 
     Parameters
@@ -190,6 +254,9 @@ def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray
         (width, height) in px of ``level``, the same for every region.
     out
         An (n, height, width, 3) uint8 array to fill (e.g. a reused scratch buffer).
+    decode_device
+        Decode JPEG stored tiles in batches with ``torchvision.io.decode_jpeg`` on this torch
+        device (``"cuda"``; ``"cpu"`` runs the same API on the CPU); default imagecodecs.
 
     Pixel-identical to one ``slide.read_region(loc, level, size)`` per location. For TIFF-family
     slides read directly, each stored tile under the batch is decoded once (and reused by the
@@ -210,6 +277,7 @@ def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray
     # the same rounding as Slide.read_region: floor of the level-0 position over the downsample
     origins = np.array([(int(int(x) // ds), int(int(y) // ds)) for x, y in locs], np.int64).reshape(-1, 2)
     try:
-        return read_level_boxes(segment_cache(tiff.levels[level]), origins, h, w, out)
+        decoder = decoder_for(decode_device) if decode_device is not None else None
+        return read_level_boxes(segment_cache(tiff.levels[level]), origins, h, w, out, decoder)
     except (openslide.OpenSlideError, OSError, ValueError, RuntimeError) as exc:
         raise SlideError(f"{slide.path.name}: reading pixels failed ({exc}); the file may be corrupt.") from exc

@@ -103,18 +103,40 @@ class TiffLevel:
     def _segment(self, row: int, col: int) -> np.ndarray | None:
         return self.decode_segment(row * self.layout.cols + col)
 
-    def decode_segment(self, index: int, out: np.ndarray | None = None) -> np.ndarray | None:
-        """Stored segment ``index`` (row-major) decoded, (length, width, samples); ``None`` if absent.
+    @property
+    def jpegtables(self) -> bytes | None:
+        """The page's JPEGTables (shared quantisation/Huffman tables), if any."""
+        return self._jpegtables
 
-        ``out``, a (tile length, tile width, 3) uint8 array, receives the pixels of an RGB JPEG
-        tile (no fresh memory per decode); other segments ignore it.
-        """
+    @property
+    def jpeg_colorspaces(self) -> tuple[int | None, int] | None:
+        """(JPEG, output) colour spaces of an 8-bit 3-sample tiled JPEG level, else ``None``."""
+        return self._jpeg_into
+
+    def count_decodes(self, n: int) -> None:
+        """Add ``n`` segments decoded elsewhere (a batch decoder) to :attr:`decodes`."""
+        with self._count_lock:
+            self._decodes += n
+
+    def read_segment_bytes(self, index: int) -> bytes | None:
+        """The stored bytes of segment ``index``; ``None`` for a segment the file does not have."""
         count = int(self.bytecounts[index])
         if count == 0:
             return None  # a sparse file: the scanner skipped this tile, show it as background
         data = os.pread(self._fd, count, int(self.offsets[index]))
         if len(data) != count:
             raise OSError(f"{self.path}: segment {index} is cut short (the file is truncated)")
+        return data
+
+    def decode_segment(self, index: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Stored segment ``index`` (row-major) decoded, (length, width, samples); ``None`` if absent.
+
+        ``out``, a (tile length, tile width, 3) uint8 array, receives the pixels of an RGB JPEG
+        tile (no fresh memory per decode); other segments ignore it.
+        """
+        data = self.read_segment_bytes(index)
+        if data is None:
+            return None
         if out is not None and self._jpeg_into is not None and out.shape == (*self.chunk_unit, 3):
             # the call tifffile's decode makes, into a buffer the caller recycles
             colorspace, outcolorspace = self._jpeg_into
@@ -128,8 +150,7 @@ class TiffLevel:
             decoded, _, _ = self._decode(data, index, jpegtables=self._jpegtables)
             # tifffile returns (separate sample, depth, length, width, samples); keep (length, width, s)
             pixels = np.asarray(decoded).reshape(decoded.shape[-3:])
-        with self._count_lock:
-            self._decodes += 1
+        self.count_decodes(1)
         return pixels
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 
 from napari_virchow.errors import SlideError
 from napari_virchow.slides.batch_read import read_regions
+from napari_virchow.slides.jpeg_batch import decoder_for
 from napari_virchow.slides.resample import resize_batch
 from napari_virchow.slides.slide import Slide
 
@@ -108,6 +109,11 @@ class TileGrid:
         Saturation threshold of :func:`detect_tissue` (default: Otsu's).
     min_tissue : float
         Fraction of a tile's footprint that must be tissue for the tile to count.
+    decode_device : str, optional
+        Decode JPEG stored tiles in batches with ``torchvision.io.decode_jpeg`` on this torch
+        device (e.g. ``"cuda"``: the CPU only reads bytes); default ``None``, imagecodecs on the
+        CPU. Checked against imagecodecs on each level's first batch (see
+        :mod:`~napari_virchow.slides.jpeg_batch`).
 
     Attributes
     ----------
@@ -144,12 +150,16 @@ class TileGrid:
         size: int = 224,
         tissue_threshold: float | None = None,
         min_tissue: float = 0.1,
+        decode_device: str | None = None,
     ) -> None:
         if not (math.isfinite(mpp) and mpp > 0) or int(size) != size or size < 1:
             raise ValueError(f"need mpp > 0 and an integer size >= 1, got {mpp!r}, {size!r}")
         if not 0.0 <= min_tissue <= 1.0:
             raise ValueError(f"min_tissue is a fraction in [0, 1], got {min_tissue!r}")
         self.slide, self.mpp, self.size, self.min_tissue = slide, float(mpp), int(size), min_tissue
+        if decode_device is not None:
+            decoder_for(decode_device)  # a device this machine lacks fails here, not mid-run
+        self.decode_device = decode_device
         slide_mpp = slide.require_mpp()
         self.tile_size_l0 = max(1, round(self.size * self.mpp / slide_mpp))
         if self.tile_size_l0 < MIN_TILE_L0:
@@ -313,11 +323,12 @@ class TileGrid:
         bad = idx[(idx < 0) | (idx >= len(self))]
         if bad.size:
             raise IndexError(f"tile {int(bad[0])} out of range 0..{len(self) - 1}")
-        rs = self.read_size
+        rs, device = self.read_size, self.decode_device
         if not self.resized:
-            return read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs))
+            return read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs), decode_device=device)
         # the pre-resize pixels go to a buffer this thread reuses: no fresh pages per batch
-        raw = read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs), out=_scratch(len(idx), rs))
+        scratch = _scratch(len(idx), rs)
+        raw = read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs), out=scratch, decode_device=device)
         return resize_batch(raw, self.size)
 
     def __repr__(self) -> str:
