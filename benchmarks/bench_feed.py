@@ -9,6 +9,7 @@ slide reads 448² of level 0 per tile, resized) are delivered, in row-major batc
 
 - ``read_path``: ``TileGrid.read_tiles`` per batch, from 1 thread and from 2 threads (a pool
   working on consecutive batches, as the pipeline's readers do); the null encoder only counts;
+- ``per_tile_before``: the read path before batching (``Slide.read_region`` per tile, PIL resize);
 - ``openslide``: a single-thread ``OpenSlide.read_region`` loop per tile (+ PIL bicubic resize at 40×);
 - ``decode_limit``: ``os.pread`` + ``imagecodecs.jpeg_decode`` of each stored tile the tiles cover,
   once, single thread: what one core can decode, with nothing else done.
@@ -92,6 +93,19 @@ def read_path(path: Path, idx: np.ndarray, batch: int, threads: int) -> float:
     return len(idx) / dt, len(idx) / dcpu  # the CPU rate is meaningful for 1 thread only
 
 
+def per_tile_before(path: Path, idx: np.ndarray) -> float:
+    """The read path before batching: one Slide.read_region per tile (+ PIL bicubic per tile)."""
+    with Slide(path) as slide:
+        grid = TileGrid(slide, mpp=TARGET_MPP, size=SIZE)
+        rs = grid.read_size
+        t = time.perf_counter()
+        for x, y in grid.coords[idx]:
+            tile = slide.read_region((int(x), int(y)), grid.read_level, (rs, rs))
+            if rs != SIZE:
+                tile = np.asarray(Image.fromarray(tile).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+        return len(idx) / (time.perf_counter() - t)
+
+
 def openslide_loop(path: Path, coords: np.ndarray, read: int) -> float:
     osr = openslide.OpenSlide(str(path))
     t = time.perf_counter()
@@ -136,7 +150,7 @@ def measure(path: Path, rows: int, batch: int, repeats: int) -> dict[str, float]
         idx = tile_set(grid, rows)
         coords, read, level = grid.coords[idx], grid.read_size, grid.read_level
     assert level == 0, "the bench slides are read from level 0 at 0.5 µm/px"
-    names = ["read_1t", "read_2t", "openslide", "decode_limit", "read_1t_cpu", "decode_limit_cpu"]
+    names = ["read_1t", "read_2t", "per_tile_before", "openslide", "decode_limit", "read_1t_cpu", "decode_limit_cpu"]
     runs: dict[str, list[float]] = {k: [] for k in names}
     segs = 0
     for _ in range(repeats):  # interleaved, so a burst of load elsewhere hits every variant alike
@@ -144,6 +158,7 @@ def measure(path: Path, rows: int, batch: int, repeats: int) -> dict[str, float]
         runs["read_1t"].append(wall)
         runs["read_1t_cpu"].append(cpu)
         runs["read_2t"].append(read_path(path, idx, batch, 2)[0])
+        runs["per_tile_before"].append(per_tile_before(path, idx))
         runs["openslide"].append(openslide_loop(path, coords, read))
         wall, cpu, segs = decode_limit(path, coords, read)
         runs["decode_limit"].append(wall)
@@ -159,6 +174,7 @@ def measure(path: Path, rows: int, batch: int, repeats: int) -> dict[str, float]
         "cpu_ratio_1t_vs_decode_limit": round(med["read_1t_cpu"] / med["decode_limit_cpu"], 3),
         "ratio_2t_per_thread_vs_decode_limit": round(med["read_2t"] / (2 * med["decode_limit"]), 3),
         "ratio_1t_vs_openslide": round(med["read_1t"] / med["openslide"], 2),
+        "ratio_1t_vs_per_tile_before": round(med["read_1t"] / med["per_tile_before"], 2),
     }
 
 

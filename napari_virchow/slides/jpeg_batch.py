@@ -74,8 +74,13 @@ class TorchJpegDecoder:
             return out
         decoded = decode_jpeg(streams, mode=ImageReadMode.RGB, device=self.device)
         level.count_decodes(len(streams))
-        for k, img in zip(where, decoded, strict=True):
-            out[k] = np.ascontiguousarray(img.permute(1, 2, 0).cpu().numpy())
+        if len({tuple(img.shape) for img in decoded}) == 1:  # one device-to-host copy per batch
+            host = torch.stack(decoded).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+            images = [np.ascontiguousarray(host[j]) for j in range(len(decoded))]
+        else:
+            images = [np.ascontiguousarray(img.permute(1, 2, 0).cpu().numpy()) for img in decoded]
+        for k, img in zip(where, images, strict=True):
+            out[k] = img
         return out
 
     def verify(self, level: TiffLevel, index: int, pixels: np.ndarray) -> bool:
