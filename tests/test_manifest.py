@@ -72,3 +72,14 @@ def test_wheel_carries_manifest_and_sample(tmp_path: Path) -> None:
     info = _check(env, cwd=tmp_path)  # not the repo root, whose package would come first
     assert info["package_dir"].startswith(str(tmp_path / "site"))
     _assert_contributions(info)
+
+
+def test_manifest_is_a_real_file_and_the_repo_has_no_symlinks() -> None:
+    # Windows checkouts turn symlinks into text files holding the target path: npe2 would then
+    # read "../napari.yaml" as the manifest.
+    assert not (ROOT / "napari_virchow" / "napari.yaml").is_symlink()
+    listing = subprocess.run(["git", "ls-files", "-s"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    if listing.returncode != 0:
+        pytest.skip("not a git checkout")
+    links = [line.split("\t")[1] for line in listing.stdout.splitlines() if line.startswith("120000")]
+    assert links == []
