@@ -203,14 +203,14 @@ def test_reader_exception_propagates_without_hang(
 ) -> None:
     bad = int(grid.tissue_indices[7])
     flaky = copy.copy(grid)
-    read_tile = grid.read_tile
+    read_tiles = grid.read_tiles
 
-    def failing(index: int) -> np.ndarray:
-        if index == bad:
-            raise OSError(f"input/output error reading tile {index} (injected)")
-        return read_tile(index)
+    def failing(indices: np.ndarray) -> np.ndarray:
+        if bad in np.asarray(indices).tolist():
+            raise OSError(f"input/output error reading tile {bad} (injected)")
+        return read_tiles(indices)
 
-    flaky.read_tile = failing  # type: ignore[method-assign]
+    flaky.read_tiles = failing  # type: ignore[method-assign]
     stored = []
     with pytest.raises(OSError, match="injected") as info:
         for r in iter_embed(slide, encoder, flaky, cache_root=tmp_path, batch_size=2, readers=readers):

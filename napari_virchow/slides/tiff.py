@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import tifffile
 
@@ -35,10 +36,12 @@ class SegmentLayout:
 
     @property
     def rows(self) -> int:
+        """Segments down the page."""
         return -(-self.height // self.seg_height)
 
     @property
     def cols(self) -> int:
+        """Segments across the page."""
         return -(-self.width // self.seg_width)
 
 
@@ -70,6 +73,16 @@ class TiffLevel:
         self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
         self.bytecounts = np.asarray(page.databytecounts, dtype=np.int64)
         self.tiled = bool(page.is_tiled)
+        self._count_lock = threading.Lock()
+        self._decodes = 0
+        self._jpeg_into = _jpeg_colorspaces(page) if self.tiled else None
+        #: decoded segments kept for batch reads (a batch_read.SegmentCache, made on first use)
+        self.segment_cache: object | None = None
+
+    @property
+    def decodes(self) -> int:
+        """Stored segments decoded so far (every path: views, tiles, thumbnails); a real counter."""
+        return self._decodes
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -88,16 +101,57 @@ class TiffLevel:
         return int((self.offsets + self.bytecounts).max())
 
     def _segment(self, row: int, col: int) -> np.ndarray | None:
-        index = row * self.layout.cols + col
+        return self.decode_segment(row * self.layout.cols + col)
+
+    @property
+    def jpegtables(self) -> bytes | None:
+        """The page's JPEGTables (shared quantisation/Huffman tables), if any."""
+        return self._jpegtables
+
+    @property
+    def jpeg_colorspaces(self) -> tuple[int | None, int] | None:
+        """(JPEG, output) colour spaces of an 8-bit 3-sample tiled JPEG level, else ``None``."""
+        return self._jpeg_into
+
+    def count_decodes(self, n: int) -> None:
+        """Add ``n`` segments decoded elsewhere (a batch decoder) to :attr:`decodes`."""
+        with self._count_lock:
+            self._decodes += n
+
+    def read_segment_bytes(self, index: int) -> bytes | None:
+        """The stored bytes of segment ``index``; ``None`` for a segment the file does not have."""
         count = int(self.bytecounts[index])
         if count == 0:
             return None  # a sparse file: the scanner skipped this tile, show it as background
         data = os.pread(self._fd, count, int(self.offsets[index]))
         if len(data) != count:
             raise OSError(f"{self.path}: segment {index} is cut short (the file is truncated)")
-        decoded, _, shape = self._decode(data, index, jpegtables=self._jpegtables)
-        # tifffile returns (separate sample, depth, length, width, samples); keep (length, width, s)
-        return np.asarray(decoded).reshape(decoded.shape[-3:])
+        return data
+
+    def decode_segment(self, index: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Stored segment ``index`` (row-major) decoded, (length, width, samples); ``None`` if absent.
+
+        ``out``, a (tile length, tile width, 3) uint8 array, receives the pixels of an RGB JPEG
+        tile (no fresh memory per decode); other segments ignore it.
+        """
+        data = self.read_segment_bytes(index)
+        if data is None:
+            return None
+        if out is not None and self._jpeg_into is not None and out.shape == (*self.chunk_unit, 3):
+            # the call tifffile's decode makes, into a buffer the caller recycles
+            colorspace, outcolorspace = self._jpeg_into
+            pixels = imagecodecs.jpeg_decode(data, tables=self._jpegtables, colorspace=colorspace,
+                                             outcolorspace=outcolorspace, shape=self.chunk_unit,
+                                             bitspersample=8, out=out)  # fmt: skip
+            if pixels is not out:  # the contract callers recycle buffers by: the pixels are in `out`
+                out[...] = pixels.reshape(out.shape)
+                pixels = out
+        else:
+            decoded, _, _ = self._decode(data, index, jpegtables=self._jpegtables)
+            # tifffile returns (separate sample, depth, length, width, samples); keep (length, width, s)
+            pixels = np.asarray(decoded).reshape(decoded.shape[-3:])
+        self.count_decodes(1)
+        return pixels
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels ``[y0:y1, x0:x1]`` as RGB uint8, composited on white, clipped to the level."""
@@ -122,6 +176,20 @@ class TiffLevel:
                 patch = seg[iy0 - sy : iy1 - sy, ix0 - sx : ix1 - sx]
                 out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = to_rgb(patch)
         return out
+
+
+def _jpeg_colorspaces(page: tifffile.TiffPage) -> tuple[int | None, int] | None:
+    """(colorspace, outcolorspace) tifffile decodes an 8-bit 3-sample JPEG page with, else None."""
+    if int(page.compression) != 7 or int(page.samplesperpixel) != 3 or int(page.bitspersample) != 8:
+        return None
+    if page.extrasamples or int(page.planarconfig) != 1:
+        return None
+    photometric = int(page.photometric)
+    if photometric == 6:  # YCbCr → RGB
+        return None, 2
+    if photometric == 2:  # RGB; without a JFIF marker (Aperio) the data is RGB, not YCbCr
+        return (None if page.is_jfif else 2), 2
+    return None
 
 
 def to_rgb(pixels: np.ndarray) -> np.ndarray:
@@ -158,9 +226,12 @@ class TiffPyramid:
         self.levels = [TiffLevel(path, page, self._fd) for page in pages]
 
     def close(self) -> None:
+        """Close the descriptor (idempotent)."""
         if not self._closed.is_set():
             self._closed.set()
             os.close(self._fd)
+            for level in self.levels:
+                level.segment_cache = None  # decoded pixels go with the file
 
 
 def page_supported(page: tifffile.TiffPage) -> bool:

@@ -16,11 +16,15 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 
 from napari_virchow.errors import SlideError
+from napari_virchow.slides.batch_read import read_regions
+from napari_virchow.slides.jpeg_batch import decoder_for
+from napari_virchow.slides.resample import resize_batch
 from napari_virchow.slides.slide import Slide
 
 __all__ = ["RESIZE_TOLERANCE", "TileGrid", "detect_tissue"]
@@ -40,6 +44,8 @@ THUMB_PX_PER_TILE, THUMB_SIZE_RANGE = 8, (1024, 4096)
 #: fewest level-0 px a tile may span: below this the slide is far coarser than the model's
 #: magnification (or its resolution tag is wrong) and the lattice would explode to ~1 tile per px
 MIN_TILE_L0 = 16
+#: largest pre-resize batch a reader thread keeps as a scratch buffer between batches
+SCRATCH_MAX_BYTES = 64 * 2**20
 
 
 def detect_tissue(rgb: np.ndarray, *, threshold: float | None = None) -> tuple[np.ndarray, float]:
@@ -77,6 +83,19 @@ def detect_tissue(rgb: np.ndarray, *, threshold: float | None = None) -> tuple[n
     return (sat > threshold) & usable, float(threshold)
 
 
+_local = threading.local()
+
+
+def _scratch(n: int, side: int) -> np.ndarray | None:
+    """A per-thread (n, side, side, 3) uint8 buffer, reused batch after batch (None if huge)."""
+    if n * side * side * 3 > SCRATCH_MAX_BYTES:
+        return None
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.shape[1:] != (side, side, 3) or len(buf) < n:
+        buf = _local.buf = np.empty((n, side, side, 3), np.uint8)
+    return buf[:n]
+
+
 class TileGrid:
     """Non-overlapping tiles of ``size`` px at ``mpp`` µm/px over a slide, with a tissue flag.
 
@@ -90,6 +109,11 @@ class TileGrid:
         Saturation threshold of :func:`detect_tissue` (default: Otsu's).
     min_tissue : float
         Fraction of a tile's footprint that must be tissue for the tile to count.
+    decode_device : str, optional
+        Decode JPEG stored tiles in batches with ``torchvision.io.decode_jpeg`` on this torch
+        device (e.g. ``"cuda"``: the CPU only reads bytes); default ``None``, imagecodecs on the
+        CPU. Checked against imagecodecs on each level's first batch (see
+        :mod:`~napari_virchow.slides.jpeg_batch`).
 
     Attributes
     ----------
@@ -126,12 +150,16 @@ class TileGrid:
         size: int = 224,
         tissue_threshold: float | None = None,
         min_tissue: float = 0.1,
+        decode_device: str | None = None,
     ) -> None:
         if not (math.isfinite(mpp) and mpp > 0) or int(size) != size or size < 1:
             raise ValueError(f"need mpp > 0 and an integer size >= 1, got {mpp!r}, {size!r}")
         if not 0.0 <= min_tissue <= 1.0:
             raise ValueError(f"min_tissue is a fraction in [0, 1], got {min_tissue!r}")
         self.slide, self.mpp, self.size, self.min_tissue = slide, float(mpp), int(size), min_tissue
+        if decode_device is not None:
+            decoder_for(decode_device)  # a device this machine lacks fails here, not mid-run
+        self.decode_device = decode_device
         slide_mpp = slide.require_mpp()
         self.tile_size_l0 = max(1, round(self.size * self.mpp / slide_mpp))
         if self.tile_size_l0 < MIN_TILE_L0:
@@ -162,6 +190,14 @@ class TileGrid:
         self._flag_tissue(tissue_threshold)
 
     def _choose_level(self, slide_mpp: float) -> tuple[int, int]:
+        """(level, px read there): the file level nearest the target without going coarser.
+
+        A level within ±:data:`RESIZE_TOLERANCE` of the target µm/px is read as is, even when
+        it is up to 10 % coarser (a scanner's 0.503 µm/px serves 0.5); otherwise the coarsest
+        file level not coarser than the target (1 % slack for rounded downsamples) is read and
+        resampled, so 1.0 and 2.0 µm/px come from a /4 level where the file has one and never
+        decode level 0. The lattice (level-0 px) does not depend on this choice.
+        """
         # Only levels stored in the file: the slide's lazily coarsened levels are computed from
         # the file's last level anyway, which costs as much as resampling a read of that level.
         file_ds = self.slide.level_downsamples[: len(self.slide.file_level_dimensions)]
@@ -274,26 +310,27 @@ class TileGrid:
     # --- pixels -------------------------------------------------------------------------------
     def read_tile(self, index: int) -> np.ndarray:
         """Tile ``index`` as (size, size, 3) uint8 at the grid's µm/px."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"tile {index} out of range 0..{len(self) - 1}")
-        x, y = (int(v) for v in self.coords[index])
-        rs = self.read_size
-        pixels = self.slide.read_region((x, y), self.read_level, (rs, rs))
-        if not self.resized:
-            return pixels
-        from PIL import Image
-
-        # PIL's bicubic widens its kernel when shrinking (antialiased), like timm's transforms.
-        img = Image.fromarray(pixels).resize((self.size, self.size), Image.Resampling.BICUBIC)
-        return np.asarray(img)
+        return self.read_tiles([index])[0]
 
     def read_tiles(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Tiles ``indices`` as (n, size, size, 3) uint8."""
+        """Tiles ``indices`` as (n, size, size, 3) uint8, read as one batch.
+
+        The stored tiles under the batch are decoded once each (see
+        :mod:`~napari_virchow.slides.batch_read`), so pass neighbouring tiles together (row-major
+        or centre-out, as the pipeline does). When :attr:`resized`, the whole batch is resampled
+        at once with :func:`~napari_virchow.slides.resample.resize_batch` (antialiased bicubic).
+        """
         idx = np.asarray(indices, dtype=np.int64).ravel()
-        out = np.empty((len(idx), self.size, self.size, 3), np.uint8)
-        for k, i in enumerate(idx):
-            out[k] = self.read_tile(int(i))
-        return out
+        bad = idx[(idx < 0) | (idx >= len(self))]
+        if bad.size:
+            raise IndexError(f"tile {int(bad[0])} out of range 0..{len(self) - 1}")
+        rs, device = self.read_size, self.decode_device
+        if not self.resized:
+            return read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs), decode_device=device)
+        # the pre-resize pixels go to a buffer this thread reuses: no fresh pages per batch
+        scratch = _scratch(len(idx), rs)
+        raw = read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs), out=scratch, decode_device=device)
+        return resize_batch(raw, self.size)
 
     def __repr__(self) -> str:
         rows, cols = self.grid_shape
