@@ -30,7 +30,7 @@ import hashlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -185,7 +185,10 @@ class Encoder:
         self.input_dtype = param.dtype if param is not None else torch.float32
         # autocast only where the weights were not cast to the compute dtype themselves
         self.autocast = dtype is not None and dtype != self.input_dtype
-        forward = model.forward_features if spec.pooling == "cls+mean" else model.forward
+        # timm API; Module.__getattr__ says Tensor
+        forward: Callable[[torch.Tensor], torch.Tensor] = (
+            model.forward_features if spec.pooling == "cls+mean" else model.forward  # type: ignore[assignment]
+        )
         self._forward = torch.compile(forward, dynamic=False) if compile else forward
 
     @property

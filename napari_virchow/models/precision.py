@@ -115,6 +115,6 @@ def use_fused_attention(model: torch.nn.Module) -> int:
     n = 0
     for module in model.modules():
         if hasattr(module, "fused_attn") and hasattr(module, "qkv"):
-            module.fused_attn = True
+            module.fused_attn = True  # type: ignore[assignment]  # timm's plain bool attribute
             n += 1
     return n
