@@ -2,8 +2,9 @@
 
 The pieces :func:`napari_virchow.inference.iter_embed` is made of, each small enough to test on
 its own: how many tiles a batch holds (by device, capped by a memory estimate), how many reader
-threads prefetch, the encoder call that halves its batch on CUDA out-of-memory, and the
-one-batch writer thread that stores batch k while batch k + 1 is read.
+threads prefetch, the pinned host buffers uint8 tiles cross to a GPU through, the encoder call
+that halves its batch on CUDA out-of-memory, the feed and encoder rates (:class:`FeedStats`),
+and the one-batch writer thread that stores batch k while batch k + 1 is read.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,8 +30,8 @@ if TYPE_CHECKING:
     from napari_virchow.store.embeddings import EmbeddingStore
 
 __all__ = [
-    "PREFETCH_PER_READER", "batch_bytes", "cap_batch_size", "default_batch_size", "leave_one_core",
-    "memory_budget", "resolve_readers",
+    "PREFETCH_PER_READER", "FeedStats", "HostStager", "batch_bytes", "cap_batch_size", "default_batch_size",
+    "leave_one_core", "memory_budget", "resolve_readers",
 ]  # fmt: skip
 
 log = logging.getLogger("napari_virchow.inference")
@@ -49,15 +51,20 @@ def default_batch_size(device: torch.device | str) -> int:
     return {"cuda": 32, "mps": 16}.get(kind, 8)
 
 
+#: most reader threads ``"auto"`` starts (decoding releases the GIL; beyond this, memory for prefetch)
+MAX_READERS = 16
+
+
 def resolve_readers(readers: int | Literal["auto"], device: torch.device | str) -> int:
-    """Reader threads: ``"auto"`` is 0 (read in the consuming thread) on CPU, 2–8 on a GPU."""
+    """Reader threads: ``"auto"`` is 0 (read in the consuming thread) on CPU; on a GPU, sized to
+    the CPU: every core but the one feeding the GPU, at least 2, at most :data:`MAX_READERS`."""
     if readers != "auto":
         if int(readers) != readers or readers < 0:
             raise ValueError(f"readers must be 'auto' or an int >= 0, got {readers!r}")
         return int(readers)
     if torch.device(device).type == "cpu":
         return 0
-    return min(8, max(2, (os.cpu_count() or 2) // 2))
+    return min(MAX_READERS, max(2, (os.cpu_count() or 2) - 1))
 
 
 # --- memory ---------------------------------------------------------------------------------------
@@ -124,13 +131,100 @@ def note(exc: BaseException, text: str) -> None:
         exc.add_note(text)
 
 
+class FeedStats:
+    """Feed and encoder rates of one run, so that a starved encoder shows.
+
+    ``feed_tiles_per_s``: tiles the readers delivered per second of reading, per reader thread
+    summed (what the feed could sustain if never blocked). ``encoder_tiles_per_s``: tiles per
+    second inside the encoder calls alone (transfer, preprocessing, model). ``wait_s``: seconds
+    the encoder loop spent waiting for tiles. The encoder never waits when the feed rate is
+    above its rate; with readers=0 (CPU) reading and encoding alternate, so it always waits.
+    """
+
+    def __init__(self, readers: int) -> None:
+        self.readers = max(1, readers)
+        self._lock = threading.Lock()
+        self.tiles_read = self.tiles_embedded = 0
+        self.read_s = self.embed_s = self.wait_s = 0.0
+
+    def add_read(self, n: int, seconds: float) -> None:
+        """Called by a reader (any thread) after reading ``n`` tiles in ``seconds``."""
+        with self._lock:
+            self.tiles_read += n
+            self.read_s += seconds
+
+    def add_embed(self, n: int, seconds: float) -> None:
+        """Called by the consumer after embedding ``n`` tiles in ``seconds``."""
+        self.tiles_embedded += n
+        self.embed_s += seconds
+
+    @property
+    def feed_tiles_per_s(self) -> float:
+        """Tiles/s the readers delivered (NaN before the first read)."""
+        with self._lock:
+            busy = self.read_s / self.readers
+            return self.tiles_read / busy if busy > 0 else float("nan")
+
+    @property
+    def encoder_tiles_per_s(self) -> float:
+        """Tiles/s of the encoder alone (NaN before the first batch)."""
+        return self.tiles_embedded / self.embed_s if self.embed_s > 0 else float("nan")
+
+
+class HostStager:
+    """uint8 tiles -> ``device`` through pinned host buffers and ``non_blocking`` copies (CUDA).
+
+    A ring of ``slots`` page-locked buffers, each reused once the copy out of it has finished
+    (a CUDA event), so the host never waits on a transfer it does not depend on and the GPU
+    copies by DMA. Elsewhere, and for tiles already in a tensor (GPU-decoded), tiles pass through.
+    """
+
+    def __init__(self, device: torch.device | str, slots: int = 2) -> None:
+        self.device = torch.device(device)
+        self.enabled = self.device.type == "cuda" and torch.cuda.is_available()
+        self._buffers: list[torch.Tensor | None] = [None] * slots
+        self._events: list[torch.cuda.Event | None] = [None] * slots
+        self._next = 0
+
+    def __call__(self, tiles: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """``tiles`` on the device (CUDA), or unchanged."""
+        if not self.enabled or isinstance(tiles, torch.Tensor):
+            return tiles
+        arr = np.ascontiguousarray(tiles)
+        i, self._next = self._next, (self._next + 1) % len(self._buffers)
+        event, buf = self._events[i], self._buffers[i]
+        if event is not None:
+            event.synchronize()  # the copy out of this slot (two batches ago) is done
+        if buf is None or buf.numel() < arr.size:
+            buf = self._buffers[i] = torch.empty(arr.size, dtype=torch.uint8, pin_memory=True)
+        host = buf[: arr.size].view(arr.shape)
+        host.numpy()[...] = arr
+        out = host.to(self.device, non_blocking=True)
+        self._events[i] = torch.cuda.Event()
+        self._events[i].record()  # type: ignore[union-attr]
+        return out
+
+
 class Embedder:
-    """``encoder.embed`` in sub-batches, halving them for good on CUDA out-of-memory."""
+    """``encoder.embed`` in sub-batches, halving them for good on CUDA out-of-memory.
 
-    def __init__(self, encoder: Encoder, batch_size: int) -> None:
+    Tiles reach the device through ``stager`` (pinned, non-blocking on CUDA); each call's
+    tiles and seconds go to ``stats``.
+    """
+
+    def __init__(self, encoder: Encoder, batch_size: int, stats: FeedStats | None = None) -> None:
         self.encoder, self.batch_size = encoder, batch_size
+        self.stager = HostStager(encoder.device)
+        self.stats = stats
 
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+    def __call__(self, tiles: np.ndarray | torch.Tensor) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self._embed(self.stager(tiles))
+        if self.stats is not None:
+            self.stats.add_embed(len(tiles), time.perf_counter() - t0)  # embed() returned host arrays: synced
+        return out
+
+    def _embed(self, tiles: np.ndarray | torch.Tensor) -> np.ndarray:
         out = np.empty((len(tiles), self.encoder.dim), np.float32)
         i = 0
         while i < len(tiles):
@@ -169,30 +263,39 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 # --- reading -------------------------------------------------------------------------------------------
 
 
-def _read(grid: TileGrid, idx: np.ndarray) -> np.ndarray:
+def _read(grid: TileGrid, idx: np.ndarray, stats: FeedStats | None = None) -> np.ndarray:
+    t0 = time.perf_counter()
     try:
-        return grid.read_tiles(idx)
+        tiles = grid.read_tiles(idx)
     except Exception as exc:
         note(exc, f"while reading tiles {idx.tolist()} of {grid.slide.path.name} (level {grid.read_level})")
         raise
+    if stats is not None:
+        stats.add_read(len(idx), time.perf_counter() - t0)
+    return tiles
 
 
 def tile_batches(
-    grid: TileGrid, batches: Iterable[np.ndarray], readers: int, cancel: threading.Event | None
+    grid: TileGrid,
+    batches: Iterable[np.ndarray],
+    readers: int,
+    cancel: threading.Event | None,
+    stats: FeedStats | None = None,
 ) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
-    """(indices, tiles) per batch, read in this thread or prefetched by ``readers`` threads."""
+    """(indices, tiles) per batch, read in this thread or prefetched by ``readers`` threads;
+    each read's tiles and seconds go to ``stats``."""
     if readers == 0:
         for idx in batches:
             if cancel is not None and cancel.is_set():
                 return
-            yield idx, _read(grid, idx)
+            yield idx, _read(grid, idx, stats)
         return
     pool = ThreadPoolExecutor(readers, thread_name_prefix="napari-virchow-reader")
     pending: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
     upcoming = iter(batches)
     try:
         for idx in upcoming:
-            pending.append((idx, pool.submit(_read, grid, idx)))
+            pending.append((idx, pool.submit(_read, grid, idx, stats)))
             if len(pending) >= readers * PREFETCH_PER_READER:
                 break
         while pending:
@@ -200,7 +303,7 @@ def tile_batches(
             tiles = future.result()  # a reader's exception is re-raised here, in the consumer
             nxt = next(upcoming, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_read, grid, nxt)))
+                pending.append((nxt, pool.submit(_read, grid, nxt, stats)))
             yield idx, tiles
     finally:
         # Runs on exhaustion, error, and when the consumer closes the generator: queued reads
@@ -214,7 +317,7 @@ def next_batch(
     """The next batch, or the reader's exception (raised after the batch before is yielded)."""
     try:
         return next(reader, None), None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - re-raised by the consumer, after the batch before
         return None, exc
 
 

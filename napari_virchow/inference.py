@@ -29,6 +29,7 @@ import numpy as np
 from napari_virchow.batching import (
     PREFETCH_PER_READER,
     Embedder,
+    FeedStats,
     Writer,
     default_batch_size,
     leave_one_core,
@@ -73,6 +74,14 @@ class BatchResult:
         Tiles embedded by this run so far.
     elapsed, tiles_per_s : float
         Seconds since the run started, and ``n_computed / elapsed``.
+    feed_tiles_per_s : float
+        Tiles/s the readers delivered so far (tiles read ÷ reading seconds per reader thread).
+    encoder_tiles_per_s : float
+        Tiles/s of the encoder alone so far (transfer, preprocessing and model; no reading).
+    feed_wait_s : float
+        Seconds the encoder loop has waited for tiles so far. With reader threads (GPU) it stays
+        near 0 while ``feed_tiles_per_s`` is above ``encoder_tiles_per_s``; on a CPU tiles are
+        read between batches, so it is the reading time.
     """
 
     indices: np.ndarray
@@ -82,6 +91,9 @@ class BatchResult:
     n_computed: int
     elapsed: float
     tiles_per_s: float
+    feed_tiles_per_s: float = float("nan")
+    encoder_tiles_per_s: float = float("nan")
+    feed_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -275,12 +287,16 @@ def iter_embed(
         if size < 1:
             raise ValueError(f"batch_size must be >= 1, got {size}")
         n_cached, n_computed = len(requested) - len(todo), 0
-        embed = Embedder(encoder, size)
+        n_readers = resolve_readers(readers, encoder.device)
+        stats = FeedStats(n_readers)
+        embed = Embedder(encoder, size, stats)
         # Chunks another live process is computing are skipped, then waited for: two runs share.
         batches = shared_batches(store, todo, size, cancel)
-        reader = tile_batches(grid, batches, resolve_readers(readers, encoder.device), cancel)
+        reader = tile_batches(grid, batches, n_readers, cancel, stats)
         with contextlib.closing(reader), torch_threads(threads):
+            t_wait = time.perf_counter()
             batch, error = next_batch(reader)
+            stats.wait_s += time.perf_counter() - t_wait
             while batch is not None and not (cancel is not None and cancel.is_set()):
                 idx, tiles = batch
                 emb = embed(tiles)
@@ -289,17 +305,20 @@ def iter_embed(
                 # a yield, so a generator abandoned by its consumer leaks nothing, and a batch is
                 # yielded only once it is stored.
                 writer = Writer(store, idx, emb)
+                t_wait = time.perf_counter()
                 try:
                     batch, error = next_batch(reader)
                 except BaseException:  # KeyboardInterrupt while reading: the write ends before the store closes
                     writer.settle()
                     raise
+                stats.wait_s += time.perf_counter() - t_wait
                 writer.join()
                 writer = None
                 n_computed += len(idx)
                 elapsed = time.perf_counter() - t0
                 yield BatchResult(idx, emb, n_cached + n_computed, len(requested), n_computed,
-                                  elapsed, n_computed / max(elapsed, 1e-9))  # fmt: skip
+                                  elapsed, n_computed / max(elapsed, 1e-9), stats.feed_tiles_per_s,
+                                  stats.encoder_tiles_per_s, stats.wait_s)  # fmt: skip
             if error is not None and not (cancel is not None and cancel.is_set()):
                 raise error
     finally:

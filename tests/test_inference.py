@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_virchow.batching import MAX_READERS, FeedStats, HostStager
 from napari_virchow.errors import StoreError
 from napari_virchow.inference import (
     BatchResult,
@@ -114,6 +115,52 @@ def test_end_to_end_equals_encoder_on_read_tiles(
         np.testing.assert_array_equal(done, grid.tissue_indices)
         np.testing.assert_allclose(rows, reference, rtol=2e-3, atol=1e-3)  # float16 on disk
         np.testing.assert_array_equal(store.coords, grid.coords)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("readers", [0, 2])
+def test_batches_report_feed_and_encoder_rates(
+    slide: Slide, grid: TileGrid, encoder: Encoder, readers: int, tmp_path: Path
+) -> None:
+    results = list(iter_embed(slide, encoder, grid, cache_root=tmp_path, batch_size=4, readers=readers))
+    for r in results:
+        assert np.isfinite(r.feed_tiles_per_s) and r.feed_tiles_per_s > 0
+        assert np.isfinite(r.encoder_tiles_per_s) and r.encoder_tiles_per_s > 0
+    waits = [r.feed_wait_s for r in results]
+    assert waits == sorted(waits) and waits[0] > 0  # cumulative; the first batch is always waited for
+    assert waits[-1] <= results[-1].elapsed
+
+
+def test_feed_stats_rates_count_tiles_per_busy_second() -> None:
+    stats = FeedStats(readers=2)
+    assert np.isnan(stats.feed_tiles_per_s) and np.isnan(stats.encoder_tiles_per_s)
+    stats.add_read(8, 2.0)  # two readers busy 1 s each for 4 tiles: 4 tiles/s apiece, 8 together
+    stats.add_read(8, 2.0)
+    assert stats.feed_tiles_per_s == pytest.approx(8.0)
+    stats.add_embed(8, 4.0)
+    assert stats.encoder_tiles_per_s == pytest.approx(2.0)
+    assert FeedStats(readers=0).readers == 1  # reading in the consumer: one "reader"
+
+
+def test_host_stager_passes_tiles_through_off_cuda() -> None:
+    tiles = np.zeros((2, 8, 8, 3), np.uint8)
+    stager = HostStager("cpu")
+    assert not stager.enabled and stager(tiles) is tiles
+    tensor = torch.zeros((1, 8, 8, 3), dtype=torch.uint8)
+    assert stager(tensor) is tensor
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host memory)")
+def test_host_stager_moves_tiles_through_pinned_buffers() -> None:
+    rng = np.random.default_rng(0)
+    stager = HostStager("cuda", slots=2)
+    batches = [rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8) for n in (4, 3, 5, 4)]
+    outs = [stager(b) for b in batches]
+    torch.cuda.synchronize()
+    for b, out in zip(batches, outs, strict=True):
+        assert out.device.type == "cuda" and out.dtype == torch.uint8
+        np.testing.assert_array_equal(out.cpu().numpy(), b)
+    assert all(buf is not None and buf.is_pinned() for buf in stager._buffers)
 
 
 @pytest.mark.timeout(60)
@@ -278,7 +325,8 @@ def test_plan_eta_from_a_measured_rate(slide: Slide, grid: TileGrid, encoder: En
 
 def test_auto_settings_follow_the_device() -> None:
     assert resolve_readers("auto", "cpu") == 0
-    assert 2 <= resolve_readers("auto", torch.device("cuda")) <= 8
+    cores = os.cpu_count() or 2
+    assert resolve_readers("auto", torch.device("cuda")) == min(MAX_READERS, max(2, cores - 1))  # sized to the CPU
     assert resolve_readers(3, "cpu") == 3
     with pytest.raises(ValueError):
         resolve_readers(-1, "cpu")
@@ -359,14 +407,14 @@ def test_keyboard_interrupt_while_a_batch_is_written_waits_for_the_writer(
     """Ctrl-C lands while batch 2 is read and batch 1 is being written: the write ends before iter_embed does."""
     first_of_second = int(grid.tissue_indices[4])
     flaky = copy.copy(grid)
-    read_tile = grid.read_tile
+    read_tiles = grid.read_tiles
 
-    def interrupted(index: int) -> np.ndarray:
-        if index == first_of_second:
+    def interrupted(indices: np.ndarray) -> np.ndarray:
+        if first_of_second in np.asarray(indices).tolist():
             raise KeyboardInterrupt
-        return read_tile(index)
+        return read_tiles(indices)
 
-    flaky.read_tile = interrupted  # type: ignore[method-assign]
+    flaky.read_tiles = interrupted  # type: ignore[method-assign]
     with open_store(slide, encoder, grid, cache_root=tmp_path) as store:
         real_write = store.write
 

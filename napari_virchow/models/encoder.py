@@ -25,12 +25,12 @@ then the hub unless ``HF_HUB_OFFLINE`` is set. Every failure is one ``WeightsErr
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
-import platform
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,14 @@ import numpy as np
 from napari_virchow._torch import torch
 from napari_virchow.errors import WeightsError
 from napari_virchow.models import weights as _weights
+from napari_virchow.models.precision import (
+    cpu_has_native_bf16,
+    describe_dtype,
+    resolve_device,
+    resolve_dtype,
+    use_fused_attention,
+    weights_dtype,
+)
 from napari_virchow.models.specs import (
     HF_PREFIX,
     IMAGENET_MEAN,
@@ -73,17 +81,21 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _check_tiles(tiles: object) -> np.ndarray:
-    arr = np.asarray(tiles)
-    if arr.dtype != np.uint8:
+def _check_tiles(tiles: object) -> np.ndarray | torch.Tensor:
+    if isinstance(tiles, torch.Tensor):
+        arr: np.ndarray | torch.Tensor = tiles
+        dtype, shape = str(tiles.dtype).removeprefix("torch."), tuple(tiles.shape)
+    else:
+        arr = np.asarray(tiles)
+        dtype, shape = str(arr.dtype), arr.shape
+    if dtype != "uint8":
         raise TypeError(
-            f"tiles must be uint8 RGB (0-255), got dtype {arr.dtype}; "
-            "convert e.g. with (x * 255).round().astype(np.uint8)."
+            f"tiles must be uint8 RGB (0-255), got dtype {dtype}; convert e.g. with (x * 255).round().astype(np.uint8)."
         )
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        hint = " (a single tile? add a batch axis: tile[None])" if arr.ndim == 3 else ""
-        hint = " (RGBA? drop alpha: tiles[..., :3])" if arr.ndim == 4 and arr.shape[-1] == 4 else hint
-        raise ValueError(f"tiles must have shape (N, H, W, 3), got {arr.shape}{hint}.")
+    if len(shape) != 4 or shape[-1] != 3:
+        hint = " (a single tile? add a batch axis: tile[None])" if len(shape) == 3 else ""
+        hint = " (RGBA? drop alpha: tiles[..., :3])" if len(shape) == 4 and shape[-1] == 4 else hint
+        raise ValueError(f"tiles must have shape (N, H, W, 3), got {shape}{hint}.")
     return arr
 
 
@@ -106,17 +118,23 @@ def _resize(x: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
     return x[..., top : top + size, left : left + size].clamp_(0.0, 1.0)
 
 
-def preprocess(tiles: np.ndarray, spec: EncoderSpec, *, device: torch.device | str | None = None) -> torch.Tensor:
+def preprocess(
+    tiles: np.ndarray | torch.Tensor, spec: EncoderSpec, *, device: torch.device | str | None = None
+) -> torch.Tensor:
     """uint8 ``(N, H, W, 3)`` tiles -> normalised float32 ``(N, 3, S, S)`` for ``spec``.
 
     Scale to [0, 1]; resize to ``spec.input_size`` only if needed (shorter side, then centre
     crop; tiles read at ``spec.mpp`` need none); subtract ``spec.mean``, divide by ``spec.std``.
-    The uint8 array goes to ``device`` first: a quarter of the float transfer.
+    The uint8 tiles go to ``device`` first (a quarter of the float transfer; ``non_blocking``
+    from pinned memory); every later step runs there.
     """
     arr = _check_tiles(tiles)
-    if not arr.flags.writeable:  # torch.from_numpy warns on read-only (zarr/dask) buffers
-        arr = arr.copy()
-    x = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+    if isinstance(arr, torch.Tensor):
+        x = arr.to(device, non_blocking=True)
+    else:
+        if not arr.flags.writeable:  # torch.from_numpy warns on read-only (zarr/dask) buffers
+            arr = arr.copy()
+        x = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     s = spec.input_size
     if x.shape[0] == 0:
@@ -128,73 +146,6 @@ def preprocess(tiles: np.ndarray, spec: EncoderSpec, *, device: torch.device | s
     return ((x - mean) / std).contiguous()
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> cuda, else mps, else cpu; other values checked against what is present."""
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise WeightsError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps.") from exc
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise WeightsError(
-            f"device {device!r} requested but CUDA has {torch.cuda.device_count()} "
-            "usable GPU(s) here. Fix: device='auto' or 'cpu'."
-        )
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise WeightsError("device 'mps' requested but not available. Fix: device='auto'.")
-    return dev
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16, AMX, Arm BF16): bf16 autocast pays."""
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(cpu, probe, None)
-        if fn is not None and fn():
-            return True
-    if platform.machine().lower() in ("arm64", "aarch64"):
-        # oneDNN only claims bf16 on Arm when the core has the BF16 extension.
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-_DTYPES: dict[str, torch.dtype | None] = {
-    "fp32": None,
-    "float32": None,
-    "float": None,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``device`` (``None`` = plain fp32).
-
-    ``"auto"``: bf16 on CUDA (fp16 where bf16 is unsupported), bf16 on CPUs with native bf16,
-    fp32 elsewhere. Explicit ``"fp32"``, ``"bf16"``, ``"fp16"`` or a ``torch.dtype`` pass through.
-    """
-    if dtype is None or dtype == torch.float32:
-        return None
-    if isinstance(dtype, torch.dtype):
-        if dtype in (torch.bfloat16, torch.float16):
-            return dtype
-        raise WeightsError(f"unsupported dtype {dtype}; use fp32, bf16 or fp16.")
-    key = str(dtype).strip().lower()
-    if key == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
-    if key not in _DTYPES:
-        raise WeightsError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16.")
-    return _DTYPES[key]
-
-
 class Encoder:
     """A loaded model with its spec, device and precision; ``embed`` tiles to vectors.
 
@@ -202,14 +153,17 @@ class Encoder:
     ----------
     spec : EncoderSpec
     model : torch.nn.Module
-        In eval mode, fp32 parameters, on ``device``.
+        In eval mode, on ``device``; parameters in fp32, or in bf16 on a CPU with native bf16
+        (see :mod:`napari_virchow.models.precision`). ``model.forward_features`` gives tokens.
     device : torch.device
     dtype : torch.dtype or None
-        Autocast dtype, ``None`` for fp32.
+        Compute dtype (autocast, or the weights' own), ``None`` for fp32.
     weights_id : str
         Short hex digest of the weights file, or ``random-seed<N>``: part of cache keys.
     weights_source : str
         Where the weights came from (a path, ``hf-cache:<repo>@<rev>``, ``random``).
+    compiled : bool
+        Whether the forward pass runs through ``torch.compile`` (``load_encoder(compile=True)``).
     """
 
     def __init__(
@@ -221,9 +175,21 @@ class Encoder:
         dtype: torch.dtype | None,
         weights_id: str,
         weights_source: str,
+        compile: bool = False,
     ) -> None:
         self.spec, self.model, self.device, self.dtype = spec, model, device, dtype
         self.weights_id, self.weights_source = weights_id, weights_source
+        self.compiled = bool(compile)
+        param = next(iter(model.parameters()), None)
+        #: dtype the input is cast to: the weights' own
+        self.input_dtype = param.dtype if param is not None else torch.float32
+        # autocast only where the weights were not cast to the compute dtype themselves
+        self.autocast = dtype is not None and dtype != self.input_dtype
+        # timm API; Module.__getattr__ says Tensor
+        forward: Callable[[torch.Tensor], torch.Tensor] = (
+            model.forward_features if spec.pooling == "cls+mean" else model.forward  # type: ignore[assignment]
+        )
+        self._forward = torch.compile(forward, dynamic=False) if compile else forward
 
     @property
     def dim(self) -> int:
@@ -231,25 +197,35 @@ class Encoder:
         return self.spec.dim
 
     def __repr__(self) -> str:
-        dt = str(self.dtype).removeprefix("torch.") if self.dtype else "fp32"
+        how = " autocast" if self.autocast else ""
         return (
-            f"Encoder({self.spec.name!r}, dim={self.dim}, device={self.device}, dtype={dt}, "
-            f"weights={self.weights_source} [{self.weights_id}])"
+            f"Encoder({self.spec.name!r}, dim={self.dim}, device={self.device}, "
+            f"dtype={describe_dtype(self.dtype)}{how}, weights={self.weights_source} [{self.weights_id}])"
         )
 
     def with_dtype(self, dtype: str | torch.dtype | None) -> Encoder:
-        """The same model (shared, not copied) under another autocast dtype."""
+        """The same encoder under another precision.
+
+        The model is shared when its weights' dtype fits the new precision, else a copy is cast
+        (e.g. fp32 -> bf16 weights on a CPU with native bf16).
+        """
+        new = resolve_dtype(dtype, self.device)
+        want = weights_dtype(new, self.device)
+        model = self.model
+        if want != self.input_dtype:
+            model = copy.deepcopy(model).to(dtype=want)
         return Encoder(
             self.spec,
-            self.model,
+            model,
             device=self.device,
-            dtype=resolve_dtype(dtype, self.device),
+            dtype=new,
             weights_id=self.weights_id,
             weights_source=self.weights_source,
+            compile=self.compiled,
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.dtype is None:
+        if not self.autocast:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
@@ -262,21 +238,22 @@ class Encoder:
         torch.Tensor
             float32 ``(N, dim)`` on ``self.device``.
         """
-        x = x.to(self.device, torch.float32, non_blocking=True)
+        x = x.to(self.device, self.input_dtype, non_blocking=True)
         with self._autocast():
-            if self.spec.pooling == "cls+mean":
-                tokens = self.model.forward_features(x).float()  # type: ignore[operator]  # timm API; Module.__getattr__ says Tensor
-                patches = tokens[:, self.spec.num_prefix_tokens :]  # registers excluded
-                return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=1)
-            return self.model(x).float()
+            out = self._forward(x).float()
+        if self.spec.pooling == "cls+mean":
+            patches = out[:, self.spec.num_prefix_tokens :]  # registers excluded
+            return torch.cat([out[:, 0], patches.mean(dim=1)], dim=1)
+        return out
 
-    def embed(self, tiles: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+    def embed(self, tiles: np.ndarray | torch.Tensor, *, batch_size: int | None = None) -> np.ndarray:
         """Embed uint8 RGB tiles ``(N, H, W, 3)``.
 
         Parameters
         ----------
-        tiles : numpy.ndarray
-            uint8, any H and W (resized to ``spec.input_size`` if they differ).
+        tiles : numpy.ndarray or torch.Tensor
+            uint8, any H and W (resized to ``spec.input_size`` if they differ); a tensor may
+            already be on the device (GPU-decoded tiles, or a pinned transfer).
         batch_size : int, optional
             Tiles per forward pass; default all at once.
 
@@ -332,6 +309,7 @@ def load_encoder(
     *,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = "auto",
+    compile: bool = False,
 ) -> Encoder:
     """Build an encoder and load its weights.
 
@@ -345,7 +323,11 @@ def load_encoder(
     device : str or torch.device
         ``"auto"`` (cuda > mps > cpu), ``"cpu"``, ``"cuda:0"``...
     dtype : str, torch.dtype or None
-        Autocast precision: ``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        Precision: ``"auto"`` (fp16 autocast on CUDA, bf16 weights on a CPU with native bf16,
+        else fp32), ``"fp32"``, ``"bf16"``, ``"fp16"``; see :mod:`napari_virchow.models.precision`.
+    compile : bool
+        Run the forward pass through ``torch.compile`` (the first batch of each shape compiles:
+        seconds to minutes; later ones may be faster). Off by default.
 
     Raises
     ------
@@ -354,7 +336,7 @@ def load_encoder(
     """
     spec = get_spec(name) if isinstance(name, str) else name
     dev = resolve_device(device)
-    autocast_dtype = resolve_dtype(dtype, dev)
+    compute_dtype = resolve_dtype(dtype, dev)
     if isinstance(weights, str) and weights == "random":
         seed = _seed(spec.name)
         with _seeded(seed):
@@ -378,8 +360,10 @@ def load_encoder(
             model.load_state_dict(sd, strict=True)
         weights_id = _weights.file_digest(path)
         logger.info("%s: loaded weights %s (%s)", spec.name, source, weights_id)
-    model = model.to(device=dev, dtype=torch.float32).eval().requires_grad_(False)
-    return Encoder(spec, model, device=dev, dtype=autocast_dtype, weights_id=weights_id, weights_source=source)
+    model = model.to(device=dev, dtype=weights_dtype(compute_dtype, dev)).eval().requires_grad_(False)
+    use_fused_attention(model)
+    return Encoder(spec, model, device=dev, dtype=compute_dtype, weights_id=weights_id, weights_source=source,
+                   compile=compile)  # fmt: skip
 
 
 def weights_status(spec: EncoderSpec | str) -> dict[str, Any]:

@@ -197,14 +197,16 @@ def test_embedding_is_deterministic_and_batch_invariant(tiny2: Encoder) -> None:
     np.testing.assert_allclose(tiny2.embed(TILES, batch_size=3), batch, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_autocast_agrees_with_fp32(tiny2: Encoder) -> None:
+def test_bf16_agrees_with_fp32(tiny2: Encoder) -> None:
     fp32 = tiny2.embed(TILES)
     bf16 = tiny2.with_dtype("bf16")
-    assert bf16.dtype == torch.bfloat16 and bf16.model is tiny2.model
+    assert bf16.dtype == torch.bfloat16
+    # weights cast once on a CPU with native bf16 (a copy), else the fp32 model under autocast
+    assert (bf16.model is tiny2.model) is (not encoders.cpu_has_native_bf16())
     low = bf16.embed(TILES)
-    assert low.dtype == np.float32 and not np.array_equal(low, fp32)  # autocast did something
+    assert low.dtype == np.float32 and not np.array_equal(low, fp32)  # bf16 did something
     cos = (low * fp32).sum(1) / (np.linalg.norm(low, axis=1) * np.linalg.norm(fp32, axis=1))
-    assert cos.min() >= 0.99
+    assert cos.min() >= 0.999
 
 
 def test_empty_batch_gives_empty_embeddings(tiny2: Encoder) -> None:

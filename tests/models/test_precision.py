@@ -1,0 +1,133 @@
+"""Precision paths of the encoder on this machine: fp32, bf16 weights cast once, autocast, compile.
+
+Every path runs the real tiny Virchow 2 structure (random weights, layer-scale gates opened so
+the blocks matter) and must stay within cosine 0.999 of fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from timm.layers import set_fused_attn, use_fused_attn
+
+from napari_virchow.models.encoder import Encoder, load_encoder, preprocess
+from napari_virchow.models.precision import (
+    cpu_has_native_bf16,
+    describe_dtype,
+    resolve_dtype,
+    use_fused_attention,
+    weights_dtype,
+)
+
+TILES = np.random.default_rng(1).integers(0, 256, size=(3, 224, 224, 3), dtype=np.uint8)
+CPU = torch.device("cpu")
+NATIVE_BF16 = cpu_has_native_bf16()
+
+
+def _load(dtype: str, **kw: object) -> Encoder:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # random weights are the point
+        enc = load_encoder("virchow2-tiny", "random", device="cpu", dtype=dtype, **kw)
+    for block in enc.model.blocks:  # layer-scale gammas start at 1e-5: open them
+        block.ls1.gamma.data.fill_(1.0)
+        block.ls2.gamma.data.fill_(1.0)
+    return enc
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def fp32() -> np.ndarray:
+    return _load("fp32").embed(TILES)
+
+
+def test_auto_is_fp16_on_cuda_and_bf16_on_a_native_bf16_cpu() -> None:
+    assert resolve_dtype("auto", torch.device("cuda")) is torch.float16  # the model card's choice
+    assert resolve_dtype("bf16", torch.device("cuda")) is torch.bfloat16  # selectable
+    assert resolve_dtype("auto", CPU) is (torch.bfloat16 if NATIVE_BF16 else None)
+
+
+def test_weights_are_cast_only_for_bf16_on_a_native_bf16_cpu() -> None:
+    assert weights_dtype(torch.bfloat16, CPU) is (torch.bfloat16 if NATIVE_BF16 else torch.float32)
+    assert weights_dtype(torch.float16, CPU) is torch.float32  # autocast
+    assert weights_dtype(torch.bfloat16, torch.device("cuda")) is torch.float32  # autocast
+    assert weights_dtype(None, CPU) is torch.float32
+    assert describe_dtype(None) == "fp32" and describe_dtype(torch.bfloat16) == "bfloat16"
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16: bf16 runs under autocast")
+def test_bf16_on_native_cpu_casts_weights_once_and_agrees_with_fp32(fp32: np.ndarray) -> None:
+    enc = _load("bf16")
+    params = {p.dtype for p in enc.model.parameters()}
+    assert params == {torch.bfloat16} and enc.input_dtype is torch.bfloat16 and not enc.autocast
+    out = enc.embed(TILES)
+    assert out.dtype == np.float32 and not np.array_equal(out, fp32)
+    assert _cosine(out, fp32).min() >= 0.999
+
+
+def test_fp16_autocast_keeps_fp32_weights_and_agrees_with_fp32(fp32: np.ndarray) -> None:
+    enc = _load("fp16")
+    assert {p.dtype for p in enc.model.parameters()} == {torch.float32} and enc.autocast
+    out = enc.embed(TILES)
+    assert not np.array_equal(out, fp32) and _cosine(out, fp32).min() >= 0.999
+
+
+def test_with_dtype_shares_the_model_only_when_the_weights_fit() -> None:
+    base = _load("fp32")
+    fp16 = base.with_dtype("fp16")
+    assert fp16.model is base.model  # autocast over the same fp32 weights
+    bf16 = base.with_dtype("bf16")
+    assert (bf16.model is base.model) is (not NATIVE_BF16)
+    assert {p.dtype for p in base.model.parameters()} == {torch.float32}  # never cast in place
+    back = bf16.with_dtype("fp32")
+    assert {p.dtype for p in back.model.parameters()} == {torch.float32} and back.dtype is None
+
+
+def test_attention_uses_fused_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert use_fused_attn()  # timm's default here
+    set_fused_attn(False)  # even where timm was told not to at build time
+    try:
+        enc = _load("fp32")
+    finally:
+        set_fused_attn(True)
+    blocks = [m for m in enc.model.modules() if hasattr(m, "fused_attn") and hasattr(m, "qkv")]
+    assert len(blocks) == len(enc.model.blocks) == 2 and all(b.fused_attn for b in blocks)
+    calls: list[int] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    enc.embed(TILES[:1])
+    assert len(calls) == 2  # one fused call per block
+    assert use_fused_attention(torch.nn.Linear(2, 2)) == 0
+
+
+def test_uint8_tensor_tiles_embed_like_arrays(fp32: np.ndarray) -> None:
+    enc = _load("fp32")
+    np.testing.assert_allclose(enc.embed(torch.from_numpy(TILES)), fp32, rtol=1e-5, atol=1e-5)
+    x = preprocess(torch.from_numpy(TILES), enc.spec)
+    np.testing.assert_array_equal(x.numpy(), preprocess(TILES, enc.spec).numpy())
+    with pytest.raises(TypeError, match="uint8"):
+        enc.embed(torch.zeros((1, 224, 224, 3)))
+    with pytest.raises(ValueError, match="batch axis"):
+        enc.embed(torch.zeros((224, 224, 3), dtype=torch.uint8))
+
+
+@pytest.mark.skipif(os.environ.get("NAPARI_VIRCHOW_SKIP_COMPILE") == "1", reason="NAPARI_VIRCHOW_SKIP_COMPILE=1")
+def test_compile_flag_runs_the_compiled_forward(fp32: np.ndarray) -> None:
+    # ~25 s on 2 shared cores (inductor compiles the tiny model once; its cache makes reruns faster)
+    enc = _load("fp32", compile=True)
+    assert enc.compiled and enc._forward is not enc.model.forward_features
+    out = enc.embed(TILES)
+    np.testing.assert_allclose(out, fp32, rtol=1e-3, atol=1e-3)
+    assert _cosine(out, fp32).min() >= 0.9999
+    assert enc.with_dtype("fp16").compiled  # the flag is kept across precisions
