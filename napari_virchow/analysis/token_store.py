@@ -21,7 +21,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -73,11 +73,17 @@ class TokenStore:
         self.path, self._group, self.writable = path, group, writable
         self.attrs: dict[str, Any] = dict(group.attrs)
         try:
-            self._mean = np.asarray(group["mean"][:], np.float32)
-            self._basis = np.asarray(group["basis"][:], np.float32)
+            self._mean = np.asarray(self._array("mean")[:], np.float32)
+            self._basis = np.asarray(self._array("basis")[:], np.float32)
+            self._cls, self._codes, self._done = self._array("cls"), self._array("codes"), self._array("done")
         except DAMAGE as exc:
-            raise self._damage(f"PCA basis unreadable ({type(exc).__name__})") from exc
-        self._cls, self._codes, self._done = group["cls"], group["codes"], group["done"]
+            raise self._damage(f"an array is unreadable ({type(exc).__name__}: {exc})") from exc
+
+    def _array(self, name: str) -> zarr.Array:
+        node = self._group[name]
+        if not isinstance(node, zarr.Array):
+            raise self._damage(f"{name} is not an array")
+        return node
 
     # --- creation / opening -------------------------------------------------------------------
     @classmethod
@@ -133,7 +139,7 @@ class TokenStore:
         return cls.open(path, mode="r+")
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], mode: str = "r") -> TokenStore:
+    def open(cls, path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r") -> TokenStore:
         """Open an existing store (``mode`` ``"r"`` or ``"r+"``); its attrs digest is checked."""
         path = Path(path)
         if not (path / "zarr.json").is_file():
@@ -145,8 +151,9 @@ class TokenStore:
             raise StoreError(f"token store at {path} is damaged ({type(exc).__name__}: {exc}); delete it") from exc
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{path} is not a token store (format {attrs.get('format')!r}); pick another folder")
-        if attrs.get("format_version", 0) > FORMAT_VERSION:
-            raise StoreError(f"token store {path} is format {attrs['format_version']}, newer than this "
+        version = attrs.get("format_version", 0)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StoreError(f"token store {path} is format {version!r}, not one this "
                              f"napari-virchow reads ({FORMAT_VERSION}); upgrade napari-virchow")  # fmt: skip
         body = {k: v for k, v in attrs.items() if k != "attrs_digest"}
         if attrs.get("attrs_digest") != attrs_digest(body):
