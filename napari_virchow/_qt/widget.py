@@ -13,7 +13,7 @@ Controls, by ``objectName`` (stable: tests and scripts find them by it)
   ``tissue_slider``
 - Cancer probability: ``class_combo``, ``new_annotations_btn``, ``load_geojson_btn``,
   ``save_geojson_btn``, ``load_head_btn``, ``save_head_btn``, ``train_btn``, ``refit_check``,
-  ``threshold_slider``, ``smooth_check``
+  ``threshold_slider``, ``smooth_check``, ``resolution_combo``
 - Clusters: ``k_spin``, ``rgb_check``, ``cluster_btn``
 - Similar regions: ``pick_btn``, ``hits_spin``, ``index_edit``, ``index_browse_btn``,
   ``search_index_btn``, ``hit_list``
