@@ -94,6 +94,23 @@ class Claims:
             fh.close()  # closing drops the flock
 
 
+def _claim(store: EmbeddingStore, chunk: int, tiles: np.ndarray) -> np.ndarray | None:
+    """The tiles of ``chunk`` still missing once this process holds its claim; None if another does.
+
+    Missing tiles are checked again after the claim is taken: another process may have stored some
+    between the first check and its release of the claim, and those must not be computed twice.
+    """
+    left = store.missing(tiles)
+    if not left.size:
+        return left
+    if not store.claims.take(chunk, left):
+        return None
+    fresh = store.missing(left)
+    if len(fresh) < len(left):
+        store.claims.stored(np.setdiff1d(left, fresh), store.chunk_rows)  # releases when nothing is left
+    return fresh
+
+
 def shared_batches(
     store: EmbeddingStore, todo: np.ndarray, size: int, cancel: threading.Event | None = None
 ) -> Generator[np.ndarray, None, None]:
@@ -117,8 +134,8 @@ def shared_batches(
     try:
         for tile, chunk in zip(todo.tolist(), chunks.tolist(), strict=True):
             if chunk not in wanted:
-                left = store.missing(members[chunk])
-                wanted[chunk] = set(left.tolist()) if not left.size or store.claims.take(chunk, left) else None
+                left = _claim(store, chunk, members[chunk])
+                wanted[chunk] = None if left is None else set(left.tolist())
             mine = wanted[chunk]
             if mine is None:
                 deferred.setdefault(chunk, []).append(tile)
@@ -133,10 +150,8 @@ def shared_batches(
             for chunk in list(deferred):
                 if cancel is not None and cancel.is_set():
                     return
-                left = store.missing(np.asarray(deferred[chunk], np.int64))
-                if not left.size:
-                    del deferred[chunk]  # the other process stored them
-                elif store.claims.take(chunk, left):
+                left = _claim(store, chunk, np.asarray(deferred[chunk], np.int64))
+                if left is not None:  # stored by the other process, or ours now
                     del deferred[chunk]
                     for i in range(0, len(left), size):
                         yield left[i : i + size]
