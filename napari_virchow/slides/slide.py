@@ -6,7 +6,9 @@
 
 Every format OpenSlide reads opens through OpenSlide. For the tiled TIFF family (Aperio SVS,
 generic pyramidal TIFF) pixels are decoded directly with tifffile/imagecodecs, which gives the
-same pixels faster; TIFFs OpenSlide refuses (stripped or single-level) open through tifffile alone.
+same pixels faster. OME-TIFFs (SubIFD or top-level pyramids, µm/px from the OME-XML) and TIFFs
+OpenSlide refuses (stripped, single-level, or tiles in a codec libtiff lacks, such as JPEG 2000,
+JPEG XL, WebP or zstd) open through tifffile + imagecodecs alone (:mod:`.tiff_open`).
 """
 
 from __future__ import annotations
@@ -27,21 +29,15 @@ from napari_virchow.errors import SlideError
 from napari_virchow.slides import fingerprint as _fingerprint
 from napari_virchow.slides.diagnose import (
     SLIDE_SUFFIXES,
-    TifffileProblems,
     check_complete,
     check_file,
     diagnose,
     warn_missing_mpp,
 )
 from napari_virchow.slides.levels import LevelArray, Reader, aligned_chunk, coarsen
-from napari_virchow.slides.tiff import (
-    TiffPyramid,
-    composite_on_white,
-    match_levels,
-    mpp_from_resolution,
-    page_supported,
-    pyramid_pages,
-)
+from napari_virchow.slides.region import level_origin, openslide_downsamples
+from napari_virchow.slides.tiff import TiffPyramid, composite_on_white, match_levels, mpp_from_resolution
+from napari_virchow.slides.tiff_open import is_ome_tiff, open_tiff_pyramid
 
 __all__ = ["SLIDE_SUFFIXES", "Slide", "SlideError", "warn_missing_mpp"]
 
@@ -102,15 +98,26 @@ class Slide:
     def _open(self, backend: Backend) -> None:
         name = self.path.name
         fmt = None
-        if backend != "tifffile":
+        if backend != "openslide" and is_ome_tiff(self.path):
+            self._tiff = open_tiff_pyramid(self.path)  # OpenSlide reads neither its pyramid nor its µm/px
+        elif backend != "tifffile":
             try:
                 fmt = openslide.OpenSlide.detect_format(str(self.path))
             except openslide.OpenSlideError as exc:  # pragma: no cover - detect rarely raises
                 raise SlideError(f"{name}: OpenSlide cannot inspect the file ({exc})") from exc
-        if fmt is not None:
+        if self._tiff is not None:
+            pass
+        elif fmt is not None:
             try:
                 self._osr = openslide.OpenSlide(str(self.path))
             except (openslide.OpenSlideError, OSError) as exc:
+                if backend == "auto" and fmt == "generic-tiff":  # e.g. JPEG 2000 tiles libtiff lacks
+                    try:
+                        self._tiff = open_tiff_pyramid(self.path)
+                        self._check_complete()
+                        return
+                    except SlideError:
+                        pass
                 raise SlideError(
                     f"{name}: OpenSlide recognised a {fmt} slide but could not read it ({exc}). "
                     "The file is probably truncated or corrupt: copy it again from the scanner."
@@ -124,7 +131,7 @@ class Slide:
             # a vendor file (.svs, .ndpi, ...) OpenSlide cannot parse is broken, not a plain TIFF
             raise SlideError(diagnose(self.path))
         else:
-            self._tiff = self._open_plain_tiff()
+            self._tiff = open_tiff_pyramid(self.path)
         self._check_complete()
 
     def _try_tiff_fast_path(self) -> TiffPyramid | None:
@@ -132,36 +139,14 @@ class Slide:
         try:
             with tifffile.TiffFile(self.path) as tif:
                 pages = match_levels(tif, list(self._osr.level_dimensions))
-                return TiffPyramid(self.path, pages) if pages else None
+                if not pages:
+                    return None
+                pyramid = TiffPyramid(self.path, pages)
+                pyramid.mpp = mpp_from_resolution(pages[0])
+                return pyramid
         except (tifffile.TiffFileError, ValueError, OSError) as exc:
             log.debug("%s: tifffile fast path unavailable (%s); using OpenSlide", self.path.name, exc)
             return None
-
-    def _open_plain_tiff(self) -> TiffPyramid:
-        name = self.path.name
-        try:
-            with TifffileProblems() as problems, tifffile.TiffFile(self.path) as tif:
-                tif.pages.useframes = False
-                len(tif.pages)  # walks every IFD: a cut-off chain shows up as a logged problem
-                if problems:
-                    raise SlideError(
-                        f"{name} is truncated or corrupt ({problems[0]}). Copy the slide again."
-                    )
-                pages = pyramid_pages(tif)
-                if not all(page_supported(p) for p in pages):
-                    p = pages[0]
-                    raise SlideError(
-                        f"{name}: a TIFF with {p.dtype} pixels, {p.samplesperpixel} samples and "
-                        f"compression {p.compression!s} is not a brightfield RGB slide this plugin "
-                        "can read; convert it to an 8-bit RGB pyramidal TIFF."
-                    )
-                return TiffPyramid(self.path, pages)
-        except (tifffile.TiffFileError, ValueError, IndexError, KeyError) as exc:
-            raise SlideError(
-                f"{name} is not a whole-slide image OpenSlide or tifffile can read ({exc}). "
-                f"Supported: {', '.join(SLIDE_SUFFIXES)}; other formats can be converted to a "
-                "pyramidal TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`)."
-            ) from exc
 
     def _check_complete(self) -> None:
         """Fail at open, not mid-analysis, when the file is cut short."""
@@ -176,10 +161,7 @@ class Slide:
                 mpp = None
             if mpp and mpp > 0:
                 return mpp
-        if self._tiff is not None:
-            with tifffile.TiffFile(self.path) as tif:
-                return mpp_from_resolution(tif.pages.first)
-        return None
+        return self._tiff.mpp if self._tiff is not None else None
 
     # --- metadata ------------------------------------------------------------------------
     @property
@@ -194,7 +176,11 @@ class Slide:
             return dict(self._osr.properties)
         with tifffile.TiffFile(self.path) as tif:
             desc = tif.pages.first.description or ""
-        return {"tiff.ImageDescription": desc}
+        assert self._tiff is not None
+        props = {"tiff.ImageDescription": desc, openslide.PROPERTY_NAME_VENDOR: self._tiff.vendor}
+        if self._tiff.mpp is not None:
+            props[openslide.PROPERTY_NAME_MPP_X] = props[openslide.PROPERTY_NAME_MPP_Y] = str(self._tiff.mpp)
+        return props
 
     @property
     def vendor(self) -> str:
@@ -230,13 +216,13 @@ class Slide:
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        """Downsample of every level in :attr:`levels` relative to level 0."""
-        w0 = self.dimensions[0]
-        if self._osr is not None and self._tiff is None:
+        """Downsample of every level in :attr:`levels`: OpenSlide's (mean of the width and height
+        ratios) for file levels, exact powers of 2 beyond them for the 2 × 2-averaged ones."""
+        if self._osr is not None:
             native = tuple(float(d) for d in self._osr.level_downsamples)
         else:
-            native = tuple(w0 / w for w, _ in self.file_level_dimensions)
-        extra = tuple(w0 / w for w, _ in self.level_dimensions[len(native):])
+            native = openslide_downsamples(self.file_level_dimensions)
+        extra = tuple(native[-1] * 2.0**k for k in range(1, len(self.levels) - len(native) + 1))
         return native + extra
 
     def require_mpp(self) -> float:
@@ -333,14 +319,22 @@ class Slide:
             Index into :attr:`levels`.
         size
             (width, height) in pixels of ``level``; areas outside the slide are white.
+
+        File levels follow OpenSlide's coordinates exactly (see :mod:`~napari_virchow.slides.region`),
+        so the pixels equal OpenSlide's for every level, position and size.
         """
         if not 0 <= level < len(self.levels):
             raise SlideError(f"{self.path.name}: level {level} does not exist (0–{len(self.levels) - 1})")
         ds = self.level_downsamples[level]
-        x0, y0 = int(location[0] // ds), int(location[1] // ds)
         w, h = int(size[0]), int(size[1])
         if level < len(self.file_level_dimensions):
+            x0, y0 = level_origin(location[0], ds), level_origin(location[1], ds)
+            if self._osr is not None and (x0 is None or y0 is None or self._tiff is None):
+                return self._openslide_region(location, level, (w, h))
+            if x0 is None or y0 is None:  # no OpenSlide to interpolate: the nearest level pixel
+                x0, y0 = round(location[0] / ds), round(location[1] / ds)
             return self._level_reader(level)[0](y0, y0 + h, x0, x0 + w)
+        x0, y0 = int(location[0] // ds), int(location[1] // ds)
         arr = self.levels[level]
         out = np.full((h, w, 3), 255, np.uint8)
         cy0, cy1 = max(y0, 0), min(y0 + h, arr.shape[0])
@@ -348,6 +342,17 @@ class Slide:
         if cy0 < cy1 and cx0 < cx1:
             out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = arr[cy0:cy1, cx0:cx1].compute(scheduler="threads")
         return out
+
+    def _openslide_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """OpenSlide's own read, for positions between level pixels (its sub-pixel filter)."""
+        assert self._osr is not None
+        osr = self._osr
+
+        def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            region = osr.read_region((int(location[0]), int(location[1])), level, (x1 - x0, y1 - y0))
+            return composite_on_white(np.asarray(region))
+
+        return self._guard(read)(0, size[1], 0, size[0])
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """Index of the coarsest level whose downsample does not exceed ``downsample`` (+1 %)."""
