@@ -66,11 +66,12 @@ def _looks_like_slide(path: Path) -> bool:
     import openslide
     import tifffile
 
-    if openslide.OpenSlide.detect_format(str(path)) is not None:
-        return True
     with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
-        return page.dtype is not None and page.dtype.itemsize == 1 and page.samplesperpixel in (3, 4)
+        page = tif.pages.first
+        rgb = page.dtype is not None and page.dtype.itemsize == 1 and page.samplesperpixel in (3, 4)
+        if tif.is_ome:  # fluorescence / multiplex OME-TIFFs are napari's (or another plugin's)
+            return rgb
+    return rgb or openslide.OpenSlide.detect_format(str(path)) is not None
 
 
 def read_slides(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
