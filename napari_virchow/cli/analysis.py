@@ -93,9 +93,12 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
 def _labelled_tiles(slide: str, regions: list[Annotation], config: SessionConfig,
                     args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Embed the tiles under one slide's annotations; their embeddings and class names."""
+    from napari_virchow.io.geojson import check_inside
+
     polygons, classes = [a.polygon for a in regions], [a.class_name for a in regions]
     kw = {"min_overlap": args.min_overlap, "holes": [a.holes for a in regions]}
     with open_session(slide, config) as session:
+        check_inside(regions, session.slide.dimensions, session.slide.path.name)  # names the feature
         idx, _ = session.annotated_tiles(polygons, classes, **kw)
         n_new, _ = embed_missing(session, idx, progress=show_progress(args))
         _, emb, lab = session.labelled_embeddings(polygons, classes, **kw)
