@@ -144,7 +144,10 @@ def _write_heatmap(session: SlideSession, head: LinearHead, out: Path, args: arg
     raster = session.raster(values, smooth=args.smooth)
     g, slide, stem = session.grid, session.slide, session.slide.path.stem
     idx = np.flatnonzero(~np.isnan(values))
+    from napari_virchow.io.provenance import provenance
+
     meta = {
+        **provenance(session),
         "slide": session.slide_path,
         "encoder": session.config.encoder,
         "weights_id": session.weights_id,
@@ -158,7 +161,7 @@ def _write_heatmap(session: SlideSession, head: LinearHead, out: Path, args: arg
     feats = threshold_features(values[idx], g.coords[idx], g.tile_size_l0, args.threshold,
                                class_name=str(head.positive_class))  # fmt: skip
     gj = safe_output_path(out, f"{stem}.heatmap.geojson")
-    write_file(gj, write_annotations, feats)
+    write_file(gj, write_annotations, feats, provenance=provenance(session))
     w, h = slide.dimensions
     cols, rows = (math.ceil(side / raster.tile_size_l0 - 1e-9) for side in (w, h))  # as written (cropped)
     above = int(np.sum(values[idx] >= args.threshold))

@@ -229,15 +229,21 @@ def annotation_to_feature(a: Annotation) -> dict[str, Any]:
 
 
 def write_annotations(
-    path: str | os.PathLike[str], annotations: Sequence[Annotation | Mapping[str, Any]]
+    path: str | os.PathLike[str], annotations: Sequence[Annotation | Mapping[str, Any]],
+    *, provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write Annotations and/or ready Features as a FeatureCollection (atomically).
 
     Build ``path`` with :func:`safe_output_path` so exports stay in the chosen folder.
+    ``provenance`` (:func:`~napari_virchow.io.provenance.provenance`) is stored as the collection's
+    foreign member ``"napari_virchow"`` (QuPath ignores it).
     """
     path = Path(path)
     feats = [dict(a) if isinstance(a, Mapping) else annotation_to_feature(a) for a in annotations]
-    text = json.dumps({"type": "FeatureCollection", "features": feats})
+    collection: dict[str, Any] = {"type": "FeatureCollection", "features": feats}
+    if provenance:
+        collection["napari_virchow"] = dict(provenance)
+    text = json.dumps(collection)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
