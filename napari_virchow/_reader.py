@@ -58,7 +58,17 @@ def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list
 
 def _looks_like_slide(path: Path) -> bool:
     suffix = path.suffix.lower()
-    if suffix not in SLIDE_SUFFIXES or path.is_dir():
+    if path.is_dir():  # an OME-Zarr folder: claim brightfield RGB ones, leave the rest to napari-ome-zarr
+        from napari_virchow.slides.ngff import is_ngff, open_ngff
+
+        if not is_ngff(path):
+            return False
+        try:
+            open_ngff(path)
+        except SlideError:
+            return False
+        return True
+    if suffix not in SLIDE_SUFFIXES:
         return False
     if suffix not in (".tif", ".tiff"):
         return True

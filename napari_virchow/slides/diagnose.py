@@ -84,6 +84,8 @@ def check_file(path: Path) -> None:
     name = path.name or str(path)
     if not path.exists():
         raise SlideError(f"{path}: no such file. Check the path (and that the drive is mounted).")
+    if path.is_dir() and ((path / ".zattrs").is_file() or (path / "zarr.json").is_file()):
+        return  # an OME-Zarr folder (slides/ngff.py checks its metadata)
     if path.is_dir():
         raise SlideError(
             f"{name} is a folder, not a slide file. Open the slide file itself "

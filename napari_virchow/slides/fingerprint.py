@@ -56,7 +56,10 @@ def memo_dir() -> Path:
 
 
 def content_files(path: Path) -> list[Path]:
-    """The files holding ``path``'s pixels: the file itself, plus a MIRAX slide's data folder."""
+    """The files holding ``path``'s pixels: the file itself, plus a MIRAX slide's data folder
+    (or every file of an OME-Zarr folder)."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
     files = [path]
     folder = path.with_suffix("")
     if path.suffix.lower() == ".mrxs" and folder.is_dir():

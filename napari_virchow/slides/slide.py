@@ -35,9 +35,10 @@ from napari_virchow.slides.diagnose import (
     warn_missing_mpp,
 )
 from napari_virchow.slides.levels import LevelArray, Reader, aligned_chunk, coarsen
+from napari_virchow.slides.ngff import NgffPyramid, is_ngff, open_ngff
 from napari_virchow.slides.region import level_origin, openslide_downsamples
-from napari_virchow.slides.tiff import TiffPyramid, composite_on_white, match_levels, mpp_from_resolution
-from napari_virchow.slides.tiff_open import is_ome_tiff, open_tiff_pyramid
+from napari_virchow.slides.tiff import TiffPyramid, composite_on_white
+from napari_virchow.slides.tiff_open import is_ome_tiff, open_tiff_pyramid, tiff_fast_path
 
 __all__ = ["SLIDE_SUFFIXES", "Slide", "SlideError", "warn_missing_mpp"]
 
@@ -79,6 +80,7 @@ class Slide:
             raise SlideError(f"{self.path.name}: mpp override must be a positive number, got {mpp!r}")
         self._osr: openslide.OpenSlide | None = None
         self._tiff: TiffPyramid | None = None
+        self._ngff: NgffPyramid | None = None  # an OME-Zarr folder (slides/ngff.py)
         self._closed = False
         try:
             self._open(backend)
@@ -98,6 +100,9 @@ class Slide:
     def _open(self, backend: Backend) -> None:
         name = self.path.name
         fmt = None
+        if is_ngff(self.path):
+            self._ngff = open_ngff(self.path)
+            return
         if backend != "openslide" and is_ome_tiff(self.path):
             self._tiff = open_tiff_pyramid(self.path)  # OpenSlide reads neither its pyramid nor its µm/px
         elif backend != "tifffile":
@@ -124,7 +129,7 @@ class Slide:
                 ) from exc
             vendor = self._osr.properties.get(openslide.PROPERTY_NAME_VENDOR, fmt)
             if backend == "auto" and vendor in TIFF_VENDORS:
-                self._tiff = self._try_tiff_fast_path()
+                self._tiff = tiff_fast_path(self.path, list(self._osr.level_dimensions))
         elif backend == "openslide":
             raise SlideError(f"{name}: OpenSlide does not recognise this file.")
         elif self.path.suffix.lower() not in (".tif", ".tiff"):
@@ -133,20 +138,6 @@ class Slide:
         else:
             self._tiff = open_tiff_pyramid(self.path)
         self._check_complete()
-
-    def _try_tiff_fast_path(self) -> TiffPyramid | None:
-        assert self._osr is not None
-        try:
-            with tifffile.TiffFile(self.path) as tif:
-                pages = match_levels(tif, list(self._osr.level_dimensions))
-                if not pages:
-                    return None
-                pyramid = TiffPyramid(self.path, pages)
-                pyramid.mpp = mpp_from_resolution(pages[0])
-                return pyramid
-        except (tifffile.TiffFileError, ValueError, OSError) as exc:
-            log.debug("%s: tifffile fast path unavailable (%s); using OpenSlide", self.path.name, exc)
-            return None
 
     def _check_complete(self) -> None:
         """Fail at open, not mid-analysis, when the file is cut short."""
@@ -161,25 +152,28 @@ class Slide:
                 mpp = None
             if mpp and mpp > 0:
                 return mpp
-        return self._tiff.mpp if self._tiff is not None else None
+        direct = self._tiff or self._ngff
+        return direct.mpp if direct is not None else None
 
     # --- metadata ------------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        """``"tifffile"`` when pixels are decoded directly, else ``"openslide"``."""
-        return "tifffile" if self._tiff is not None else "openslide"
+        """``"tifffile"`` when pixels are decoded directly, ``"zarr"`` for OME-Zarr, else ``"openslide"``."""
+        return "zarr" if self._ngff is not None else "tifffile" if self._tiff is not None else "openslide"
 
     @cached_property
     def properties(self) -> dict[str, str]:
         """Vendor metadata (OpenSlide's property map, or the TIFF description)."""
         if self._osr is not None:
             return dict(self._osr.properties)
-        with tifffile.TiffFile(self.path) as tif:
-            desc = tif.pages.first.description or ""
-        assert self._tiff is not None
-        props = {"tiff.ImageDescription": desc, openslide.PROPERTY_NAME_VENDOR: self._tiff.vendor}
-        if self._tiff.mpp is not None:
-            props[openslide.PROPERTY_NAME_MPP_X] = props[openslide.PROPERTY_NAME_MPP_Y] = str(self._tiff.mpp)
+        direct = self._tiff or self._ngff
+        assert direct is not None
+        props = {openslide.PROPERTY_NAME_VENDOR: direct.vendor}
+        if self._tiff is not None:
+            with tifffile.TiffFile(self.path) as tif:
+                props["tiff.ImageDescription"] = tif.pages.first.description or ""
+        if direct.mpp is not None:
+            props[openslide.PROPERTY_NAME_MPP_X] = props[openslide.PROPERTY_NAME_MPP_Y] = str(direct.mpp)
         return props
 
     @property
@@ -199,8 +193,9 @@ class Slide:
     @cached_property
     def file_level_dimensions(self) -> tuple[tuple[int, int], ...]:
         """(width, height) of each level stored in the file."""
-        if self._tiff is not None:
-            return tuple((lvl.shape[1], lvl.shape[0]) for lvl in self._tiff.levels)
+        direct = self._tiff or self._ngff
+        if direct is not None:
+            return tuple((lvl.shape[1], lvl.shape[0]) for lvl in direct.levels)
         assert self._osr is not None
         return tuple(self._osr.level_dimensions)
 
@@ -255,8 +250,9 @@ class Slide:
     # --- pixels --------------------------------------------------------------------------
     def _level_reader(self, level: int) -> tuple[Reader, tuple[int, int]]:
         """Reader of file level ``level`` and the stored tile size its chunks align to."""
-        if self._tiff is not None:
-            lvl = self._tiff.levels[level]
+        direct = self._tiff or self._ngff
+        if direct is not None:
+            lvl = direct.levels[level]
             return self._guard(lvl.read), lvl.chunk_unit
         assert self._osr is not None
         osr, ds = self._osr, self._osr.level_downsamples[level]

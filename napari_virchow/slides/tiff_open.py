@@ -7,6 +7,7 @@ its OME-XML µm/px). Pixels are tifffile's own.
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -15,9 +16,11 @@ import tifffile
 
 from napari_virchow.errors import SlideError
 from napari_virchow.slides.diagnose import SLIDE_SUFFIXES, TifffileProblems
-from napari_virchow.slides.tiff import TiffPyramid, mpp_from_resolution
+from napari_virchow.slides.tiff import TiffPyramid, match_levels, mpp_from_resolution
 
-__all__ = ["OME_UNITS_UM", "is_ome_tiff", "ome_mpp", "open_tiff_pyramid"]
+__all__ = ["OME_UNITS_UM", "is_ome_tiff", "ome_mpp", "open_tiff_pyramid", "tiff_fast_path"]
+
+log = logging.getLogger(__name__)
 
 #: µm per OME-XML length unit
 OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4,
@@ -139,3 +142,19 @@ def open_tiff_pyramid(path: Path) -> TiffPyramid:
             f"Supported: {', '.join(SLIDE_SUFFIXES)}; other formats can be converted to a "
             "pyramidal TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`)."
         ) from exc
+
+
+def tiff_fast_path(path: Path, dimensions: list[tuple[int, int]]) -> TiffPyramid | None:
+    """Direct decoding of the levels OpenSlide found (``(width, height)`` each), when every one is a
+    tiled page in a codec that gives OpenSlide's pixels; else ``None`` (OpenSlide reads them)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = match_levels(tif, dimensions)
+            if not pages:
+                return None
+            pyramid = TiffPyramid(path, pages)
+            pyramid.mpp = mpp_from_resolution(pages[0])
+            return pyramid
+    except (tifffile.TiffFileError, ValueError, OSError) as exc:
+        log.debug("%s: tifffile fast path unavailable (%s); using OpenSlide", path.name, exc)
+        return None
