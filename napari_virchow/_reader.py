@@ -61,6 +61,10 @@ def _looks_like_slide(path: Path) -> bool:
     if path.is_dir():  # an OME-Zarr folder: claim brightfield RGB ones, leave the rest to napari-ome-zarr
         from napari_virchow.slides.ngff import is_ngff, open_ngff
 
+        if any(path.glob("*.dcm")):  # a DICOM WSI folder
+            import openslide
+
+            return openslide.OpenSlide.detect_format(str(next(iter(sorted(path.glob("*.dcm")))))) == "dicom"
         if not is_ngff(path):
             return False
         try:

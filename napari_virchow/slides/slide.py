@@ -32,6 +32,7 @@ from napari_virchow.slides.diagnose import (
     check_complete,
     check_file,
     diagnose,
+    dicom_entry,
     warn_missing_mpp,
 )
 from napari_virchow.slides.levels import LevelArray, Reader, aligned_chunk, coarsen
@@ -74,7 +75,7 @@ class Slide:
 
     def __init__(self, path: str | os.PathLike[str], *, mpp: float | None = None,
                  backend: Backend = "auto") -> None:  # fmt: skip
-        self.path = Path(path)
+        self.path = dicom_entry(Path(path))  # a DICOM WSI folder opens through one of its files
         check_file(self.path)
         if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
             raise SlideError(f"{self.path.name}: mpp override must be a positive number, got {mpp!r}")
