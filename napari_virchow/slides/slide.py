@@ -92,6 +92,7 @@ class Slide:
         # layer holding the dask levels is deleted)
         self._finalizer = weakref.finalize(self, _release, self._tiff, self._osr)
         file_mpp = self._file_mpp()
+        self._file_downsamples  # noqa: B018 - computed while the handles are open
         self.mpp_source: str | None = "override" if mpp is not None else ("file" if file_mpp else None)
         self.mpp: float | None = float(mpp) if mpp is not None else file_mpp
         if mpp is not None:
@@ -120,7 +121,7 @@ class Slide:
                 if backend == "auto" and fmt == "generic-tiff":  # e.g. JPEG 2000 tiles libtiff lacks
                     try:
                         self._tiff = open_tiff_pyramid(self.path)
-                        self._check_complete()
+                        check_complete(self.path, self._tiff, self._osr)  # cut short: fail at open
                         return
                     except SlideError:
                         pass
@@ -138,11 +139,7 @@ class Slide:
             raise SlideError(diagnose(self.path))
         else:
             self._tiff = open_tiff_pyramid(self.path)
-        self._check_complete()
-
-    def _check_complete(self) -> None:
-        """Fail at open, not mid-analysis, when the file is cut short."""
-        check_complete(self.path, self._tiff, self._osr)
+        check_complete(self.path, self._tiff, self._osr)  # cut short: fail at open
 
     def _file_mpp(self) -> float | None:
         if self._osr is not None:
@@ -214,12 +211,16 @@ class Slide:
     def level_downsamples(self) -> tuple[float, ...]:
         """Downsample of every level in :attr:`levels`: OpenSlide's (mean of the width and height
         ratios) for file levels, exact powers of 2 beyond them for the 2 × 2-averaged ones."""
-        if self._osr is not None:
-            native = tuple(float(d) for d in self._osr.level_downsamples)
-        else:
-            native = openslide_downsamples(self.file_level_dimensions)
+        native = self._file_downsamples
         extra = tuple(native[-1] * 2.0**k for k in range(1, len(self.levels) - len(native) + 1))
         return native + extra
+
+    @cached_property
+    def _file_downsamples(self) -> tuple[float, ...]:
+        # read at open (see __init__): a closed OpenSlide handle can no longer be asked
+        if self._osr is not None:
+            return tuple(float(d) for d in self._osr.level_downsamples)
+        return openslide_downsamples(self.file_level_dimensions)
 
     def require_mpp(self) -> float:
         """µm/px for analysis; raises a :class:`SlideError` that says how to supply it."""
