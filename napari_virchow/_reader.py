@@ -58,7 +58,21 @@ def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list
 
 def _looks_like_slide(path: Path) -> bool:
     suffix = path.suffix.lower()
-    if suffix not in SLIDE_SUFFIXES or path.is_dir():
+    if path.is_dir():  # an OME-Zarr folder: claim brightfield RGB ones, leave the rest to napari-ome-zarr
+        from napari_virchow.slides.ngff import is_ngff, open_ngff
+
+        if any(path.glob("*.dcm")):  # a DICOM WSI folder
+            import openslide
+
+            return openslide.OpenSlide.detect_format(str(next(iter(sorted(path.glob("*.dcm")))))) == "dicom"
+        if not is_ngff(path):
+            return False
+        try:
+            open_ngff(path)
+        except SlideError:
+            return False
+        return True
+    if suffix not in SLIDE_SUFFIXES:
         return False
     if suffix not in (".tif", ".tiff"):
         return True
@@ -66,11 +80,12 @@ def _looks_like_slide(path: Path) -> bool:
     import openslide
     import tifffile
 
-    if openslide.OpenSlide.detect_format(str(path)) is not None:
-        return True
     with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
-        return page.dtype is not None and page.dtype.itemsize == 1 and page.samplesperpixel in (3, 4)
+        page = tif.pages.first
+        rgb = page.dtype is not None and page.dtype.itemsize == 1 and page.samplesperpixel in (3, 4)
+        if tif.is_ome:  # fluorescence / multiplex OME-TIFFs are napari's (or another plugin's)
+            return rgb
+    return rgb or openslide.OpenSlide.detect_format(str(path)) is not None
 
 
 def read_slides(path: PathLike | Sequence[PathLike]) -> list[LayerData]:

@@ -93,9 +93,12 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
 def _labelled_tiles(slide: str, regions: list[Annotation], config: SessionConfig,
                     args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Embed the tiles under one slide's annotations; their embeddings and class names."""
+    from napari_virchow.io.geojson import check_inside
+
     polygons, classes = [a.polygon for a in regions], [a.class_name for a in regions]
     kw = {"min_overlap": args.min_overlap, "holes": [a.holes for a in regions]}
     with open_session(slide, config) as session:
+        check_inside(regions, session.slide.dimensions, session.slide.path.name)  # names the feature
         idx, _ = session.annotated_tiles(polygons, classes, **kw)
         n_new, _ = embed_missing(session, idx, progress=show_progress(args))
         _, emb, lab = session.labelled_embeddings(polygons, classes, **kw)
@@ -141,7 +144,10 @@ def _write_heatmap(session: SlideSession, head: LinearHead, out: Path, args: arg
     raster = session.raster(values, smooth=args.smooth)
     g, slide, stem = session.grid, session.slide, session.slide.path.stem
     idx = np.flatnonzero(~np.isnan(values))
+    from napari_virchow.io.provenance import provenance
+
     meta = {
+        **provenance(session),
         "slide": session.slide_path,
         "encoder": session.config.encoder,
         "weights_id": session.weights_id,
@@ -155,7 +161,7 @@ def _write_heatmap(session: SlideSession, head: LinearHead, out: Path, args: arg
     feats = threshold_features(values[idx], g.coords[idx], g.tile_size_l0, args.threshold,
                                class_name=str(head.positive_class))  # fmt: skip
     gj = safe_output_path(out, f"{stem}.heatmap.geojson")
-    write_file(gj, write_annotations, feats)
+    write_file(gj, write_annotations, feats, provenance=provenance(session))
     w, h = slide.dimensions
     cols, rows = (math.ceil(side / raster.tile_size_l0 - 1e-9) for side in (w, h))  # as written (cropped)
     above = int(np.sum(values[idx] >= args.threshold))

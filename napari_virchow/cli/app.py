@@ -26,6 +26,7 @@ from typing import NamedTuple
 from napari_virchow import __version__
 from napari_virchow.cli import analysis as _analysis
 from napari_virchow.cli import embed as _embed
+from napari_virchow.cli import import_features as _import
 from napari_virchow.cli.common import CONSOLE, PROG, Parser, cohort_parent, common_parent, model_parent, one_line
 from napari_virchow.errors import VirchowError
 
@@ -215,6 +216,8 @@ _COMMANDS: dict[str, Command] = {
                      _args_index, _cmd_index, ("common", "model", "cohort")),
     "search": Command("find the tiles most similar to one tile across an index",
                       _args_search, _cmd_search, ("common", "model")),
+    "import-features": Command("load features computed elsewhere (our HDF5 export or TRIDENT's) into the cache",
+                               _import.args_import_features, _import.cmd_import_features, ("common", "model")),
     "cache": Command("list or clear cached embedding stores", _args_cache, _cmd_cache, ()),
 }  # fmt: skip
 

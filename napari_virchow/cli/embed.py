@@ -115,8 +115,10 @@ class _H5Work:
             target_mpp=grid.mpp, level0_size=slide.dimensions, objective_power=slide.objective_power,
             savetodir=str(self.out),
         )  # fmt: skip
+        from napari_virchow.io.provenance import provenance
+
         file_attrs = {
-            "encoder": session.config.encoder, "weights_id": session.weights_id, "dim": dim,
+            **provenance(session), "encoder": session.config.encoder, "weights_id": session.weights_id, "dim": dim,
             "mpp": slide.mpp, "mpp_source": slide.mpp_source, "target_mpp": grid.mpp, "tile_size": grid.size,
             "slide_path": session.slide_path, "slide_fingerprint": slide.fingerprint,
             "coords_origin": "level-0 top-left (x, y)", "napari_virchow_version": __version__,
@@ -140,24 +142,27 @@ class _GeoJsonWork:
             result = session.fit_clusters(self.args.clusters, tissue_only=True)
             idx = np.flatnonzero(result.labels)
             feats = cluster_features(result.labels[idx], g.coords[idx], g.tile_size_l0)
-            notes.append(self._write(f"{stem}.clusters.geojson", feats, f"{len(feats)} cluster regions"))
+            notes.append(self._write(f"{stem}.clusters.geojson", feats, f"{len(feats)} cluster regions", session))
         if self.args.query:
             feats = query_features(session, self.args.query, k=self.args.top_k, progress=show_progress(self.args))
-            notes.append(self._write(f"{stem}.similar.geojson", feats, f"query + {len(feats) - 1} similar tiles"))
+            notes.append(self._write(f"{stem}.similar.geojson", feats, f"query + {len(feats) - 1} similar tiles",
+                                     session))
         if self.head is not None:
             t = self.args.threshold
             values = session.apply_head(self.head, tissue_only=True)
             idx = np.flatnonzero(~np.isnan(values))
             feats = threshold_features(values[idx], g.coords[idx], g.tile_size_l0, t,
                                        class_name=str(self.head.positive_class))  # fmt: skip
-            notes.append(self._write(f"{stem}.heatmap.geojson", feats, f"{self.head.positive_class} >= {t:g}"))
+            notes.append(self._write(f"{stem}.heatmap.geojson", feats, f"{self.head.positive_class} >= {t:g}",
+                                     session))
         return "\n".join(notes)
 
-    def _write(self, name: str, features: list[dict[str, Any]], what: str) -> str:
+    def _write(self, name: str, features: list[dict[str, Any]], what: str, session: SlideSession) -> str:
         from napari_virchow.io.geojson import safe_output_path, write_annotations
+        from napari_virchow.io.provenance import provenance
 
         path = safe_output_path(self.out, name)
-        write_file(path, write_annotations, features)
+        write_file(path, write_annotations, features, provenance=provenance(session))
         return f"  wrote {path} ({what})"
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "AnnotationError",
     "OutputPathError",
     "annotation_to_feature",
+    "check_inside",
     "hits_to_features",
     "read_annotations",
     "safe_output_path",
@@ -59,6 +60,39 @@ class Annotation:
     color: Color | None = None
     holes: list[np.ndarray] = field(default_factory=list)
     name: str | None = None
+    #: position of the feature (GeoJSON) or Annotation element (ASAP) in its file, for messages
+    index: int | None = None
+    #: the file it was read from, for messages
+    source: str | None = None
+
+    def describe(self) -> str:
+        """``feature 3 ("Tumor 1", class Tumor)``: how messages name this annotation."""
+        label = ", ".join(x for x in (f'"{self.name}"' if self.name else "",
+                                      f"class {self.class_name}" if self.class_name else "") if x)
+        where = f"feature {self.index}" if self.index is not None else "an annotation"
+        where = f"{self.source}: {where}" if self.source else where
+        return f"{where} ({label})" if label else where
+
+
+def check_inside(annotations: Sequence[Annotation], dimensions: tuple[int, int], slide: str,
+                 *, slack: float = 1.0) -> None:  # fmt: skip
+    """Raise :class:`AnnotationError` naming the first annotation with a vertex off the slide.
+
+    ``dimensions`` is the slide's level-0 ``(width, height)``; ``slack`` level-0 px of rounding are
+    tolerated. Coordinates far outside usually mean the file belongs to another slide or was
+    saved at another level.
+    """
+    w, h = dimensions
+    for a in annotations:
+        for ring in (a.polygon, *a.holes):
+            pts = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
+            lo, hi = pts.min(axis=0), pts.max(axis=0)
+            if lo[0] < -slack or lo[1] < -slack or hi[0] > w + slack or hi[1] > h + slack:
+                raise AnnotationError(
+                    f"{a.describe()} spans ({lo[0]:.0f}, {lo[1]:.0f})–({hi[0]:.0f}, {hi[1]:.0f}) level-0 px, "
+                    f"outside the {w}×{h} px slide {slide}; is it the annotation file of this slide "
+                    "(and exported in level-0 pixel coordinates)?"
+                )
 
 
 def safe_output_path(out_dir: str | os.PathLike[str], name: str, *, create: bool = True) -> Path:
@@ -130,8 +164,13 @@ def read_annotations(path: str | os.PathLike[str]) -> list[Annotation]:
 
     Reads ``properties.classification`` as ``{"name", "color" | "colorRGB"}`` or a plain string.
     Points and lines are skipped; a file without any polygon raises :class:`AnnotationError`.
+    An ``.xml`` file is read as ASAP XML (Camelyon16/17, :func:`~napari_virchow.io.asap.read_asap`).
     """
     path = Path(path)
+    if path.suffix.lower() == ".xml":
+        from napari_virchow.io.asap import read_asap  # asap imports this module
+
+        return read_asap(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         features = _features(data)
@@ -151,7 +190,8 @@ def read_annotations(path: str | os.PathLike[str]) -> list[Annotation]:
                 outer = _ring(rings[0])
                 if len(outer) >= 3:
                     out.append(Annotation(outer, str(name) if name else None, color,
-                                          [_ring(h) for h in rings[1:]], props.get("name")))
+                                          [_ring(h) for h in rings[1:]], props.get("name"), index=i,
+                                          source=path.name))
         except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
             raise AnnotationError(f"{path}: feature {i} is malformed ({exc})") from exc
     if not out:
@@ -189,15 +229,21 @@ def annotation_to_feature(a: Annotation) -> dict[str, Any]:
 
 
 def write_annotations(
-    path: str | os.PathLike[str], annotations: Sequence[Annotation | Mapping[str, Any]]
+    path: str | os.PathLike[str], annotations: Sequence[Annotation | Mapping[str, Any]],
+    *, provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write Annotations and/or ready Features as a FeatureCollection (atomically).
 
     Build ``path`` with :func:`safe_output_path` so exports stay in the chosen folder.
+    ``provenance`` (:func:`~napari_virchow.io.provenance.provenance`) is stored as the collection's
+    foreign member ``"napari_virchow"`` (QuPath ignores it).
     """
     path = Path(path)
     feats = [dict(a) if isinstance(a, Mapping) else annotation_to_feature(a) for a in annotations]
-    text = json.dumps({"type": "FeatureCollection", "features": feats})
+    collection: dict[str, Any] = {"type": "FeatureCollection", "features": feats}
+    if provenance:
+        collection["napari_virchow"] = dict(provenance)
+    text = json.dumps(collection)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 

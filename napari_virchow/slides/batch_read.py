@@ -30,6 +30,7 @@ import openslide
 
 from napari_virchow.errors import SlideError
 from napari_virchow.slides.jpeg_batch import TorchJpegDecoder, decoder_for
+from napari_virchow.slides.region import level_origin
 from napari_virchow.slides.tiff import WHITE, SegmentLayout, TiffLevel, to_rgb
 
 if TYPE_CHECKING:
@@ -115,7 +116,9 @@ class SegmentCache:
             pixels = decoder.decode(self.level, todo)
             first = next((k for k, p in enumerate(pixels) if p is not None), None)
             if self.decoder_ok is None and first is not None:
-                self.decoder_ok = decoder.verify(self.level, todo[first], pixels[first])
+                sample = pixels[first]
+                assert sample is not None  # `first` is the index of a decoded segment
+                self.decoder_ok = decoder.verify(self.level, todo[first], sample)
         except BaseException:
             self._release(todo)
             raise
@@ -258,7 +261,9 @@ def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray
         Decode JPEG stored tiles in batches with ``torchvision.io.decode_jpeg`` on this torch
         device (``"cuda"``; ``"cpu"`` runs the same API on the CPU); default imagecodecs.
 
-    Pixel-identical to one ``slide.read_region(loc, level, size)`` per location. For TIFF-family
+    Pixel-identical to one ``slide.read_region(loc, level, size)`` per location wherever the level
+    coordinate is whole (level 0, exact downsamples); where OpenSlide would shift by a fraction of
+    a pixel, the batch reads from the nearest level pixel instead (no interpolation). For TIFF-family
     slides read directly, each stored tile under the batch is decoded once (and reused by the
     next batch while it stays in the level's :class:`SegmentCache`); other slides are read
     region by region through OpenSlide, whose own tile cache serves shared tiles.
@@ -274,10 +279,15 @@ def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray
     if slide._closed:
         raise SlideError(f"{slide.path.name} was closed; open the slide again to read pixels.")
     ds = slide.level_downsamples[level]
-    # the same rounding as Slide.read_region: floor of the level-0 position over the downsample
-    origins = np.array([(int(int(x) // ds), int(int(y) // ds)) for x, y in locs], np.int64).reshape(-1, 2)
+    # OpenSlide's level coordinates (Slide.read_region); between level pixels, the nearest one
+    origins = np.array([(_origin(int(x), ds), _origin(int(y), ds)) for x, y in locs], np.int64).reshape(-1, 2)
     try:
         decoder = decoder_for(decode_device) if decode_device is not None else None
         return read_level_boxes(segment_cache(tiff.levels[level]), origins, h, w, out, decoder)
     except (openslide.OpenSlideError, OSError, ValueError, RuntimeError) as exc:
         raise SlideError(f"{slide.path.name}: reading pixels failed ({exc}); the file may be corrupt.") from exc
+
+
+def _origin(position: int, downsample: float) -> int:
+    origin = level_origin(position, downsample)
+    return round(position / downsample) if origin is None else origin

@@ -17,11 +17,22 @@ if TYPE_CHECKING:
     from napari_virchow.slides.slide import Slide
     from napari_virchow.slides.tiff import TiffPyramid
 
-__all__ = ["SLIDE_SUFFIXES", "check_complete", "check_file", "diagnose", "TifffileProblems", "warn_missing_mpp"]
+__all__ = ["SLIDE_SUFFIXES", "check_complete", "check_file", "diagnose", "dicom_entry", "TifffileProblems",
+           "warn_missing_mpp"]
 
 SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm",
 )  # fmt: skip
+
+
+def dicom_entry(path: Path) -> Path:
+    """A folder of DICOM WSI files (.dcm) → its first .dcm file (OpenSlide reads the whole set from
+    any one of them); any other path unchanged."""
+    if path.is_dir():
+        found = sorted(p for p in path.glob("*.dcm") if p.is_file())
+        if found:
+            return found[0]
+    return path
 
 
 class _ProblemLog(logging.Handler):
@@ -84,6 +95,8 @@ def check_file(path: Path) -> None:
     name = path.name or str(path)
     if not path.exists():
         raise SlideError(f"{path}: no such file. Check the path (and that the drive is mounted).")
+    if path.is_dir() and ((path / ".zattrs").is_file() or (path / "zarr.json").is_file()):
+        return  # an OME-Zarr folder (slides/ngff.py checks its metadata)
     if path.is_dir():
         raise SlideError(
             f"{name} is a folder, not a slide file. Open the slide file itself "

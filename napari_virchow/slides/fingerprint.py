@@ -56,7 +56,12 @@ def memo_dir() -> Path:
 
 
 def content_files(path: Path) -> list[Path]:
-    """The files holding ``path``'s pixels: the file itself, plus a MIRAX slide's data folder."""
+    """The files holding ``path``'s pixels: the file itself, plus a MIRAX slide's data folder, the
+    other instances of a DICOM WSI (.dcm), or every file of an OME-Zarr folder."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    if path.suffix.lower() == ".dcm":  # a DICOM WSI: every instance (level) of the folder
+        return [path, *sorted(p for p in path.parent.glob("*.dcm") if p.is_file() and p != path)]
     files = [path]
     folder = path.with_suffix("")
     if path.suffix.lower() == ".mrxs" and folder.is_dir():

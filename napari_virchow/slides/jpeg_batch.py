@@ -86,8 +86,11 @@ class TorchJpegDecoder:
     def verify(self, level: TiffLevel, index: int, pixels: np.ndarray) -> bool:
         """Whether ``pixels`` (this decoder's segment ``index``) match imagecodecs' within tolerance."""
         reference = level.decode_segment(index)
-        ok = reference is not None and reference.shape == pixels.shape
-        ok = ok and int(np.abs(reference.astype(np.int16) - pixels).max()) <= JPEG_TOLERANCE
+        ok = (
+            reference is not None
+            and reference.shape == pixels.shape
+            and int(np.abs(reference.astype(np.int16) - pixels).max()) <= JPEG_TOLERANCE
+        )
         if not ok:
             log.warning("%s: %s JPEG decode differs from imagecodecs; decoding this level on the CPU",
                         level.path.name, self.device)  # fmt: skip

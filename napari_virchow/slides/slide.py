@@ -6,7 +6,9 @@
 
 Every format OpenSlide reads opens through OpenSlide. For the tiled TIFF family (Aperio SVS,
 generic pyramidal TIFF) pixels are decoded directly with tifffile/imagecodecs, which gives the
-same pixels faster; TIFFs OpenSlide refuses (stripped or single-level) open through tifffile alone.
+same pixels faster. OME-TIFFs (SubIFD or top-level pyramids, µm/px from the OME-XML) and TIFFs
+OpenSlide refuses (stripped, single-level, or tiles in a codec libtiff lacks, such as JPEG 2000,
+JPEG XL, WebP or zstd) open through tifffile + imagecodecs alone (:mod:`.tiff_open`).
 """
 
 from __future__ import annotations
@@ -27,21 +29,17 @@ from napari_virchow.errors import SlideError
 from napari_virchow.slides import fingerprint as _fingerprint
 from napari_virchow.slides.diagnose import (
     SLIDE_SUFFIXES,
-    TifffileProblems,
     check_complete,
     check_file,
     diagnose,
+    dicom_entry,
     warn_missing_mpp,
 )
 from napari_virchow.slides.levels import LevelArray, Reader, aligned_chunk, coarsen
-from napari_virchow.slides.tiff import (
-    TiffPyramid,
-    composite_on_white,
-    match_levels,
-    mpp_from_resolution,
-    page_supported,
-    pyramid_pages,
-)
+from napari_virchow.slides.ngff import NgffPyramid, is_ngff, open_ngff
+from napari_virchow.slides.region import level_origin, openslide_downsamples
+from napari_virchow.slides.tiff import TiffPyramid, composite_on_white
+from napari_virchow.slides.tiff_open import is_ome_tiff, open_tiff_pyramid, tiff_fast_path
 
 __all__ = ["SLIDE_SUFFIXES", "Slide", "SlideError", "warn_missing_mpp"]
 
@@ -77,12 +75,13 @@ class Slide:
 
     def __init__(self, path: str | os.PathLike[str], *, mpp: float | None = None,
                  backend: Backend = "auto") -> None:  # fmt: skip
-        self.path = Path(path)
+        self.path = dicom_entry(Path(path))  # a DICOM WSI folder opens through one of its files
         check_file(self.path)
         if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
             raise SlideError(f"{self.path.name}: mpp override must be a positive number, got {mpp!r}")
         self._osr: openslide.OpenSlide | None = None
         self._tiff: TiffPyramid | None = None
+        self._ngff: NgffPyramid | None = None  # an OME-Zarr folder (slides/ngff.py)
         self._closed = False
         try:
             self._open(backend)
@@ -93,6 +92,7 @@ class Slide:
         # layer holding the dask levels is deleted)
         self._finalizer = weakref.finalize(self, _release, self._tiff, self._osr)
         file_mpp = self._file_mpp()
+        self._file_downsamples  # noqa: B018 - computed while the handles are open
         self.mpp_source: str | None = "override" if mpp is not None else ("file" if file_mpp else None)
         self.mpp: float | None = float(mpp) if mpp is not None else file_mpp
         if mpp is not None:
@@ -102,70 +102,44 @@ class Slide:
     def _open(self, backend: Backend) -> None:
         name = self.path.name
         fmt = None
-        if backend != "tifffile":
+        if is_ngff(self.path):
+            self._ngff = open_ngff(self.path)
+            return
+        if backend != "openslide" and is_ome_tiff(self.path):
+            self._tiff = open_tiff_pyramid(self.path)  # OpenSlide reads neither its pyramid nor its µm/px
+        elif backend != "tifffile":
             try:
                 fmt = openslide.OpenSlide.detect_format(str(self.path))
             except openslide.OpenSlideError as exc:  # pragma: no cover - detect rarely raises
                 raise SlideError(f"{name}: OpenSlide cannot inspect the file ({exc})") from exc
-        if fmt is not None:
+        if self._tiff is not None:
+            pass
+        elif fmt is not None:
             try:
                 self._osr = openslide.OpenSlide(str(self.path))
             except (openslide.OpenSlideError, OSError) as exc:
+                if backend == "auto" and fmt == "generic-tiff":  # e.g. JPEG 2000 tiles libtiff lacks
+                    try:
+                        self._tiff = open_tiff_pyramid(self.path)
+                        check_complete(self.path, self._tiff, self._osr)  # cut short: fail at open
+                        return
+                    except SlideError:
+                        pass
                 raise SlideError(
                     f"{name}: OpenSlide recognised a {fmt} slide but could not read it ({exc}). "
                     "The file is probably truncated or corrupt: copy it again from the scanner."
                 ) from exc
             vendor = self._osr.properties.get(openslide.PROPERTY_NAME_VENDOR, fmt)
             if backend == "auto" and vendor in TIFF_VENDORS:
-                self._tiff = self._try_tiff_fast_path()
+                self._tiff = tiff_fast_path(self.path, list(self._osr.level_dimensions))
         elif backend == "openslide":
             raise SlideError(f"{name}: OpenSlide does not recognise this file.")
         elif self.path.suffix.lower() not in (".tif", ".tiff"):
             # a vendor file (.svs, .ndpi, ...) OpenSlide cannot parse is broken, not a plain TIFF
             raise SlideError(diagnose(self.path))
         else:
-            self._tiff = self._open_plain_tiff()
-        self._check_complete()
-
-    def _try_tiff_fast_path(self) -> TiffPyramid | None:
-        assert self._osr is not None
-        try:
-            with tifffile.TiffFile(self.path) as tif:
-                pages = match_levels(tif, list(self._osr.level_dimensions))
-                return TiffPyramid(self.path, pages) if pages else None
-        except (tifffile.TiffFileError, ValueError, OSError) as exc:
-            log.debug("%s: tifffile fast path unavailable (%s); using OpenSlide", self.path.name, exc)
-            return None
-
-    def _open_plain_tiff(self) -> TiffPyramid:
-        name = self.path.name
-        try:
-            with TifffileProblems() as problems, tifffile.TiffFile(self.path) as tif:
-                tif.pages.useframes = False
-                len(tif.pages)  # walks every IFD: a cut-off chain shows up as a logged problem
-                if problems:
-                    raise SlideError(
-                        f"{name} is truncated or corrupt ({problems[0]}). Copy the slide again."
-                    )
-                pages = pyramid_pages(tif)
-                if not all(page_supported(p) for p in pages):
-                    p = pages[0]
-                    raise SlideError(
-                        f"{name}: a TIFF with {p.dtype} pixels, {p.samplesperpixel} samples and "
-                        f"compression {p.compression!s} is not a brightfield RGB slide this plugin "
-                        "can read; convert it to an 8-bit RGB pyramidal TIFF."
-                    )
-                return TiffPyramid(self.path, pages)
-        except (tifffile.TiffFileError, ValueError, IndexError, KeyError) as exc:
-            raise SlideError(
-                f"{name} is not a whole-slide image OpenSlide or tifffile can read ({exc}). "
-                f"Supported: {', '.join(SLIDE_SUFFIXES)}; other formats can be converted to a "
-                "pyramidal TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`)."
-            ) from exc
-
-    def _check_complete(self) -> None:
-        """Fail at open, not mid-analysis, when the file is cut short."""
-        check_complete(self.path, self._tiff, self._osr)
+            self._tiff = open_tiff_pyramid(self.path)
+        check_complete(self.path, self._tiff, self._osr)  # cut short: fail at open
 
     def _file_mpp(self) -> float | None:
         if self._osr is not None:
@@ -176,25 +150,29 @@ class Slide:
                 mpp = None
             if mpp and mpp > 0:
                 return mpp
-        if self._tiff is not None:
-            with tifffile.TiffFile(self.path) as tif:
-                return mpp_from_resolution(tif.pages.first)
-        return None
+        direct = self._tiff or self._ngff
+        return direct.mpp if direct is not None else None
 
     # --- metadata ------------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        """``"tifffile"`` when pixels are decoded directly, else ``"openslide"``."""
-        return "tifffile" if self._tiff is not None else "openslide"
+        """``"tifffile"`` when pixels are decoded directly, ``"zarr"`` for OME-Zarr, else ``"openslide"``."""
+        return "zarr" if self._ngff is not None else "tifffile" if self._tiff is not None else "openslide"
 
     @cached_property
     def properties(self) -> dict[str, str]:
         """Vendor metadata (OpenSlide's property map, or the TIFF description)."""
         if self._osr is not None:
             return dict(self._osr.properties)
-        with tifffile.TiffFile(self.path) as tif:
-            desc = tif.pages.first.description or ""
-        return {"tiff.ImageDescription": desc}
+        direct = self._tiff or self._ngff
+        assert direct is not None
+        props = {openslide.PROPERTY_NAME_VENDOR: direct.vendor}
+        if self._tiff is not None:
+            with tifffile.TiffFile(self.path) as tif:
+                props["tiff.ImageDescription"] = tif.pages.first.description or ""
+        if direct.mpp is not None:
+            props[openslide.PROPERTY_NAME_MPP_X] = props[openslide.PROPERTY_NAME_MPP_Y] = str(direct.mpp)
+        return props
 
     @property
     def vendor(self) -> str:
@@ -213,8 +191,9 @@ class Slide:
     @cached_property
     def file_level_dimensions(self) -> tuple[tuple[int, int], ...]:
         """(width, height) of each level stored in the file."""
-        if self._tiff is not None:
-            return tuple((lvl.shape[1], lvl.shape[0]) for lvl in self._tiff.levels)
+        direct = self._tiff or self._ngff
+        if direct is not None:
+            return tuple((lvl.shape[1], lvl.shape[0]) for lvl in direct.levels)
         assert self._osr is not None
         return tuple(self._osr.level_dimensions)
 
@@ -230,14 +209,18 @@ class Slide:
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        """Downsample of every level in :attr:`levels` relative to level 0."""
-        w0 = self.dimensions[0]
-        if self._osr is not None and self._tiff is None:
-            native = tuple(float(d) for d in self._osr.level_downsamples)
-        else:
-            native = tuple(w0 / w for w, _ in self.file_level_dimensions)
-        extra = tuple(w0 / w for w, _ in self.level_dimensions[len(native):])
+        """Downsample of every level in :attr:`levels`: OpenSlide's (mean of the width and height
+        ratios) for file levels, exact powers of 2 beyond them for the 2 × 2-averaged ones."""
+        native = self._file_downsamples
+        extra = tuple(native[-1] * 2.0**k for k in range(1, len(self.levels) - len(native) + 1))
         return native + extra
+
+    @cached_property
+    def _file_downsamples(self) -> tuple[float, ...]:
+        # read at open (see __init__): a closed OpenSlide handle can no longer be asked
+        if self._osr is not None:
+            return tuple(float(d) for d in self._osr.level_downsamples)
+        return openslide_downsamples(self.file_level_dimensions)
 
     def require_mpp(self) -> float:
         """µm/px for analysis; raises a :class:`SlideError` that says how to supply it."""
@@ -269,8 +252,9 @@ class Slide:
     # --- pixels --------------------------------------------------------------------------
     def _level_reader(self, level: int) -> tuple[Reader, tuple[int, int]]:
         """Reader of file level ``level`` and the stored tile size its chunks align to."""
-        if self._tiff is not None:
-            lvl = self._tiff.levels[level]
+        direct = self._tiff or self._ngff
+        if direct is not None:
+            lvl = direct.levels[level]
             return self._guard(lvl.read), lvl.chunk_unit
         assert self._osr is not None
         osr, ds = self._osr, self._osr.level_downsamples[level]
@@ -333,14 +317,22 @@ class Slide:
             Index into :attr:`levels`.
         size
             (width, height) in pixels of ``level``; areas outside the slide are white.
+
+        File levels follow OpenSlide's coordinates exactly (see :mod:`~napari_virchow.slides.region`),
+        so the pixels equal OpenSlide's for every level, position and size.
         """
         if not 0 <= level < len(self.levels):
             raise SlideError(f"{self.path.name}: level {level} does not exist (0–{len(self.levels) - 1})")
         ds = self.level_downsamples[level]
-        x0, y0 = int(location[0] // ds), int(location[1] // ds)
         w, h = int(size[0]), int(size[1])
         if level < len(self.file_level_dimensions):
+            x0, y0 = level_origin(location[0], ds), level_origin(location[1], ds)
+            if self._osr is not None and (x0 is None or y0 is None or self._tiff is None):
+                return self._openslide_region(location, level, (w, h))
+            if x0 is None or y0 is None:  # no OpenSlide to interpolate: the nearest level pixel
+                x0, y0 = round(location[0] / ds), round(location[1] / ds)
             return self._level_reader(level)[0](y0, y0 + h, x0, x0 + w)
+        x0, y0 = int(location[0] // ds), int(location[1] // ds)
         arr = self.levels[level]
         out = np.full((h, w, 3), 255, np.uint8)
         cy0, cy1 = max(y0, 0), min(y0 + h, arr.shape[0])
@@ -348,6 +340,17 @@ class Slide:
         if cy0 < cy1 and cx0 < cx1:
             out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = arr[cy0:cy1, cx0:cx1].compute(scheduler="threads")
         return out
+
+    def _openslide_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """OpenSlide's own read, for positions between level pixels (its sub-pixel filter)."""
+        assert self._osr is not None
+        osr = self._osr
+
+        def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            region = osr.read_region((int(location[0]), int(location[1])), level, (x1 - x0, y1 - y0))
+            return composite_on_white(np.asarray(region))
+
+        return self._guard(read)(0, size[1], 0, size[0])
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """Index of the coarsest level whose downsample does not exceed ``downsample`` (+1 %)."""

@@ -146,10 +146,10 @@ class TiffLevel:
             if pixels is not out:  # the contract callers recycle buffers by: the pixels are in `out`
                 out[...] = pixels.reshape(out.shape)
                 pixels = out
-        else:
-            decoded, _, _ = self._decode(data, index, jpegtables=self._jpegtables)
+        else:  # any codec tifffile + imagecodecs decode (LZW, JPEG 2000, JPEG XL, WebP, zstd, ...)
+            decoded = np.asarray(self._decode(data, index, jpegtables=self._jpegtables)[0])
             # tifffile returns (separate sample, depth, length, width, samples); keep (length, width, s)
-            pixels = np.asarray(decoded).reshape(decoded.shape[-3:])
+            pixels = decoded.reshape(decoded.shape[-3:])
         self.count_decodes(1)
         return pixels
 
@@ -224,6 +224,10 @@ class TiffPyramid:
         self._fd = os.open(path, os.O_RDONLY)
         self._closed = threading.Event()
         self.levels = [TiffLevel(path, page, self._fd) for page in pages]
+        #: µm/px the file records (OME-XML or resolution tags), set by the opener; None if unknown
+        self.mpp: float | None = None
+        #: what the file is, for :attr:`Slide.vendor` when OpenSlide is not involved
+        self.vendor = "tiff"
 
     def close(self) -> None:
         """Close the descriptor (idempotent)."""
