@@ -136,10 +136,20 @@ def build_index(
 
     def sample(count: int) -> np.ndarray:
         # Training set: an even share of ``count`` vectors from every slide, strided.
+        # Memory: the sample once (float32) plus one slide's share while it is read.
         share = max(1, count // len(items))
-        parts = [np.asarray(e.embeddings[:: max(1, n_e // share)][:share]) for e, n_e in
-                 zip(items, sizes, strict=True) if n_e]
-        return l2_normalize(np.concatenate(parts))
+        out = np.empty((min(count, share * len(items)), dim), np.float32)
+        filled = 0
+        for e, n_e in zip(items, sizes, strict=True):
+            if n_e:
+                part = np.asarray(e.embeddings[:: max(1, n_e // share)][:share], np.float32)
+                part = part[: len(out) - filled]
+                out[filled : filled + len(part)] = part
+                filled += len(part)
+        out = out[:filled]
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)  # in place, as l2_normalize does on a copy
+        return out
 
     index, params = _make_index(chosen, dim, n, sample)
     if chosen == "ivfpq" and not stores:

@@ -25,7 +25,7 @@ PQ_BYTES = 64
 IVFPQ_NPROBE = 48
 # Candidates re-ranked by exact cosine per query (at least; more when suppression needs more).
 RERANK = 100
-TRAIN_MAX = 65_536  # training vectors (k-means and PQ); ~39 per list is what faiss asks for
+TRAIN_MAX = 50_000  # training vectors (k-means and PQ): 0.5 GB at 2560-d; ~39 per list is what faiss asks for
 
 
 def ivfpq_nlist(n: int) -> int:
