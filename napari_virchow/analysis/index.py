@@ -111,6 +111,7 @@ def build_index(
     kind: str = "auto",
     provenance: Mapping[str, Any] | None = None,
     cache_root: str | os.PathLike[str] | None = None,
+    client: Any | None = None,
 ) -> SlideIndex:
     """Index the computed tiles of several slides for cosine search and save it.
 
@@ -124,6 +125,8 @@ def build_index(
         ``"ivfpq"`` (trained on a sample, filled slide by slide, re-ranked from the stores).
     provenance : recorded as is, e.g. ``weights`` (what loads them), ``mpp``, ``tile_size``.
     cache_root : the cache holding the entries' stores; they are recorded relative to it.
+    client : a ``dask.distributed`` client: an IVF-PQ index over store-backed entries is then filled
+        in per-worker shards that are merged (the stores must be reachable from the workers).
     """
     items = [_entry(e) for e in entries]
     if not items:
@@ -154,7 +157,12 @@ def build_index(
     index, params = _make_index(chosen, dim, n, sample)
     if chosen == "ivfpq" and not stores:
         params["rerank"] = 0  # nothing to re-rank from: scores are the PQ approximations
-    add_entries(index, chosen, items, sizes, 0)
+    jobs = [(s, e.embeddings.store_path, e.embeddings.indices) for s, e in enumerate(items)
+            if isinstance(e.embeddings, _pq.StoreRows)]  # fmt: skip
+    if client is not None and chosen == "ivfpq" and len(jobs) == len(items):
+        _pq.fill_on_cluster(client, index, [(s, str(p), idx) for s, p, idx in jobs])
+    else:
+        add_entries(index, chosen, items, sizes, 0)
     root = Path(cache_root).resolve() if cache_root is not None else None
     meta = {
         "format": _FORMAT, "version": _VERSION, "encoder": encoder, "weights_id": weights_id,

@@ -33,7 +33,7 @@ class IndexEntry:
 
     path: str
     fingerprint: str
-    embeddings: np.ndarray
+    embeddings: Any  # (n, dim): numpy, zarr, StoreRows: anything with .shape and row slices
     coords: np.ndarray
     tile_size_l0: int
     indices: np.ndarray | None = None

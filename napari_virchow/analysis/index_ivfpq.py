@@ -47,8 +47,8 @@ def make_ivfpq(dim: int, n: int, sample: Callable[[int], np.ndarray]) -> tuple[A
     nlist = ivfpq_nlist(n)
     m = _pq_m(dim)
     train = np.ascontiguousarray(sample(min(n, max(256 * 39, 39 * nlist), TRAIN_MAX)), np.float32)
-    if len(train) < 39:
-        raise AnalysisError(f"too few tiles ({len(train)}) to train an IVF-PQ index; use kind='flat'")
+    if len(train) < 256:  # 2^8 centroids per PQ sub-quantizer
+        raise AnalysisError(f"too few tiles ({len(train)}) to train an IVF-PQ index (needs 256); use kind='flat'")
     nlist = min(nlist, max(1, len(train) // 39))
     index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
     index.cp.min_points_per_centroid = 5  # fewer warnings on small cohorts; quality is re-ranked anyway
@@ -128,3 +128,34 @@ def rerank(q: np.ndarray, slide_of: np.ndarray, tiles: np.ndarray, reader: Store
         sel = np.flatnonzero(slide_of == s)
         scores[sel] = reader.rows(int(s), tiles[sel]) @ q
     return scores
+
+
+def fill_shard(trained: bytes, slides: list[tuple[int, str, np.ndarray]]) -> bytes:
+    """On a dask worker: the trained, empty index filled with these slides' rows, read from their stores."""
+    import faiss
+
+    index = faiss.deserialize_index(np.frombuffer(trained, np.uint8))
+    for slide_no, store, tiles in slides:
+        rows = StoreRows(store, tiles)
+        for start in range(0, len(rows), 16384):
+            x = l2_normalize(rows[start : start + 16384])
+            index.add_with_ids(x, slide_ids(slide_no, start, start + len(x)))
+    return bytes(faiss.serialize_index(index))
+
+
+def fill_on_cluster(client: Any, index: Any, slides: list[tuple[int, str, np.ndarray]]) -> None:
+    """Fill ``index`` (trained, empty) from per-worker shards built on the cluster, merged in with ``merge_from``.
+
+    Every shard starts from the same trained quantizer and PQ codebooks, which is what faiss's
+    IVF ``merge_from`` needs; ids (``slide << 32 | row``) are kept, so the result equals a local fill.
+    """
+    import faiss
+
+    trained = bytes(faiss.serialize_index(index))
+    n_shards = max(1, min(len(slides), len(client.nthreads())))
+    groups = [slides[i::n_shards] for i in range(n_shards)]
+    blob = client.scatter(trained, broadcast=True)
+    futures = client.map(fill_shard, [blob] * n_shards, groups, pure=False)
+    for future in futures:
+        shard = faiss.deserialize_index(np.frombuffer(future.result(), np.uint8))
+        index.merge_from(shard, 0)

@@ -93,9 +93,15 @@ def cmd_index(args: argparse.Namespace) -> int:
         spec = config.spec
         provenance = {"weights": config.weights, "mpp": spec.mpp, "tile_size": spec.input_size,
                       "mpp_override": config.mpp_override}  # fmt: skip
-        index = write_file(out, lambda p: build_index(entries, p, encoder=config.encoder, weights_id=weights.pop(),
-                                                      kind=args.kind, provenance=provenance,
-                                                      cache_root=config.cache_root))  # fmt: skip
+        client = _client(args.scheduler) if args.scheduler else None  # IVF-PQ: shards filled on the workers
+        try:
+            index = write_file(out, lambda p: build_index(entries, p, encoder=config.encoder,
+                                                          weights_id=weights.pop(), kind=args.kind,
+                                                          provenance=provenance, cache_root=config.cache_root,
+                                                          client=client))  # fmt: skip
+        finally:
+            if client is not None:
+                client.close()
         CONSOLE.out(f"indexed {index.describe()} -> {index.path}")
         return status
     if not _files(out)[1].exists():
@@ -117,6 +123,18 @@ def cmd_index(args: argparse.Namespace) -> int:
     write_file(out, index.save)
     CONSOLE.out(f"index now {index.describe()} -> {index.path}")
     return status
+
+
+def _client(address: str) -> Any:
+    from distributed import Client
+
+    from napari_virchow.cli.cluster import CONNECT_TIMEOUT_S
+
+    try:
+        return Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:
+        raise CliError(f"cannot reach the dask scheduler at {address!r} ({exc}); check the address "
+                       "(tcp://HOST:8786) and that `dask scheduler` is running") from exc  # fmt: skip
 
 
 def args_search(p: argparse.ArgumentParser) -> None:

@@ -65,10 +65,10 @@ def test_ivfpq_scores_are_exact_cosines_from_the_stores(cohort) -> None:
     q = l2_normalize(pattern[None])[0]
     hits = loaded.search(pattern, k=6, min_distance_tiles=0)
     exact = _exact(entries, q)
-    assert sorted({(Path(h.slide).name, h.index) for h in hits}) == sorted(
+    assert sorted({(Path(str(h.slide)).name, h.index) for h in hits}) == sorted(
         (f"s{i}.svs", t) for i in range(3) for t in (5 + i, 300 + i))
     for h in hits:  # the reported score is the exact cosine of the float16 row, not the PQ estimate
-        s = int(Path(h.slide).stem[1:])
+        s = int(Path(str(h.slide)).stem[1:])
         assert h.score == pytest.approx(exact[s * SIDE * SIDE + h.index], abs=1e-5)
     assert index.meta["slides"][0]["store"] and not Path(index.meta["slides"][0]["store"]).is_absolute()
     loaded.close()
@@ -94,14 +94,14 @@ def test_add_and_remove_slides_without_rebuilding(cohort, kind: str) -> None:
         assert built.index.quantizer.ntotal == trained  # the same trained quantizer, no retraining
     built.save(archive / "idx")
     index = load_index(archive / "idx")
-    assert {Path(h.slide).name for h in index.search(pattern, k=6, min_distance_tiles=0)} == {"s0.svs", "s1.svs",
+    assert {Path(str(h.slide)).name for h in index.search(pattern, k=6, min_distance_tiles=0)} == {"s0.svs", "s1.svs",
                                                                                                 "s2.svs"}  # fmt: skip
     assert remove_slide(index, entries[1].path) == SIDE * SIDE
     index.save(archive / "idx")
     index = load_index(archive / "idx")
     hits = index.search(pattern, k=4, min_distance_tiles=0)
-    assert len(index) == 2 * SIDE * SIDE and {Path(h.slide).name for h in hits} == {"s0.svs", "s2.svs"}
-    s2 = [h for h in hits if h.slide.endswith("s2.svs")]
+    assert len(index) == 2 * SIDE * SIDE and {Path(str(h.slide)).name for h in hits} == {"s0.svs", "s2.svs"}
+    s2 = [h for h in hits if str(h.slide).endswith("s2.svs")]
     assert sorted(h.index for h in s2) == [7, 302]  # rows of slides after the removed one still map right
     with pytest.raises(AnalysisError, match="not in the index"):
         remove_slide(index, entries[1].path)
@@ -121,13 +121,13 @@ def test_a_moved_archive_is_found_beside_the_index_or_under_a_new_root(cohort, t
     shutil.move(archive, moved)  # the whole archive: found from the index's own location
     index = load_index(moved / "idx")
     hits = index.search(pattern, k=3, min_distance_tiles=0)
-    assert all(h.exists and h.slide.startswith(str(moved.resolve())) for h in hits)
+    assert all(h.exists and str(h.slide).startswith(str(moved.resolve())) for h in hits)
     assert index.check_slides() is None and index.cache_root == (moved / "cache").resolve()
     index.close()
     # The index alone copied elsewhere: the slides and the cache are found under --root.
     shutil.copytree(moved / "idx", tmp_path / "lone-idx")
     lone = load_index(tmp_path / "lone-idx", root=moved / "slides", cache_root=moved / "cache")
-    assert lone.search(pattern, k=1)[0].slide.startswith(str((moved / "slides").resolve()))
+    assert str(lone.search(pattern, k=1)[0].slide).startswith(str((moved / "slides").resolve()))
     lost = load_index(tmp_path / "lone-idx", cache_root=tmp_path / "nowhere")
     shutil.rmtree(moved / "slides")
     with pytest.raises(AnalysisError, match="--cache"):
@@ -142,16 +142,32 @@ def test_a_changed_slide_is_reported_and_its_hits_left_out(cohort) -> None:
     message = index.check_slides()
     assert message and "1 of 3 slides" in message and "s0.svs" in message and "changed" in message
     hits = index.search(pattern, k=4, min_distance_tiles=0)
-    assert len(hits) == 4 and not any(h.slide.endswith("s0.svs") for h in hits)
+    assert len(hits) == 4 and not any(str(h.slide).endswith("s0.svs") for h in hits)
 
 
 def test_a_damaged_store_is_an_error_not_zeros(cohort) -> None:
     archive, cache, entries, pattern = cohort
     index = build_index(entries, None, encoder="e", kind="ivfpq", cache_root=cache)
-    for chunk in (Path(entries[1].store) / "embeddings" / "c").rglob("*"):
+    for chunk in (Path(str(entries[1].store)) / "embeddings" / "c").rglob("*"):
         if chunk.is_file():
             chunk.write_bytes(b"\0" * 16)
     with pytest.raises(VirchowError):
         for _ in range(3):
             index.search(pattern, k=6, min_distance_tiles=0)
             index.close()
+
+
+@pytest.mark.timeout(120)
+def test_shards_filled_on_a_dask_cluster_merge_into_the_same_index(cohort) -> None:
+    from distributed import Client, LocalCluster
+
+    _, cache, entries, pattern = cohort
+    local = build_index(entries, None, encoder="e", kind="ivfpq", cache_root=cache)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, host="127.0.0.1",
+                      dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client:  # fmt: skip
+        sharded = build_index(entries, None, encoder="e", kind="ivfpq", cache_root=cache, client=client)
+    assert len(sharded) == len(local) == 3 * SIDE * SIDE
+    got = [(h.slide, h.index, round(h.score, 5)) for h in sharded.search(pattern, k=6, min_distance_tiles=0)]
+    want = [(h.slide, h.index, round(h.score, 5)) for h in local.search(pattern, k=6, min_distance_tiles=0)]
+    assert got == want
