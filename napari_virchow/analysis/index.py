@@ -188,8 +188,12 @@ def load_index(
     weights_id: str | None = None,
     root: str | os.PathLike[str] | None = None,
     cache_root: str | os.PathLike[str] | None = None,
+    mmap: bool = False,
 ) -> SlideIndex:
     """Load an index saved by :func:`build_index`, refusing one built with another encoder.
+
+    ``mmap``: an IVF index's inverted lists stay in the file, paged in as queries touch them
+    (RAM: the coarse quantizer only), read-only: for searching an index larger than memory.
 
     ``root``: the folder a moved archive's slides are in now; ``cache_root``: where the embedding
     stores are now (default: beside the index as built, under ``root``, or the recorded cache).
@@ -203,7 +207,8 @@ def load_index(
             raise ValueError("no napari-virchow index format marker")
         with np.load(arrays_file, allow_pickle=False) as z:
             coords, tile_index, row_start = z["coords"], z["tile_index"], z["row_start"]
-        index = faiss.read_index(str(index_file))
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap and meta.get("kind") in ("ivf", "ivfpq") else 0
+        index = faiss.read_index(str(index_file), flags)
     except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
         raise AnalysisError(
             f"{index_file}: cannot read the similarity index ({type(exc).__name__}: {exc}); "

@@ -200,8 +200,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     """The regions of indexed slides most similar to a point or box of a slide (needs only the index)."""
     from napari_virchow.analysis.index import load_index
 
-    index = load_index(args.index, encoder=_encoder_name(args), root=args.root,
-                       cache_root=getattr(args, "cache", None))  # another encoder's index: refused here
+    index = load_index(args.index, encoder=_encoder_name(args), root=args.root, cache_root=getattr(args, "cache", None),
+                       mmap=True)  # another encoder's index: refused here; IVF lists paged in, not loaded
     try:
         config = _config_of(args, index)
         moved = index.check_slides()

@@ -60,7 +60,7 @@ def test_ivfpq_scores_are_exact_cosines_from_the_stores(cohort) -> None:
     archive, cache, entries, pattern = cohort
     index = build_index(entries, archive / "idx", encoder="virchow2-tiny", weights_id="w-test", kind="ivfpq",
                         cache_root=cache, provenance={"mpp": 0.5, "tile_size": 224, "weights": "random"})  # fmt: skip
-    loaded = load_index(archive / "idx", encoder="virchow2-tiny")
+    loaded = load_index(archive / "idx", encoder="virchow2-tiny", mmap=True)
     assert loaded.kind == "ivfpq" and len(loaded) == 3 * SIDE * SIDE and loaded.meta["mpp"] == 0.5
     q = l2_normalize(pattern[None])[0]
     hits = loaded.search(pattern, k=6, min_distance_tiles=0)
