@@ -189,9 +189,9 @@ def large_entries(n: int) -> list[IndexEntry]:
         if not (path / "zarr.json").exists():
             continue
         with EmbeddingStore.from_path(path) as store:
-            slide, coords, m = Path(store.attrs["slide_path"]), store.coords, store.n_tiles
+            slide, coords, m = Path(store.attrs["slide_path"]), np.asarray(store.coords), store.n_tiles
         idx = np.arange(m)
-        entries.append(IndexEntry(str(slide), fingerprint(slide), StoreRows(path, idx), coords, 448, idx, str(path)))  # type: ignore[arg-type]
+        entries.append(IndexEntry(str(slide), fingerprint(slide), StoreRows(path, idx), coords, 448, idx, str(path)))
     return sorted(entries, key=lambda e: e.path)
 
 
@@ -234,7 +234,7 @@ def run_large(n: int, queries: np.ndarray, *, threads: tuple[int, int], k: int =
         t0 = time.perf_counter()
         hits = index.search(q, k, min_distance_tiles=0)
         times.append(time.perf_counter() - t0)
-        found.append({(by_path[h.slide], h.index) for h in hits})
+        found.append({(by_path[str(h.slide)], h.index) for h in hits})
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     truth = exact_from_stores(entries, queries, k)
     recall = float(np.mean([len(f & t) / k for f, t in zip(found, truth, strict=True)]))
@@ -247,7 +247,7 @@ def run_large(n: int, queries: np.ndarray, *, threads: tuple[int, int], k: int =
             t0 = time.perf_counter()
             hits = index.search(q, k, min_distance_tiles=0)
             t_d.append((time.perf_counter() - t0) * 1e3)
-            r_d.append(len({(by_path[h.slide], h.index) for h in hits} & t) / k)
+            r_d.append(len({(by_path[str(h.slide)], h.index) for h in hits} & t) / k)
         sweep.append({"rerank": depth, "p50_ms": round(float(np.median(t_d)), 1),
                       "p95_ms": round(float(np.percentile(t_d, 95)), 1),
                       "recall_at_10": round(float(np.mean(r_d)), 4)})  # fmt: skip
