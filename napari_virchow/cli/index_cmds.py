@@ -58,10 +58,11 @@ def _gather(args: argparse.Namespace, config: SessionConfig) -> tuple[int, list[
     empty: list[str] = []
 
     def work(session: SlideSession) -> str | None:
-        store = session.store("r")
         idx = session.grid.tissue_indices
-        idx = idx[store.done[idx]]
         weights.add(session.weights_id)
+        if len(idx):  # a slide without tissue has no store at all
+            store = session.store("r")
+            idx = idx[store.done[idx]]
         if not len(idx):
             empty.append(session.slide.path.name)
             return f"  {session.slide.path.name}: no tissue tile, left out of the index"

@@ -163,7 +163,7 @@ def test_shards_filled_on_a_dask_cluster_merge_into_the_same_index(cohort) -> No
 
     _, cache, entries, pattern = cohort
     local = build_index(entries, None, encoder="e", kind="ivfpq", cache_root=cache)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, host="127.0.0.1",
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster, \
             Client(cluster, set_as_default=False) as client:  # fmt: skip
         sharded = build_index(entries, None, encoder="e", kind="ivfpq", cache_root=cache, client=client)
