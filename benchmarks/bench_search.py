@@ -10,15 +10,26 @@ Usage::
 
     python benchmarks/bench_search.py             # 10^4 and 10^5, kind="auto" (~2 min, 2 cores)
     python benchmarks/bench_search.py --compare   # also flat / hnsw / ivf at every tier
-    python benchmarks/bench_search.py --large     # adds 10^6 (~15 GB RAM, long build)
+    python benchmarks/bench_search.py --large     # adds the 10^6 tier on disk (IVF-PQ, below)
+    python benchmarks/bench_search.py --large --large-n 200000   # a smaller on-disk tier
 
-The last printed line is ``{"tiers": [{"n", "index", "build_s", "query_ms", "recall_at_10"}]}``.
+The large tier writes its synthetic cohort (``--large-n`` tiles in slides of 20,000) as real
+embedding stores (float16, zstd, checksums) under ``benchmarks/_data/`` once, in a child process,
+then builds an IVF-PQ index from the stores slide by slide in this process (``peak_rss_mb`` is this
+process's peak, i.e. of building and searching), and searches it through ``SlideIndex.search``:
+PQ shortlist, exact cosine re-ranking read from the stores, per-slide suppression off.
+``recall_at_10`` is against exact search over the same float16 rows (streamed from the stores).
+
+The last printed line is ``{"tiers": [{"n", "index", "build_s", "query_ms", "recall_at_10"}]}``
+(the large tier's entry has ``p50_ms``, ``p95_ms``, ``peak_rss_mb``, ``index_bytes_per_tile``...).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +39,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from napari_virchow.analysis.index import IndexEntry, build_index  # noqa: E402
-from napari_virchow.analysis.similarity import l2_normalize  # noqa: E402
+from napari_virchow.analysis.index import IndexEntry, build_index
+from napari_virchow.analysis.similarity import l2_normalize
 
 DIM = 2560
 N_CLUSTERS = 100
@@ -132,9 +143,134 @@ def run_tier(
     }
 
 
+DATA = Path(__file__).resolve().parent / "_data"
+
+
+def _large_dir(n: int) -> Path:
+    return DATA / f"search-{n}"
+
+
+def generate_large(n: int) -> None:
+    """Write the synthetic cohort as embedding stores under benchmarks/_data/ (skipped when complete)."""
+    from napari_virchow.slides.fingerprint import fingerprint
+    from napari_virchow.store.embeddings import EmbeddingStore
+    from napari_virchow.store.key import StoreKey
+
+    root = _large_dir(n)
+    done_marker = root / "COMPLETE"
+    if done_marker.exists():
+        return
+    gen, rng = Generator(), np.random.default_rng(n)
+    side = int(np.ceil(np.sqrt(SLIDE_TILES)))
+    for s, start in enumerate(range(0, n, SLIDE_TILES)):
+        m = min(SLIDE_TILES, n - start)
+        slide = root / "slides" / f"slide{s:04d}.svs"
+        slide.parent.mkdir(parents=True, exist_ok=True)
+        slide.write_bytes(f"synthetic slide {s}".encode())
+        i = np.arange(m)
+        coords = np.stack([(i % side) * 448, (i // side) * 448], axis=1).astype(np.int64)
+        key = StoreKey(fingerprint(slide), "bench", "synthetic", 0.5, 224)
+        with EmbeddingStore.open(key, n_tiles=m, dim=DIM, root=root / "cache", coords=coords, tile_size_l0=448,
+                                 slide_path=str(slide), mode="w") as store:  # fmt: skip
+            for a in range(0, m, 4096):
+                store.write(np.arange(a, min(m, a + 4096)), gen.draw(min(4096, m - a), rng))
+        print(f"generated slide {s + 1}/{-(-n // SLIDE_TILES)}", file=sys.stderr, flush=True)
+    done_marker.write_text("ok")
+
+
+def large_entries(n: int) -> list[IndexEntry]:
+    """One IndexEntry per synthetic slide, embeddings read lazily from its store."""
+    from napari_virchow.analysis.index_ivfpq import StoreRows
+    from napari_virchow.slides.fingerprint import fingerprint
+    from napari_virchow.store.embeddings import EmbeddingStore
+
+    entries = []
+    for path in sorted((_large_dir(n) / "cache").iterdir()):
+        if not (path / "zarr.json").exists():
+            continue
+        with EmbeddingStore.from_path(path) as store:
+            slide, coords, m = Path(store.attrs["slide_path"]), np.asarray(store.coords), store.n_tiles
+        idx = np.arange(m)
+        entries.append(IndexEntry(str(slide), fingerprint(slide), StoreRows(path, idx), coords, 448, idx, str(path)))
+    return sorted(entries, key=lambda e: e.path)
+
+
+def exact_from_stores(entries: list[IndexEntry], queries: np.ndarray, k: int) -> list[set[tuple[int, int]]]:
+    """Exact top-k (slide no, tile) per query, streaming the stores one slide at a time."""
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_id = np.zeros((len(queries), k, 2), np.int64)
+    for s, e in enumerate(entries):
+        x = l2_normalize(np.asarray(e.embeddings[:]))
+        sc = queries @ x.T
+        top = np.argpartition(-sc, k, axis=1)[:, :k]
+        cand_s = np.concatenate([best_s, np.take_along_axis(sc, top, 1)], axis=1)
+        cand_id = np.concatenate([best_id, np.stack([np.full_like(top, s), top], axis=2)], axis=1)
+        keep = np.argsort(-cand_s, axis=1)[:, :k]
+        best_s = np.take_along_axis(cand_s, keep, 1)
+        best_id = np.take_along_axis(cand_id, keep[:, :, None], 1)
+    return [{(int(a), int(b)) for a, b in row} for row in best_id]
+
+
+def run_large(n: int, queries: np.ndarray, *, threads: tuple[int, int], k: int = 10) -> dict:
+    """The on-disk tier: IVF-PQ built from the stores, searched with re-ranking; see the module docstring."""
+    import faiss
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--generate", str(n)], check=True)
+    gen_s = time.perf_counter() - t0
+    entries = large_entries(n)
+    faiss.omp_set_num_threads(threads[0])
+    out = _large_dir(n) / "index"
+    t0 = time.perf_counter()
+    index = build_index(entries, out, encoder="bench", weights_id="synthetic", kind="ivfpq",
+                        cache_root=_large_dir(n) / "cache")  # fmt: skip
+    build_s = time.perf_counter() - t0
+    rss_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    faiss.omp_set_num_threads(threads[1])
+    by_path = {e.path: s for s, e in enumerate(entries)}
+    times, found = [], []
+    index.search(queries[0], k, min_distance_tiles=0)  # opens the stores once, as a viewer session would
+    for q in queries:
+        t0 = time.perf_counter()
+        hits = index.search(q, k, min_distance_tiles=0)
+        times.append(time.perf_counter() - t0)
+        found.append({(by_path[str(h.slide)], h.index) for h in hits})
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    truth = exact_from_stores(entries, queries, k)
+    recall = float(np.mean([len(f & t) / k for f, t in zip(found, truth, strict=True)]))
+    ms = np.array(times) * 1e3
+    sweep = []  # re-ranking depth vs latency and recall, on the same index (50 queries each)
+    for depth in (30, 100, 300):
+        index.meta["rerank"] = depth
+        t_d, r_d = [], []
+        for q, t in zip(queries[:50], truth[:50], strict=True):
+            t0 = time.perf_counter()
+            hits = index.search(q, k, min_distance_tiles=0)
+            t_d.append((time.perf_counter() - t0) * 1e3)
+            r_d.append(len({(by_path[str(h.slide)], h.index) for h in hits} & t) / k)
+        sweep.append({"rerank": depth, "p50_ms": round(float(np.median(t_d)), 1),
+                      "p95_ms": round(float(np.percentile(t_d, 95)), 1),
+                      "recall_at_10": round(float(np.mean(r_d)), 4)})  # fmt: skip
+    index.close()
+    return {
+        "n": n, "index": index.kind, "build_s": round(build_s, 1), "generate_s": round(gen_s, 1),
+        "query_ms": round(float(ms.mean()), 2), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p95_ms": round(float(np.percentile(ms, 95)), 2), "recall_at_10": round(recall, 4),
+        "peak_rss_mb": round(rss_build, 1), "peak_rss_mb_with_search": round(rss, 1),
+        "index_bytes_per_tile": round(index.nbytes() / n, 1), "slides": len(entries),
+        "store_bytes_per_tile": round(sum(f.stat().st_size for f in (_large_dir(n) / "cache").rglob("*")
+                                          if f.is_file()) / n, 1),  # fmt: skip
+        "params": {k_: index.meta[k_] for k_ in ("nlist", "nprobe", "pq_m", "rerank")},
+        "threads": {"build": threads[0], "query": threads[1]}, "rerank_sweep": sweep,
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--large", action="store_true", help="add the 10^6 tier")
+    parser.add_argument("--large", action="store_true", help="add the on-disk IVF-PQ tier (10^6 tiles)")
+    parser.add_argument("--large-n", type=int, default=1_000_000, help="tiles in the large tier")
+    parser.add_argument("--large-only", action="store_true", help="run only the large tier")
+    parser.add_argument("--generate", type=int, help=argparse.SUPPRESS)  # the child that writes the data
     parser.add_argument("--compare", action="store_true", help="also time flat, hnsw and ivf")
     parser.add_argument("--tiers", default="10000,100000", help="comma-separated sizes")
     parser.add_argument("--threads", type=int, default=2, help="faiss threads for building")
@@ -143,8 +279,11 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=LATENT,
                         help="latent dims per cluster (higher = harder neighbours)")
     args = parser.parse_args()
+    if args.generate:
+        generate_large(args.generate)
+        return
     threads = (args.threads, args.query_threads)
-    tiers = [int(float(t)) for t in args.tiers.split(",")] + ([1_000_000] if args.large else [])
+    tiers = [] if args.large_only else [int(float(t)) for t in args.tiers.split(",")]
     gen = Generator(latent=args.latent)
     queries = l2_normalize(gen.draw(100, np.random.default_rng(12345)))
     results = []
@@ -157,8 +296,13 @@ def main() -> None:
                 if kind != row["index"]:
                     row_k = run_tier(n, kind, gen, queries, threads=threads)
                     print(json.dumps({"compare": True, **row_k}), flush=True)
+    if args.large or args.large_only:
+        row = run_large(args.large_n, queries, threads=threads)
+        print(json.dumps(row), flush=True)
+        results.append(row)
     keys = ("n", "index", "build_s", "query_ms", "recall_at_10")
-    print(json.dumps({"tiers": [{k: r[k] for k in keys} for r in results]}))
+    extra = ("p50_ms", "p95_ms", "peak_rss_mb", "index_bytes_per_tile")
+    print(json.dumps({"tiers": [{k: r[k] for k in (*keys, *extra) if k in r} for r in results]}))
 
 
 if __name__ == "__main__":

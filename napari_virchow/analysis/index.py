@@ -1,8 +1,10 @@
 """Cross-slide similarity index (faiss) over cached tile embeddings of a cohort.
 
 On disk: ``INDEX.faiss`` (faiss's own binary format) plus ``INDEX.json`` (encoder, slides,
-parameters) and ``INDEX.npz`` (per-row coordinates), never pickle. Vectors are L2-normalised
-float32 and searched by inner product, i.e. cosine similarity, as on a single slide.
+parameters, provenance, slides with relative paths) and ``INDEX.npz`` (per-row coordinates), never
+pickle. Vectors are L2-normalised float32 and searched by inner product, i.e. cosine similarity, as
+on a single slide. Small cohorts get an exact index; large ones IVF-PQ codes whose shortlist is
+re-ranked by exact cosine from the embedding stores (:mod:`~napari_virchow.analysis.index_ivfpq`).
 """
 
 from __future__ import annotations
@@ -10,20 +12,21 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from napari_virchow.analysis.similarity import AnalysisError, Hit, l2_normalize, query_vector, spatially_distinct
-from napari_virchow.io.files import atomic_write_set
+from napari_virchow.analysis import index_ivfpq as _pq
+from napari_virchow.analysis.index_core import IndexEntry, SlideIndex, _entry, _files
+from napari_virchow.analysis.similarity import AnalysisError, l2_normalize
 
-__all__ = ["AUTO_FLAT_MAX", "IndexEntry", "SlideIndex", "build_index", "load_index"]
+__all__ = ["AUTO_FLAT_MAX", "IndexEntry", "SlideIndex", "add_slides", "build_index", "load_index", "remove_slide"]
 
 _FORMAT = "napari-virchow-index"
-_VERSION = 1
-# kind="auto" picks exact search up to this many vectors and HNSW beyond. Measured with
+_VERSION = 2  # 2: provenance, relative paths, stores, ids slide << 32 | row for "ivfpq"
+# kind="auto" picks exact search up to this many vectors and, beyond, IVF-PQ re-ranked from the
+# stores when every slide has one (else HNSW, all in memory). Measured with
 # benchmarks/bench_search.py (2 cores, 2560-d, one query at a time): exact IndexFlatIP scans
 # n × 10 kB per query, ~8 ms at 10^4, ~17 ms at 2·10^4, ~35 ms at 6·10^4 and 90–190 ms at 10^5,
 # while HNSW answers in ~1 ms at recall@10 ≥ 0.99. HNSW costs ~0.5 ms per vector to build
@@ -38,221 +41,12 @@ HNSW_EF_SEARCH = 128
 _ADD_CHUNK = 16384
 
 
-@dataclass
-class IndexEntry:
-    """One slide's computed tiles: ``indices`` are tile ids in its grid (default ``arange(n)``).
-
-    ``embeddings`` may be any ``(n, dim)`` array supporting ``.shape`` and row slices (numpy,
-    zarr): it is read in chunks of 16384 rows.
-    """
-
-    path: str
-    fingerprint: str
-    embeddings: np.ndarray
-    coords: np.ndarray
-    tile_size_l0: int
-    indices: np.ndarray | None = None
-
-
-def _entry(obj: IndexEntry | Mapping[str, Any]) -> IndexEntry:
-    e = obj if isinstance(obj, IndexEntry) else IndexEntry(**dict(obj))
-    if not hasattr(e.embeddings, "shape"):  # lists and the like
-        e = replace(e, embeddings=np.asarray(e.embeddings))
-    return e
-
-
-def _files(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
-    """``x.faiss`` → (x.faiss, x.json, x.npz); a folder → its INDEX.* files."""
-    p = Path(path)
-    if p.suffix != ".faiss":
-        p = p / "INDEX.faiss"
-    return p, p.with_suffix(".json"), p.with_suffix(".npz")
-
-
-class SlideIndex:
-    """A loaded or freshly built cross-slide index; see :func:`build_index`."""
-
-    def __init__(
-        self,
-        index: Any,
-        meta: dict[str, Any],
-        coords: np.ndarray,
-        tile_index: np.ndarray,
-        row_start: np.ndarray,
-        path: Path | None = None,
-    ) -> None:
-        self.index = index
-        self.meta = meta
-        self.coords = coords
-        self.tile_index = tile_index
-        self.row_start = row_start
-        self.path = path
-
-    @property
-    def encoder(self) -> str:
-        return str(self.meta["encoder"])
-
-    @property
-    def weights_id(self) -> str | None:
-        return self.meta.get("weights_id")
-
-    @property
-    def kind(self) -> str:
-        return str(self.meta["kind"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.meta["dim"])
-
-    @property
-    def slides(self) -> list[dict[str, Any]]:
-        """Per slide: ``path``, ``fingerprint``, ``tile_size_l0``, ``n_tiles``."""
-        return list(self.meta["slides"])
-
-    def __len__(self) -> int:
-        return int(self.index.ntotal)
-
-    def missing_slides(self) -> list[str]:
-        """Paths of indexed slides whose files no longer exist."""
-        return [s["path"] for s in self.meta["slides"] if not Path(s["path"]).exists()]
-
-    def check_slides(self) -> str | None:
-        """A message about moved or deleted slide files, or None when all are present."""
-        missing = self.missing_slides()
-        if not missing:
-            return None
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        shown = ", ".join(missing[:5]) + more
-        return (
-            f"{len(missing)} of {len(self.meta['slides'])} slides in the index were moved or "
-            f"deleted: {shown}. Their hits are still listed (marked missing) but cannot be "
-            "opened; restore the files or rebuild the index with the new paths."
-        )
-
-    def _search_params(self, exclude_rows: tuple[int, int] | None, k: int) -> tuple[Any, list]:
-        """faiss search parameters, plus the selector objects they point to.
-
-        faiss keeps raw pointers to selectors: the caller must hold the returned list until the
-        search is done, or Python may free them mid-search.
-        """
-        import faiss
-
-        keep: list[Any] = []
-        kw: dict[str, Any] = {}
-        if exclude_rows is not None:
-            keep.append(faiss.IDSelectorRange(*exclude_rows))
-            keep.append(faiss.IDSelectorNot(keep[0]))
-            kw["sel"] = keep[1]
-        if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(k, self.meta["ef_search"]), **kw)
-        elif self.kind == "ivf":
-            params = faiss.SearchParametersIVF(nprobe=self.meta["nprobe"], **kw)
-        else:
-            params = faiss.SearchParameters(**kw) if kw else None
-        return params, keep
-
-    def search(
-        self,
-        query: np.ndarray,
-        k: int = 20,
-        *,
-        exclude_slide: str | None = None,
-        min_distance_tiles: int = 2,
-    ) -> list[Hit]:
-        """Top ``k`` distinct regions across slides, best first.
-
-        ``query`` is one embedding or several (averaged). Hits within ``min_distance_tiles`` tile
-        widths of a better hit on the same slide are suppressed. ``exclude_slide`` (a path or
-        fingerprint) leaves one slide out, usually the one the query comes from. Hits on slides
-        whose files are gone come back with ``exists=False``.
-        """
-        q = query_vector(query, self.dim)[None, :]
-        slides = self.meta["slides"]
-        excluded = None
-        for i, s in enumerate(slides):
-            if exclude_slide is not None and exclude_slide in (s["path"], s["fingerprint"]):
-                excluded = (int(self.row_start[i]), int(self.row_start[i + 1]))
-        available = len(self) - (excluded[1] - excluded[0] if excluded else 0)
-        if k <= 0 or available <= 0:
-            return []
-        # Suppression throws candidates away; fetch more until k survive or nothing is left.
-        fetch = min(available, 4 * k + 32)
-        while True:
-            params, _keep = self._search_params(excluded, fetch)
-            scores, rows = self.index.search(q, fetch, params=params)
-            hits = self._suppress(scores[0], rows[0], k, min_distance_tiles)
-            if len(hits) >= k or fetch >= available:
-                return hits
-            fetch = min(available, fetch * 4)
-
-    def _suppress(self, scores: np.ndarray, rows: np.ndarray, k: int, min_dist: int) -> list[Hit]:
-        slides = self.meta["slides"]
-        found = rows >= 0  # faiss pads with -1 when fewer vectors match
-        rows, scores = rows[found], scores[found]
-        slide_of = np.searchsorted(self.row_start, rows, side="right") - 1
-        tile_l0 = np.array([int(s["tile_size_l0"]) for s in slides], np.int64)
-        kept = spatially_distinct(self.coords[rows], min_dist * tile_l0[slide_of], k, groups=slide_of)
-        exists = {int(s): Path(slides[s]["path"]).exists() for s in set(slide_of[kept].tolist())}
-        return [
-            Hit(index=int(self.tile_index[rows[j]]), x=int(self.coords[rows[j]][0]), y=int(self.coords[rows[j]][1]),
-                score=float(scores[j]), slide=slides[slide_of[j]]["path"], exists=exists[int(slide_of[j])])
-            for j in kept
-        ]  # fmt: skip
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``INDEX.faiss`` + ``INDEX.json`` + ``INDEX.npz`` (or ``x.faiss`` + siblings), all or none.
-
-        Raises OSError (e.g. ENOSPC) when the files cannot be written; the previous index, if
-        any, is then left as it was and no partial file is left behind.
-        """
-        index_file, meta_file, arrays_file = _files(path)
-        index_file.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"coords": self.coords, "tile_index": self.tile_index, "row_start": self.row_start}
-
-        def write_arrays(tmp: str) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-                np.savez(f, **arrays)
-
-        text = json.dumps(self.meta, indent=1)
-        # The JSON goes last; load_index cross-checks row counts in case files were mixed.
-        atomic_write_set([
-            (arrays_file, write_arrays),
-            (index_file, lambda tmp: _write_faiss(self.index, tmp)),
-            (meta_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8")),
-        ])  # fmt: skip
-        self.path = index_file
-        return index_file
-
-
-def _write_faiss(index: Any, path: str) -> None:
-    """``faiss.write_index`` through Python's file I/O, so a full disk raises OSError, not faiss's RuntimeError."""
-    import faiss
-
-    with open(path, "wb") as fh:
-        failed: list[OSError] = []
-
-        def write(data: bytes) -> int:
-            try:
-                return fh.write(data)
-            except OSError as exc:
-                failed.append(exc)
-                raise
-
-        writer = faiss.PyCallbackIOWriter(write)  # type: ignore[attr-defined]  # not in faiss's stubs
-        try:
-            faiss.write_index(index, writer)
-            del writer  # flushes what the writer buffers, while the file is still open
-        except RuntimeError:
-            if failed:
-                raise failed[0] from None
-            raise
-
-
-def _make_index(kind: str, dim: int, n: int, sample: Callable[[], np.ndarray]) -> tuple[Any, dict]:
+def _make_index(kind: str, dim: int, n: int, sample: Callable[[int], np.ndarray]) -> tuple[Any, dict]:
     import faiss
 
     if kind == "flat":
         return faiss.IndexFlatIP(dim), {}
+    index: Any
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
@@ -263,9 +57,49 @@ def _make_index(kind: str, dim: int, n: int, sample: Callable[[], np.ndarray]) -
         # ~4 sqrt(n) lists, each trained on ≥ 39 points as faiss asks.
         nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(sample())
+        index.train(sample(100_000))
         return index, {"nlist": nlist, "nprobe": max(1, nlist // 8)}
-    raise AnalysisError(f"unknown index kind {kind!r}; use 'auto', 'flat', 'hnsw' or 'ivf'")
+    if kind == "ivfpq":
+        return _pq.make_ivfpq(dim, n, sample)
+    raise AnalysisError(f"unknown index kind {kind!r}; use 'auto', 'flat', 'hnsw', 'ivf' or 'ivfpq'")
+
+
+def _shapes(items: list[IndexEntry]) -> tuple[int, list[int]]:
+    """(dim, rows per slide), every entry checked."""
+    # Only .shape and slicing are used, so a zarr array or a store view streams in chunks.
+    shapes = [tuple(e.embeddings.shape) for e in items]
+    if all(len(sh) == 2 and sh[0] == 0 for sh in shapes):
+        names = ", ".join(Path(e.path).name for e in items[:5]) + (" ..." if len(items) > 5 else "")
+        raise AnalysisError(f"nothing to index: no embedded tissue tile in {len(items)} slide(s) ({names}); check "
+                            "that the slides show tissue (or lower the tissue threshold) and embed them first")
+    dims = {sh[1] for sh in shapes if len(sh) == 2 and sh[0] > 0}
+    if len(dims) != 1 or any(len(sh) != 2 for sh in shapes):
+        raise AnalysisError(f"slides to index need (n, dim) embeddings of one dim, got {shapes}")
+    sizes = [int(sh[0]) for sh in shapes]
+    for e, n_e in zip(items, sizes, strict=True):
+        if np.asarray(e.coords).shape != (n_e, 2):
+            raise AnalysisError(f"{e.path}: coords must be ({n_e}, 2) for its {n_e} embeddings")
+    return int(dims.pop()), sizes
+
+
+def _slide_meta(e: IndexEntry, n: int, cache_root: Path | None) -> dict[str, Any]:
+    store = None
+    if e.store is not None:
+        st = Path(e.store).resolve()
+        store = str(st.relative_to(cache_root)) if cache_root and st.is_relative_to(cache_root) else str(st)
+    return {"path": str(Path(e.path).resolve()), "fingerprint": str(e.fingerprint),
+            "tile_size_l0": int(e.tile_size_l0), "n_tiles": n, "store": store}  # fmt: skip
+
+
+def add_entries(index: Any, kind: str, items: list[IndexEntry], sizes: list[int], first_slide: int) -> None:
+    """Add slide after slide to a trained faiss index, one chunk of rows in memory at a time."""
+    for s, (e, n_e) in enumerate(zip(items, sizes, strict=True), start=first_slide):
+        for start in range(0, n_e, _ADD_CHUNK):
+            x = l2_normalize(np.asarray(e.embeddings[start : start + _ADD_CHUNK]))
+            if kind == "ivfpq":
+                index.add_with_ids(x, _pq.slide_ids(s, start, start + len(x)))
+            else:
+                index.add(x)
 
 
 def build_index(
@@ -275,6 +109,9 @@ def build_index(
     encoder: str,
     weights_id: str | None = None,
     kind: str = "auto",
+    provenance: Mapping[str, Any] | None = None,
+    cache_root: str | os.PathLike[str] | None = None,
+    client: Any | None = None,
 ) -> SlideIndex:
     """Index the computed tiles of several slides for cosine search and save it.
 
@@ -283,51 +120,56 @@ def build_index(
     entries : one :class:`IndexEntry` (or mapping with its fields) per slide.
     out_path : a folder (gets ``INDEX.faiss/.json/.npz``), an ``x.faiss`` file, or None (no save).
     encoder, weights_id : provenance; :func:`load_index` refuses an index of another encoder.
-    kind : ``"auto"`` (exact ``IndexFlatIP`` up to :data:`AUTO_FLAT_MAX` vectors, HNSW beyond),
-        ``"flat"``, ``"hnsw"`` or ``"ivf"``.
+    kind : ``"auto"`` (exact ``IndexFlatIP`` up to :data:`AUTO_FLAT_MAX` vectors; beyond, IVF-PQ
+        when every entry has a ``store``, else HNSW), ``"flat"``, ``"hnsw"``, ``"ivf"`` or
+        ``"ivfpq"`` (trained on a sample, filled slide by slide, re-ranked from the stores).
+    provenance : recorded as is, e.g. ``weights`` (what loads them), ``mpp``, ``tile_size``.
+    cache_root : the cache holding the entries' stores; they are recorded relative to it.
+    client : a ``dask.distributed`` client: an IVF-PQ index over store-backed entries is then filled
+        in per-worker shards that are merged (the stores must be reachable from the workers).
     """
     items = [_entry(e) for e in entries]
     if not items:
         raise AnalysisError("no slides to index; embed at least one slide first")
-    # Only .shape and slicing are used, so a zarr array from the embedding store streams in
-    # chunks instead of being loaded whole.
-    shapes = [tuple(e.embeddings.shape) for e in items]
-    if all(len(sh) == 2 and sh[0] == 0 for sh in shapes):
-        names = ", ".join(Path(e.path).name for e in items[:5]) + (" ..." if len(items) > 5 else "")
-        raise AnalysisError(f"nothing to index: no embedded tissue tile in {len(items)} slide(s) ({names}); check "
-                            "that the slides show tissue (or lower the tissue threshold) and embed them first")
-    dims = {sh[1] for sh in shapes if len(sh) == 2 and sh[0] > 0}
-    if len(dims) != 1 or any(len(sh) != 2 for sh in shapes):
-        raise AnalysisError(f"slides to index need (n, dim) embeddings of one dim, got {shapes}")
-    dim = int(dims.pop())
-    sizes = [int(sh[0]) for sh in shapes]
-    for e, n_e in zip(items, sizes, strict=True):
-        if np.asarray(e.coords).shape != (n_e, 2):
-            raise AnalysisError(f"{e.path}: coords must be ({n_e}, 2) for its {n_e} embeddings")
+    dim, sizes = _shapes(items)
     n = int(sum(sizes))
     row_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    chosen = ("flat" if n <= AUTO_FLAT_MAX else "hnsw") if kind == "auto" else kind
+    stores = all(e.store is not None for e in items)
+    chosen = ("flat" if n <= AUTO_FLAT_MAX else "ivfpq" if stores else "hnsw") if kind == "auto" else kind
 
-    def sample() -> np.ndarray:
-        # IVF training set: an even share of up to 10^5 vectors from every slide.
-        share = max(1, 100_000 // len(items))
-        parts = [np.asarray(e.embeddings[:: max(1, n_e // share)]) for e, n_e in
-                 zip(items, sizes, strict=True) if n_e]
-        return l2_normalize(np.concatenate(parts))
+    def sample(count: int) -> np.ndarray:
+        # Training set: an even share of ``count`` vectors from every slide, strided.
+        # Memory: the sample once (float32) plus one slide's share while it is read.
+        share = max(1, count // len(items))
+        out = np.empty((min(count, share * len(items)), dim), np.float32)
+        filled = 0
+        for e, n_e in zip(items, sizes, strict=True):
+            if n_e:
+                part = np.asarray(e.embeddings[:: max(1, n_e // share)][:share], np.float32)
+                part = part[: len(out) - filled]
+                out[filled : filled + len(part)] = part
+                filled += len(part)
+        out = out[:filled]
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)  # in place, as l2_normalize does on a copy
+        return out
 
     index, params = _make_index(chosen, dim, n, sample)
-    for e, n_e in zip(items, sizes, strict=True):
-        for start in range(0, n_e, _ADD_CHUNK):
-            index.add(l2_normalize(np.asarray(e.embeddings[start : start + _ADD_CHUNK])))
+    if chosen == "ivfpq" and not stores:
+        params["rerank"] = 0  # nothing to re-rank from: scores are the PQ approximations
+    jobs = [(s, e.embeddings.store_path, e.embeddings.indices) for s, e in enumerate(items)
+            if isinstance(e.embeddings, _pq.StoreRows)]  # fmt: skip
+    if client is not None and chosen == "ivfpq" and len(jobs) == len(items):
+        _pq.fill_on_cluster(client, index, [(s, str(p), idx) for s, p, idx in jobs])
+    else:
+        add_entries(index, chosen, items, sizes, 0)
+    root = Path(cache_root).resolve() if cache_root is not None else None
     meta = {
         "format": _FORMAT, "version": _VERSION, "encoder": encoder, "weights_id": weights_id,
+        **dict(provenance or {}), "cache_root": str(root) if root else None,
         "dim": dim, "kind": chosen, "n": n, **params,
-        "slides": [
-            {"path": str(Path(e.path).resolve()), "fingerprint": str(e.fingerprint),
-             "tile_size_l0": int(e.tile_size_l0), "n_tiles": s}
-            for e, s in zip(items, sizes, strict=True)
-        ],
-    }
+        "slides": [_slide_meta(e, s, root) for e, s in zip(items, sizes, strict=True)],
+    }  # fmt: skip
     coords = np.concatenate([np.asarray(e.coords, dtype=np.int64).reshape(-1, 2) for e in items])
     tile_index = np.concatenate([
         np.arange(s, dtype=np.int64) if e.indices is None else np.asarray(e.indices, np.int64)
@@ -340,9 +182,22 @@ def build_index(
 
 
 def load_index(
-    path: str | os.PathLike[str], encoder: str | None = None, *, weights_id: str | None = None
+    path: str | os.PathLike[str],
+    encoder: str | None = None,
+    *,
+    weights_id: str | None = None,
+    root: str | os.PathLike[str] | None = None,
+    cache_root: str | os.PathLike[str] | None = None,
+    mmap: bool = False,
 ) -> SlideIndex:
-    """Load an index saved by :func:`build_index`, refusing one built with another encoder."""
+    """Load an index saved by :func:`build_index`, refusing one built with another encoder.
+
+    ``mmap``: an IVF index's inverted lists stay in the file, paged in as queries touch them
+    (RAM: the coarse quantizer only), read-only: for searching an index larger than memory.
+
+    ``root``: the folder a moved archive's slides are in now; ``cache_root``: where the embedding
+    stores are now (default: beside the index as built, under ``root``, or the recorded cache).
+    """
     import faiss
 
     index_file, meta_file, arrays_file = _files(path)
@@ -352,7 +207,8 @@ def load_index(
             raise ValueError("no napari-virchow index format marker")
         with np.load(arrays_file, allow_pickle=False) as z:
             coords, tile_index, row_start = z["coords"], z["tile_index"], z["row_start"]
-        index = faiss.read_index(str(index_file))
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap and meta.get("kind") in ("ivf", "ivfpq") else 0
+        index = faiss.read_index(str(index_file), flags)
     except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
         raise AnalysisError(
             f"{index_file}: cannot read the similarity index ({type(exc).__name__}: {exc}); "
@@ -374,4 +230,66 @@ def load_index(
             f"{index_file}: index files disagree ({index.ntotal} vectors, {len(coords)} "
             "coordinates); a write was interrupted. Rebuild it with `napari-virchow index`"
         )
-    return SlideIndex(index, meta, coords, tile_index, row_start, path=index_file)
+    return SlideIndex(index, meta, coords, tile_index, row_start, path=index_file, root=root, cache_root=cache_root)
+
+
+def add_slides(index: SlideIndex, entries: Sequence[IndexEntry | Mapping[str, Any]]) -> list[str]:
+    """Add slides to ``index`` in place without rebuilding it (IVF: encoded by the trained quantizer).
+
+    Slides already indexed with the same fingerprint are skipped; their paths are returned.
+    Call :meth:`SlideIndex.save` to keep the result.
+    """
+    items = [_entry(e) for e in entries]
+    indexed = {s["fingerprint"] for s in index.slides}
+    skipped = [e.path for e in items if str(e.fingerprint) in indexed]
+    items = [e for e in items if str(e.fingerprint) not in indexed]
+    if not items:
+        return skipped
+    dim, sizes = _shapes(items)
+    if dim != index.dim:
+        raise AnalysisError(f"slides to add have {dim}-d embeddings, the index holds {index.dim}-d ones; "
+                            "embed them with the index's encoder")  # fmt: skip
+    if index.kind == "ivfpq" and index.meta.get("rerank") and any(e.store is None for e in items):
+        raise AnalysisError("this IVF-PQ index re-ranks from the embedding stores: give each added slide its store")
+    add_entries(index.index, index.kind, items, sizes, len(index.meta["slides"]))
+    root = index.cache_root.resolve() if index.cache_root is not None else None
+    index.meta["slides"] += [_slide_meta(e, n_e, root) for e, n_e in zip(items, sizes, strict=True)]
+    for s in index.meta["slides"][-len(items):]:
+        s["built_path"] = s["path"]
+    index.coords = np.concatenate([index.coords, *(np.asarray(e.coords, np.int64).reshape(-1, 2) for e in items)])
+    index.tile_index = np.concatenate([index.tile_index, *(
+        np.arange(n_e, dtype=np.int64) if e.indices is None else np.asarray(e.indices, np.int64)
+        for e, n_e in zip(items, sizes, strict=True))])  # fmt: skip
+    index.row_start = np.concatenate([index.row_start, index.row_start[-1] + np.cumsum(sizes)]).astype(np.int64)
+    index.meta["n"] = len(index)
+    index._changed = None
+    return skipped
+
+
+def remove_slide(index: SlideIndex, slide: str) -> int:
+    """Remove one slide's tiles (by path or fingerprint) from ``index`` in place; the number removed.
+
+    Call :meth:`SlideIndex.save` to keep the result. HNSW graphs cannot drop vectors: rebuild those.
+    """
+    import faiss
+
+    no = index._slide_no(str(Path(slide).resolve()) if Path(slide).exists() else slide)
+    if no is None:
+        no = index._slide_no(slide)
+    if no is None:
+        raise AnalysisError(f"{slide} is not in the index {index.path or ''}; `napari-virchow index --list` "
+                            "shows the indexed slides")  # fmt: skip
+    if index.kind not in ("flat", "ivfpq"):
+        raise AnalysisError(f"a {index.kind} index cannot drop vectors; rebuild it without {Path(slide).name}")
+    lo, hi = int(index.row_start[no]), int(index.row_start[no + 1])
+    ids = _pq.slide_range(no) if index.kind == "ivfpq" else (lo, hi)  # flat: ids are rows, renumbered
+    removed = int(index.index.remove_ids(faiss.IDSelectorRange(*ids)))
+    if removed != hi - lo:  # pragma: no cover - the files were checked to agree on load
+        raise AnalysisError(f"{index.path}: removed {removed} vectors of {Path(slide).name}, expected {hi - lo}")
+    index.coords = np.delete(index.coords, np.s_[lo:hi], axis=0)
+    index.tile_index = np.delete(index.tile_index, np.s_[lo:hi])
+    index.row_start[no + 1 :] -= hi - lo
+    index.meta["slides"][no].update(removed=True, n_tiles=0)
+    index.meta["n"] = len(index)
+    index._changed = None
+    return removed

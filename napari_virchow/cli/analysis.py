@@ -1,12 +1,11 @@
-"""``fit-head``, ``heatmap``, ``index`` and ``search`` commands."""
+"""``fit-head`` and ``heatmap`` commands (``index`` and ``search``: :mod:`napari_virchow.cli.index_cmds`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,7 +24,6 @@ from napari_virchow.cli.common import (
     show_progress,
 )
 from napari_virchow.cli.embed import _SLIDES_HELP, load_cli_head, out_folder, write_file
-from napari_virchow.cli.options import finite_float
 from napari_virchow.errors import VirchowError
 
 if TYPE_CHECKING:
@@ -167,101 +165,3 @@ def _write_heatmap(session: SlideSession, head: LinearHead, out: Path, args: arg
     above = int(np.sum(values[idx] >= args.threshold))
     return (f"  wrote {tif} ({cols}×{rows} px, {raster.tile_size_l0 * slide.require_mpp():.4g} µm/px) and "
             f"{gj.name} ({above} tiles >= {args.threshold:g})")  # fmt: skip
-
-
-# --- index and search ---------------------------------------------------------------------------
-
-
-def args_index(p: argparse.ArgumentParser) -> None:
-    p.add_argument("slides", nargs="+", metavar="SLIDE", help=_SLIDES_HELP)
-    p.add_argument("--out", required=True, metavar="INDEX",
-                   help="a folder (gets INDEX.faiss/.json/.npz) or a NAME.faiss file")  # fmt: skip
-    p.add_argument("--kind", choices=("auto", "flat", "hnsw", "ivf"), default="auto",
-                   help="auto: exact up to 20,000 tiles, HNSW beyond (see analysis.index.AUTO_FLAT_MAX)")  # fmt: skip
-
-
-def cmd_index(args: argparse.Namespace) -> int:
-    from napari_virchow.analysis.index import IndexEntry, build_index
-
-    config = config_from_args(args)
-    out = Path(args.out)
-    check_writable(out.parent if out.suffix == ".faiss" else out, "index folder", "choose another --out")
-    entries: list[IndexEntry] = []
-    weights: set[str] = set()
-    empty: list[str] = []
-
-    def work(session: SlideSession) -> str | None:
-        idx, emb = session.embedded(tissue_only=True)
-        weights.add(session.weights_id)
-        if not len(idx):
-            empty.append(session.slide.path.name)
-            return f"  {session.slide.path.name}: no tissue tile, left out of the index"
-        # float16 as stored: half the memory while the cohort is gathered; faiss gets float32 per chunk
-        entries.append(IndexEntry(session.slide_path, session.slide.fingerprint, emb.astype(np.float16),
-                                  session.grid.coords[idx], session.grid.tile_size_l0, idx))  # fmt: skip
-        return None
-
-    status = run_slides(args.slides, config, work, scheduler=args.scheduler, progress=show_progress(args))
-    if not entries:
-        why = f"no tissue was found in {', '.join(empty)}" if empty else "no slide could be embedded"
-        raise CliError(f"nothing to index: {why}; check the slides (or their µm/px) and run again")
-    if len(weights) > 1:  # pragma: no cover - one run uses one set of weights
-        raise CliError(f"slides were embedded with different weights {sorted(weights)}; rebuild with one")
-    weights_id = weights.pop()
-    index = write_file(out, lambda p: build_index(entries, p, encoder=config.encoder, weights_id=weights_id,
-                                                  kind=args.kind))  # fmt: skip
-    CONSOLE.out(f"indexed {len(index)} tiles of {len(entries)} slides ({index.kind}) -> {index.path}")
-    return status
-
-
-def args_search(p: argparse.ArgumentParser) -> None:
-    p.add_argument("index", metavar="INDEX", help="index folder or .faiss file from `napari-virchow index`")
-    p.add_argument("--slide", required=True, metavar="SLIDE", help="slide holding the query tile")
-    p.add_argument("--x", required=True, type=finite_float, metavar="X", help="level-0 x of the query point")
-    p.add_argument("--y", required=True, type=finite_float, metavar="Y", help="level-0 y of the query point")
-    p.add_argument("-k", "--top-k", type=positive_int, default=10, metavar="K", help="hits to show (default 10)")
-    p.add_argument("--other-slides", action="store_true", help="leave out hits on the query's own slide")
-    p.add_argument("--min-distance", type=int, default=2, metavar="TILES",
-                   help="hits on one slide at least this many tiles apart (default 2; 0: no suppression)")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def cmd_search(args: argparse.Namespace) -> int:
-    from napari_virchow.analysis.index import load_index
-    from napari_virchow.models.specs import get_spec
-
-    name = get_spec(args.encoder).name if args.encoder else None
-    index = load_index(args.index, encoder=name)  # another encoder's index: refused here
-    config = config_from_args(args, encoder=index.encoder)
-    moved = index.check_slides()
-    if moved:
-        CONSOLE.warn(moved)
-    encoder = load_encoder(config)
-    built_with = index.meta.get("weights_id")
-    if built_with not in (None, encoder.weights_id):
-        raise CliError(f"{index.path}: index was built with weights {built_with}, these are {encoder.weights_id}; "
-                       "search with the same --weights or rebuild the index")  # fmt: skip
-    with open_session(args.slide, config) as session:
-        tile = session.query_indices(args.x, args.y)
-        embed_missing(session, tile, progress=show_progress(args))  # the query tile, if it is not cached yet
-        query = session.read(tile)[0]
-        me, name, i = session.slide_path, session.slide.path.name, int(tile[0])
-        x0, y0 = (int(v) for v in session.grid.coords[i])
-    # One extra: the query tile itself is in the index when its slide is, and is dropped.
-    hits = index.search(query, args.top_k + 1, exclude_slide=me if args.other_slides else None,
-                        min_distance_tiles=max(args.min_distance, 0))  # fmt: skip
-    hits = [h for h in hits if not (h.slide == me and (h.x, h.y) == (x0, y0))][: args.top_k]
-    rows = [{"rank": r, "slide": h.slide, "x": h.x, "y": h.y, "score": round(h.score, 6), "exists": h.exists}
-            for r, h in enumerate(hits, start=1)]  # fmt: skip
-    if args.json:
-        doc: dict[str, Any] = {"index": str(index.path), "encoder": index.encoder,
-                               "query": {"slide": me, "x": x0, "y": y0, "tile_index": int(i)},
-                               "missing_slides": index.missing_slides(), "hits": rows}  # fmt: skip
-        print(json.dumps(doc, indent=1))
-        return 0
-    print(f"query: {name} tile at ({x0}, {y0}); {len(rows)} hits from {len(index)} indexed tiles")
-    print(f"{'rank':>4}  {'score':>7}  {'x':>7}  {'y':>7}  slide")
-    for r in rows:
-        gone = "  (missing)" if not r["exists"] else ""
-        print(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['x']:>7}  {r['y']:>7}  {r['slide']}{gone}")
-    return 0

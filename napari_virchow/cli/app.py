@@ -27,6 +27,7 @@ from napari_virchow import __version__
 from napari_virchow.cli import analysis as _analysis
 from napari_virchow.cli import embed as _embed
 from napari_virchow.cli import import_features as _import
+from napari_virchow.cli import index_cmds as _index_cmds
 from napari_virchow.cli.common import CONSOLE, PROG, Parser, cohort_parent, common_parent, model_parent, one_line
 from napari_virchow.errors import VirchowError
 
@@ -34,8 +35,8 @@ _args_embed, _cmd_embed = _embed.args_embed, _embed.cmd_embed
 _args_export, _cmd_export = _embed.args_export, _embed.cmd_export
 _args_fit_head, _cmd_fit_head = _analysis.args_fit_head, _analysis.cmd_fit_head
 _args_heatmap, _cmd_heatmap = _analysis.args_heatmap, _analysis.cmd_heatmap
-_args_index, _cmd_index = _analysis.args_index, _analysis.cmd_index
-_args_search, _cmd_search = _analysis.args_search, _analysis.cmd_search
+_args_index, _cmd_index = _index_cmds.args_index, _index_cmds.cmd_index
+_args_search, _cmd_search = _index_cmds.args_search, _index_cmds.cmd_search
 
 
 def _cache_root(args: argparse.Namespace) -> Path:

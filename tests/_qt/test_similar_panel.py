@@ -110,7 +110,7 @@ def test_search_indexed_slides_opens_the_other_slide_at_the_hit(qtbot, planted_w
         pass
     idx, emb = other.store().read_done()
     index_path = tmp_path / "cohort.faiss"
-    build_index([IndexEntry(str(other_path), other.slide.fingerprint + "-copy", emb, other.grid.coords[idx],
+    build_index([IndexEntry(str(other_path), other.slide.fingerprint, emb, other.grid.coords[idx],
                             other.grid.tile_size_l0, idx)], index_path, encoder="virchow2-tiny")  # fmt: skip
     other.close()
 

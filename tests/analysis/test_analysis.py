@@ -10,6 +10,7 @@ from napari_virchow.analysis.clusters import fit_clusters, pca_rgb
 from napari_virchow.analysis.index import IndexEntry, build_index, load_index
 from napari_virchow.analysis.similarity import AnalysisError, cosine_similarity, top_k_hits
 from napari_virchow.errors import VirchowError
+from napari_virchow.slides.fingerprint import fingerprint
 
 DIM = 96
 TILE = 448
@@ -129,8 +130,9 @@ def two_slides(tmp_path):
     for name in ("a.svs", "b.svs"):
         files.append(tmp_path / name)
         files[-1].write_bytes(b"slide")
-    entries = [IndexEntry(str(files[0]), "fp-a", a, grid(12), TILE),
-               IndexEntry(str(files[1]), "fp-b", b, grid(12), TILE)]
+    files[1].write_bytes(b"another slide")
+    entries = [IndexEntry(str(files[0]), fingerprint(files[0]), a, grid(12), TILE),
+               IndexEntry(str(files[1]), fingerprint(files[1]), b, grid(12), TILE)]
     return entries, a[rows_a[0]], files
 
 
@@ -140,7 +142,7 @@ def test_index_finds_pattern_in_other_slide(two_slides, tmp_path, kind: str) -> 
     build_index(entries, tmp_path / "idx", encoder="virchow2", weights_id="w1", kind=kind)
     index = load_index(tmp_path / "idx", encoder="virchow2")
     assert index.kind == kind and len(index) == 288
-    hits = index.search(query, k=2, exclude_slide="fp-a")
+    hits = index.search(query, k=2, exclude_slide=fingerprint(files[0]))
     assert {(h.x // TILE, h.y // TILE) for h in hits} == {(9, 2), (2, 10)}
     assert all(h.slide == str(files[1].resolve()) and h.exists for h in hits)
 
@@ -174,7 +176,8 @@ def test_index_sidecar_is_json_and_npz_without_pickle(two_slides, tmp_path) -> N
     meta = json.loads((tmp_path / "cohort.json").read_text())
     assert (meta["encoder"], meta["weights_id"], meta["dim"], meta["kind"]) == (
         "virchow2", "w1", DIM, "flat")
-    assert [s["fingerprint"] for s in meta["slides"]] == ["fp-a", "fp-b"]
+    assert [s["fingerprint"] for s in meta["slides"]] == [e.fingerprint for e in entries]
+    assert [s["rel_index"] for s in meta["slides"]] == ["a.svs", "b.svs"]
     with np.load(tmp_path / "cohort.npz", allow_pickle=False) as z:
         assert z["coords"].shape == (288, 2)
 
