@@ -83,13 +83,16 @@ class LevelsMixin:
     def grid_at(self, mpp: float | None = None) -> TileGrid:
         """The tile grid of level ``mpp`` (default: :attr:`grid`)."""
         m = self._mpp(mpp)
-        if m == self.default_mpp:
-            return self.grid
-        return self.pyramid.grid(m)
+        if m != self.default_mpp:
+            return self.pyramid.grid(m)
+        if m not in self.pyramid.built:
+            self.pyramid.adopt(self.grid)  # the pyramid plans with the session's own grid
+        return self.grid
 
     def grids_ready(self, mpps: Sequence[float]) -> bool:
         """Whether the grids of these levels are built (each reads a thumbnail)."""
-        return all(self._mpp(m) in self.pyramid.built for m in mpps) and "grid" in self.__dict__
+        built = self.pyramid.built
+        return "grid" in self.__dict__ and all(self._mpp(m) in built for m in (*mpps, self.default_mpp))
 
     # --- stores -------------------------------------------------------------------------------
     def store_key(self, mpp: float | None = None) -> StoreKey:
@@ -154,6 +157,10 @@ class LevelsMixin:
         store = self._stored(mpp)
         return np.zeros(len(self.grid_at(mpp)), bool) if store is None else np.asarray(store.done, bool)
 
+    def open_levels(self) -> tuple[float, ...]:
+        """Levels whose store this session has open (no file is touched), finest first."""
+        return tuple(sorted(self._stores))
+
     def computed_mpps(self) -> tuple[float, ...]:
         """Levels (offered or opened) with at least one stored tile, finest first."""
         levels = sorted(set(self.mpps) | set(self._stores))
@@ -166,6 +173,14 @@ class LevelsMixin:
 
         return plan(self.slide, self.encoder(), self.grid_at(mpp), bbox, indices=indices, store=self._stored(mpp),
                     batch_size=self.config.batch_size, cache_root=self.config.cache_root)  # fmt: skip
+
+    def tiles_per_s(self) -> float:
+        """Throughput of the last run, else of one timed batch of random tiles (for ETAs)."""
+        if not self.last_tiles_per_s:
+            from napari_virchow.inference import estimate_tiles_per_s
+
+            self.last_tiles_per_s = estimate_tiles_per_s(self.encoder(), batch_size=self.config.batch_size)
+        return self.last_tiles_per_s
 
     def compute(self, bbox: BBox | None = None, *, indices: Indices | None = None, mpp: float | None = None,
                 allow_untrained: bool = False,
@@ -195,6 +210,9 @@ class LevelsMixin:
         """The level and tiles of a view (:meth:`LodPyramid.plan_view`); builds the grids it needs."""
         if pinned is not None:
             self.check_mpp(pinned)
+            self.grid_at(pinned)
+        for m in self.mpps:
+            self.grid_at(m)
         return self.pyramid.plan_view(bbox, canvas_px, pinned=pinned, budget=budget)
 
     def view_todo(self, plan: ViewPlan) -> np.ndarray:
