@@ -21,7 +21,8 @@ Controls, by ``objectName`` (stable: tests and scripts find them by it)
 - Job bar (always visible, under the panels): ``decision_compute_btn``, ``decision_skip_btn``,
   ``cancel_btn``
 
-Read-outs: ``random_banner``, ``level_label`` (the magnification of the view), ``tissue_value_label``, ``head_label``, ``threshold_label``,
+Read-outs: ``random_banner``, ``level_label`` (the magnification of the view),
+``tissue_value_label``, ``head_label``, ``threshold_label``,
 ``legend_label``, ``progress_bar``, ``status_label``, ``decision_label``.
 """
 

@@ -13,14 +13,14 @@ from tests._qt.conftest import wait_idle
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")]
 
 
-def _zoom_to(w, x: float, y: float, width_px: float) -> None:  # noqa: ANN001
+def _zoom_to(w, x: float, y: float, width_px: float) -> None:
     layer = w.slide_layer()
     camera(w.viewer).center = tuple(layer.data_to_world((y, x)))
     camera(w.viewer).zoom = w.viewer.canvas.size[1] / (width_px * layer.scale[-1])
 
 
 @pytest.mark.drives("compute_btn")
-def test_the_view_picks_the_finest_level_that_fits_and_zooming_in_refines(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+def test_the_view_picks_the_finest_level_that_fits_and_zooming_in_refines(qtbot, planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
     w.viewer.window._qt_window.resize(1280, 800)
     qtbot.wait(50)
@@ -48,7 +48,7 @@ def test_the_view_picks_the_finest_level_that_fits_and_zooming_in_refines(qtbot,
 
 
 @pytest.mark.drives("mag_combo", "overview_btn")
-def test_pinned_magnification_and_whole_slide_overview(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+def test_pinned_magnification_and_whole_slide_overview(qtbot, planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
     w.viewer.reset_view()
     u.click("overview_btn")

@@ -58,7 +58,8 @@ class ClusterPanel(QGroupBox):
         counts = session.cluster_counts()
         colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent",
                                                    **{cid: cluster_color(cid) for cid in counts}})  # fmt: skip
-        lyr = show_raster(self._host.viewer, overlay_name(layer, "clusters"), session.raster(session.cluster_labels, mpp=session.cluster_mpp),
+        lyr = show_raster(self._host.viewer, overlay_name(layer, "clusters"),
+                          session.raster(session.cluster_labels, mpp=session.cluster_mpp),
                           kind="labels", opacity=0.5, colormap=colormap)  # fmt: skip
         lyr.colormap = colormap
         self.legend.setText("<br>".join(f"<span style='color:{cluster_color(cid)}'>■</span> cluster {cid}: "

@@ -53,7 +53,7 @@ class TissueFound:
 def find_tissue_job(session: SlideSession, *, cancel: Any = None) -> Iterator[object]:
     """Build the tile grid (thumbnail + tissue mask) off the UI thread."""
     yield _jobs.Stage("finding tissue …")
-    session.grid  # noqa: B018 - builds the grid in this thread
+    session.grid
     yield TissueFound()
 
 
@@ -200,9 +200,8 @@ class ComputePanel(QGroupBox):
         slide = self._host.slide_layer()
         if slide is None:
             return
-        from napari_virchow.analysis.rasters import upsample
-
         from napari_virchow.analysis.lod_rasters import finest_raster
+        from napari_virchow.analysis.rasters import upsample
         from napari_virchow.lod import SlideGeometry
 
         dones = {m: session.done_at(m) for m in session.open_levels()}

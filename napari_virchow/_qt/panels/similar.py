@@ -93,7 +93,8 @@ class SimilarPanel(QGroupBox):
         layer = self._host.slide_layer()
         if layer is None or session.similarity is None:
             return
-        show_raster(self._host.viewer, overlay_name(layer, "similarity"), session.raster(session.similarity, mpp=session.query_mpp),
+        show_raster(self._host.viewer, overlay_name(layer, "similarity"),
+                    session.raster(session.similarity, mpp=session.query_mpp),
                     colormap=SIMILARITY, contrast_limits=(0, 1), opacity=0.85)  # fmt: skip
         show_colorbar_on_top(self._host.viewer)
 
