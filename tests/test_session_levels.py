@@ -80,3 +80,44 @@ def test_whole_slide_view_picks_a_coarse_level_and_zooming_in_refines(planted_sl
         assert not len(s.view_todo(zoom))
         pinned = s.plan_view(WHOLE, canvas, pinned=2.0)
         assert pinned.mpp == 2.0 and pinned.pinned
+
+
+def test_overlays_are_drawn_from_the_finest_level_at_each_place_aligned_in_um(planted_slide: Path,
+                                                                             tmp_path: Path) -> None:  # fmt: skip
+    from napari_virchow.analysis.heads import fit_head
+    from napari_virchow.analysis.lod_rasters import cell_at_um
+
+    with SlideSession(planted_slide, _config(tmp_path)) as s:
+        list(s.compute(mpp=2.0))  # whole tissue at 5×
+        list(s.compute((448, 448, 1344, 1344), mpp=1.0))  # a region at 10×
+        list(s.compute((448, 448, 896, 896), mpp=0.5))  # a smaller one at 20×
+        idx, emb = s.embedded(mpp=0.5)
+        labels = np.where(np.arange(len(idx)) % 2 == 0, "a", "b")  # any real probe will do: we test placement
+        head = fit_head(emb, labels, encoder="virchow2-tiny", weights_id=s.weights_id)
+        s.set_head(head)
+        assert set(s.probabilities) == {0.5, 1.0, 2.0}
+        raster = s.heatmap()
+        mpp = s.slide.require_mpp()
+        # a point under each level's region: the value drawn is that of the finest level computed there
+        for (x, y), level in (((600, 600), 0.5), ((1200, 1200), 1.0), ((1700, 300), 2.0)):
+            i = s.grid_at(level).index_at(x, y)
+            assert i is not None and s.done_at(level)[i]
+            for finer in (m for m in (0.5, 1.0) if m < level):
+                j = s.grid_at(finer).index_at(x, y)
+                assert j is None or not s.done_at(finer)[j]
+            cell = cell_at_um(raster, y * mpp, x * mpp)
+            assert cell is not None
+            assert raster.data[cell] == pytest.approx(s.probabilities[level][i], abs=1e-6), (x, y, level)
+        # clusters and similarity belong to the level they were asked at
+        clusters = s.set_clusters(2, mpp=2.0)
+        assert clusters.mpp == 2.0 and len(clusters.labels) == len(s.grid_at(2.0))
+        q = s.query_indices(1700, 300, mpp=2.0)
+        sim = s.set_query(q, mpp=2.0)
+        assert s.query_mpp == 2.0 and len(sim) == len(s.grid_at(2.0)) and sim[q[0]] == pytest.approx(1.0, abs=1e-5)
+        sim_raster = s.overlay_raster("similarity")
+        cell = cell_at_um(sim_raster, 300 * mpp, 1700 * mpp)
+        assert sim_raster.scale_um == pytest.approx(896 * mpp) and sim_raster.data[cell] == pytest.approx(1.0, abs=1e-5)
+        # a new batch at 5× updates the 5× overlays; one at 20× leaves the 5× clusters alone
+        changed = s.absorb(q, s.read(q, mpp=2.0), mpp=2.0)
+        assert set(changed) == {"probability", "clusters", "similarity"}
+        assert s.absorb(idx[:1], emb[:1], mpp=0.5) == ["probability"]
