@@ -54,6 +54,7 @@ class Planned:
     n_in_view: int
     n_todo: int
     fits: bool
+    overview: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def overview_job(session: SlideSession, *, mpp: float | None = None,
     m = mpp if mpp is not None else (2.0 if 2.0 in session.mpps else max(session.mpps))
     grid = session.grid_at(m)
     todo = session.missing(grid.tissue_indices, mpp=m)
-    yield Planned(m, True, grid.n_tissue, len(todo), True)
+    yield Planned(m, False, grid.n_tissue, len(todo), True, overview=True)
     if not len(todo):
         yield Stage(f"overview {_mag(m)}: all {grid.n_tissue} tissue tiles cached", final=True)
         return

@@ -209,7 +209,8 @@ class ComputePanel(QGroupBox):
             return
         levels = {m: (d.astype(np.int32), d) for m, d in dones.items()}
         raster, _ = finest_raster(levels, SlideGeometry.of(session.slide), size=session.config.spec.input_size)
-        raster = upsample(raster, 8, smooth=None)
+        # outlines about 28 level-0 px thick at every level (8 cells per tile at 20×, 32 at 5×)
+        raster = upsample(raster, max(2, round(raster.tile_size_l0 / 28)), smooth=None)
         outline = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: EMBEDDED_COLOR})
         layer = show_raster(self._host.viewer, overlay_name(slide, "embedded"), raster, kind="labels",
                             opacity=0.9, colormap=outline)  # fmt: skip
@@ -218,7 +219,7 @@ class ComputePanel(QGroupBox):
     def on_event(self, session: SlideSession, ev: object) -> None:
         if isinstance(ev, _jobs.Planned):
             self.view_mpp = ev.mpp
-            how = "pinned" if ev.pinned else "auto"
+            how = "overview" if ev.overview else "pinned" if ev.pinned else "auto"
             self.level_label.setText(f"{10 / ev.mpp:.3g}× ({ev.mpp:g} µm/px, {how}): {ev.n_in_view:,} tissue tiles "
                                      f"in view, {ev.n_todo:,} to compute")  # fmt: skip
         if isinstance(ev, TissueFound) and self.tissue_check.isChecked():
