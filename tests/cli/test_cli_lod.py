@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
 
 
 @pytest.mark.timeout(120)
-def test_embed_at_two_magnifications_keeps_one_store_each(cohort: Cohort, tmp_path: Path,
+def test_embed_at_two_magnifications_keeps_one_store_each(cohort: Cohort, tmp_path: Path,  # noqa: F811
                                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     cache = tmp_path / "cache"
     rc, out, err = _run(capsys, "embed", cohort.a, *TINY, "--cache", cache, "--mpp", "0.5,2.0")
@@ -35,7 +35,7 @@ def test_embed_at_two_magnifications_keeps_one_store_each(cohort: Cohort, tmp_pa
 
 
 @pytest.mark.timeout(120)
-def test_heatmap_at_5x_covers_the_slide_at_2_um_per_px_tiles(cohort: Cohort, head_file: tuple[Path, str],
+def test_heatmap_at_5x_covers_the_slide_at_2_um_per_px_tiles(cohort: Cohort, head_file: tuple[Path, str],  # noqa: F811
                                                              tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     rc, out, err = _run(capsys, "heatmap", cohort.a, "--head", head_file[0], *TINY, "--cache", tmp_path / "c",

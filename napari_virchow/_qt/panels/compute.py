@@ -53,7 +53,7 @@ class TissueFound:
 def find_tissue_job(session: SlideSession, *, cancel: Any = None) -> Iterator[object]:
     """Build the tile grid (thumbnail + tissue mask) off the UI thread."""
     yield _jobs.Stage("finding tissue …")
-    session.grid
+    session.grid  # noqa: B018 - builds the grid in this thread
     yield TissueFound()
 
 
