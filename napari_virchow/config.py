@@ -34,6 +34,7 @@ class SessionConfig:
     tissue_threshold: float | None = None
     threads: int | None = None  # torch threads while embedding (the widget leaves the UI a core)
     mpp_override: float | None = None  # µm per level-0 px for slides opened by the session
+    allow_untrained_mpp: bool = False  # opt in to magnifications the encoder was not trained on (recorded)
 
     @property
     def spec(self) -> EncoderSpec:

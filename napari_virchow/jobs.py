@@ -20,8 +20,8 @@ from napari_virchow.session import ClusterResult, SlideSession, TrainResult
 from napari_virchow.slides.slide import Slide
 
 __all__ = [
-    "BatchDone", "Clustered", "IndexHits", "Queried", "Stage", "TooMany", "Trained",
-    "cluster_job", "compute_job", "index_search_job", "query_job", "train_job",
+    "BatchDone", "Clustered", "IndexHits", "Planned", "Queried", "Stage", "TooMany", "Trained",
+    "cluster_job", "compute_job", "index_search_job", "overview_job", "query_job", "train_job", "view_job",
 ]  # fmt: skip
 
 
@@ -42,6 +42,19 @@ class BatchDone:
     tiles_per_s: float
     indices: np.ndarray = field(repr=False)
     changed: tuple[str, ...] = ()
+    mpp: float | None = None  # the magnification of ``indices`` (None: the encoder's own)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The magnification chosen for a view, and how many of its tiles in view are still to compute."""
+
+    mpp: float
+    pinned: bool
+    n_in_view: int
+    n_todo: int
+    fits: bool
+    overview: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,16 +121,82 @@ def _load(session: SlideSession, cancel: threading.Event | None = None) -> Itera
         _stop_if_cancelled(cancel)
 
 
-def _embed(session: SlideSession, todo: np.ndarray, cancel: threading.Event | None) -> Iterator[BatchDone]:
-    for batch in session.compute(indices=todo, cancel=cancel):
-        changed = session.absorb(batch.indices, batch.embeddings)
-        yield BatchDone(batch.n_done, batch.n_total, batch.tiles_per_s, batch.indices, tuple(changed))
+def _embed(session: SlideSession, todo: np.ndarray, cancel: threading.Event | None,
+           mpp: float | None = None) -> Iterator[BatchDone]:  # fmt: skip
+    m = session.default_mpp if mpp is None else mpp
+    for batch in session.compute(indices=todo, cancel=cancel, mpp=m):
+        changed = session.absorb(batch.indices, batch.embeddings, mpp=m)
+        yield BatchDone(batch.n_done, batch.n_total, batch.tiles_per_s, batch.indices, tuple(changed), m)
     _stop_if_cancelled(cancel)
+
+
+def _load_levels(session: SlideSession, cancel: threading.Event | None, mpps: Sequence[float] = ()) -> Iterator[Stage]:
+    """The encoder and the grid of every level offered (plus ``mpps``), each built in this thread."""
+    yield from _load(session, cancel)
+    levels = (*session.mpps, *mpps)
+    if not session.grids_ready(levels):
+        yield Stage("finding tissue at each magnification …")
+        for m in levels:
+            session.grid_at(m)
+            _stop_if_cancelled(cancel)
+
+
+@cancellable
+def view_job(session: SlideSession, box: Sequence[float], canvas_px: tuple[int, int], *,
+             pinned: float | None = None, limit: int = 2000, force: bool = False,
+             cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
+    """Embed a view at the magnification the screen shows (level of detail, :mod:`napari_virchow.lod`).
+
+    Unpinned, the finest trained level whose tiles in view fit the canvas budget is chosen and at
+    most one budget of its missing tiles is computed, centre-out: no question asked. A ``pinned``
+    level computes every missing tile in view, asking (:class:`TooMany`) above ``limit``.
+    Yields :class:`Planned` first; a view seen before never calls the encoder.
+    """
+    yield from _load_levels(session, cancel, () if pinned is None else (pinned,))
+    plan = session.plan_view(box, canvas_px, pinned=pinned)
+    missing = session.missing(plan.in_view, mpp=plan.mpp)
+    todo = missing if pinned is not None else session.view_todo(plan)
+    yield Planned(plan.mpp, plan.pinned, len(plan.in_view), len(todo), plan.fits)
+    name = _mag(plan.mpp)
+    if pinned is not None and len(todo) > limit and not force:
+        if not session.last_tiles_per_s:
+            yield Stage("timing the encoder …")
+        yield TooMany(len(todo), len(plan.in_view), limit, len(todo) / session.tiles_per_s())
+        return
+    if not len(todo):
+        yield Stage(f"{len(plan.in_view)} tissue tiles in view, all cached ({name})", final=True)
+        return
+    t0 = time.perf_counter()
+    yield from _embed(session, todo, cancel, plan.mpp)
+    more = len(missing) - len(todo)
+    rest = f"; {more} more in view (move or press again)" if more > 0 else ""
+    yield Stage(f"done: {len(todo)} tiles at {name} in {time.perf_counter() - t0:.1f} s{rest}", final=True)
+
+
+@cancellable
+def overview_job(session: SlideSession, *, mpp: float | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
+    """Embed the whole tissue at a coarse magnification (default 5×, 2 µm/px; else the coarsest offered)."""
+    yield from _load_levels(session, cancel)
+    m = mpp if mpp is not None else (2.0 if 2.0 in session.mpps else max(session.mpps))
+    grid = session.grid_at(m)
+    todo = session.missing(grid.tissue_indices, mpp=m)
+    yield Planned(m, False, grid.n_tissue, len(todo), True, overview=True)
+    if not len(todo):
+        yield Stage(f"overview {_mag(m)}: all {grid.n_tissue} tissue tiles cached", final=True)
+        return
+    t0 = time.perf_counter()
+    yield from _embed(session, todo, cancel, m)
+    yield Stage(f"overview {_mag(m)}: {len(todo)} tiles in {time.perf_counter() - t0:.1f} s", final=True)
+
+
+def _mag(mpp: float) -> str:
+    return f"{10 / mpp:.3g}× ({mpp:g} µm/px)"
 
 
 @cancellable
 def compute_job(session: SlideSession, box: Sequence[float], *, limit: int = 2000, force: bool = False,
-                cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
+                mpp: float | None = None, cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
     """Embed the tissue tiles in ``box`` (level-0 px) that are not stored, centre-out.
 
     Yields :class:`Stage`, then :class:`BatchDone` per batch, or one :class:`TooMany` when more
@@ -125,8 +204,10 @@ def compute_job(session: SlideSession, box: Sequence[float], *, limit: int = 200
     final :class:`Stage` and never calls the encoder.
     """
     yield from _load(session, cancel)
-    tiles = session.tiles_in(box)
-    plan = session.plan(indices=tiles)
+    if mpp is not None:
+        yield from _load_levels(session, cancel, (mpp,))
+    tiles = session.grid_at(mpp).tiles_in(box)
+    plan = session.plan(indices=tiles, mpp=mpp)
     if plan.n_todo > limit and not force:
         if not session.last_tiles_per_s:
             yield Stage("timing the encoder …")
@@ -135,9 +216,9 @@ def compute_job(session: SlideSession, box: Sequence[float], *, limit: int = 200
     if not plan.n_todo:
         yield Stage(f"{len(tiles)} tissue tiles in view, all cached", final=True)
         return
-    todo = session.missing(tiles)
+    todo = session.missing(tiles, mpp=mpp)
     t0 = time.perf_counter()
-    yield from _embed(session, todo, cancel)
+    yield from _embed(session, todo, cancel, mpp)
     yield Stage(f"done: {len(todo)} tiles in {time.perf_counter() - t0:.1f} s", final=True)
 
 
@@ -164,12 +245,12 @@ def train_job(session: SlideSession, polygons: Sequence[np.ndarray], classes: Se
 
 
 @cancellable
-def cluster_job(session: SlideSession, k: int, *, with_rgb: bool = False,
+def cluster_job(session: SlideSession, k: int, *, with_rgb: bool = False, mpp: float | None = None,
                 cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
-    """K-means over the embedded tiles (and PCA colours)."""
+    """K-means over the embedded tiles of level ``mpp`` (and PCA colours)."""
     yield from _load(session, cancel)
     yield Stage(f"clustering into {k} …")
-    result = session.fit_clusters(k, with_rgb=with_rgb)
+    result = session.fit_clusters(k, with_rgb=with_rgb, mpp=mpp)
     _stop_if_cancelled(cancel)  # k-means is one call: a cancel during it drops its result
     session.use_clusters(result)
     yield Clustered(result)
@@ -177,15 +258,18 @@ def cluster_job(session: SlideSession, k: int, *, with_rgb: bool = False,
 
 @cancellable
 def query_job(session: SlideSession, x: float, y: float, *, k: int = 20, box: Sequence[float] | None = None,
-              cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
-    """Similarity to the tile under level-0 ``(x, y)`` (or the tiles in ``box``), embedding it first."""
+              mpp: float | None = None, cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
+    """Similarity to the tile of level ``mpp`` under level-0 ``(x, y)`` (or the tiles in ``box``),
+    embedding it first; searches the embeddings of that level."""
     yield from _load(session, cancel)
-    query = session.query_indices(x, y, box)
-    todo = session.missing(query)
+    if mpp is not None:
+        yield from _load_levels(session, cancel, (mpp,))
+    query = session.query_indices(x, y, box, mpp=mpp)
+    todo = session.missing(query, mpp=mpp)
     if len(todo):
         yield Stage("embedding the query region …")
-        yield from _embed(session, todo, cancel)
-    session.set_query(query)
+        yield from _embed(session, todo, cancel, mpp)
+    session.set_query(query, mpp=mpp)
     hits = session.hits(k)
     thumbs = [thumbnail(session, h.x, h.y) for h in hits]
     yield Queried(hits, thumbs, query)
@@ -218,7 +302,7 @@ def index_search_job(session: SlideSession, index_path: str, *, k: int = 20,
             continue
         try:
             with Slide(hit.slide) as other:
-                thumbs.append(_tile_picture(other, hit.x, hit.y, session.grid.tile_size_l0))
+                thumbs.append(_tile_picture(other, hit.x, hit.y, session.grid_at(session.query_mpp).tile_size_l0))
         except VirchowError:  # one unreadable slide costs its thumbnail, not the search
             thumbs.append(None)
     yield IndexHits(hits, thumbs, index.check_slides())
@@ -236,4 +320,4 @@ def _tile_picture(slide: Slide, x: int, y: int, tile: int, size: int = 64) -> np
 
 def thumbnail(session: SlideSession, x: int, y: int, size: int = 64) -> np.ndarray:
     """A small RGB picture of the tile at level-0 ``(x, y)``."""
-    return _tile_picture(session.slide, x, y, session.grid.tile_size_l0, size)
+    return _tile_picture(session.slide, x, y, session.grid_at(session.query_mpp).tile_size_l0, size)

@@ -374,6 +374,27 @@ class LodPyramid:
                 self._grids[key] = TileGrid(self.slide, mpp=key, size=self.size, **self._grid_kw)  # type: ignore[arg-type]
             return self._grids[key]
 
+    def adopt(self, grid: TileGrid) -> None:
+        """Use an existing TileGrid (same slide and tile size) as the grid of its level."""
+        if grid.slide is not self.slide or grid.size != self.size:
+            raise ValueError("adopt a grid of this pyramid's slide and tile size")
+        with self._lock:
+            self._grids[canonical_mpp(grid.mpp)] = grid
+
+    @property
+    def built(self) -> frozenset[float]:
+        """The levels whose grid is built (planning from the UI thread needs them all)."""
+        with self._lock:
+            return frozenset(self._grids)
+
+    def retissue(self, *, tissue_threshold: float | None, keep: TileGrid | None = None) -> None:
+        """Re-flag tissue in every built grid with another saturation threshold (``keep``: adopted as is)."""
+        self._grid_kw["tissue_threshold"] = tissue_threshold
+        with self._lock:
+            self._grids = {m: g.with_tissue(tissue_threshold=tissue_threshold) for m, g in self._grids.items()}
+        if keep is not None:
+            self.adopt(keep)
+
     def lattice(self, mpp: float) -> Lattice:
         """The lattice of level ``mpp`` (no pixels read)."""
         return Lattice.at(self.geometry, mpp, self.size)

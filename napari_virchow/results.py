@@ -28,6 +28,7 @@ class ClusterResult:
     model: ClusterModel
     counts: dict[int, int]
     rgb: np.ndarray | None = field(default=None, repr=False)  # (n_tiles, 3) float in [0, 1], NaN
+    mpp: float | None = None  # the magnification (µm/px) whose tiles ``labels`` index; None: the encoder's
 
 
 def tile_counts(labels: np.ndarray, k: int) -> dict[int, int]:

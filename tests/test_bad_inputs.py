@@ -383,6 +383,7 @@ def test_cli_subprocess_bad_input_is_one_line(tmp: Path) -> None:
 def test_widget_bad_weights_is_a_message_and_keeps_the_store(make_widget: Any, qtbot: Any, tmp: Path) -> None:
     w = make_widget(SAMPLE_TIF)
     w.limit_spin.setValue(10_000)
+    w.compute.mag_combo.setCurrentText("20× (0.5 µm/px)")  # the store checked below is the 20× one
     w.compute_visible()
     qtbot.waitUntil(lambda: w._worker is None, timeout=60_000)
     computed = w.session()

@@ -47,10 +47,16 @@ def choose_encoder(weights: str | None) -> tuple[str, str | None, bool]:
 @_jobs.cancellable
 def demo_job(session: SlideSession, polygons: list[np.ndarray], classes: list[str], *, k: int = DEMO_K,
              cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
-    """Embed the sample's tissue, train on the example annotations, cluster, query: one worker."""
+    """The whole-slide overview at 5× first, a probe from the example annotations drawn on it, then
+    the 20× refinement, clusters and a query: one worker.
+
+    The heatmap is a pyramid: on screen from the 5× overview as soon as the probe is trained, and
+    refined batch by batch where 20× tiles arrive.
+    """
     w, h = session.slide.dimensions
-    yield from _jobs.compute_job(session, (0, 0, w, h), force=True, cancel=cancel)
+    yield from _jobs.overview_job(session, cancel=cancel)
     yield from _jobs.train_job(session, polygons, classes, cancel=cancel)
+    yield from _jobs.compute_job(session, (0, 0, w, h), force=True, cancel=cancel)
     yield from _jobs.cluster_job(session, k, cancel=cancel)
     yield from _jobs.query_job(session, *QUERY_POINT, k=10, cancel=cancel)
     yield _jobs.Stage("demo ready: the heatmap is shown; clusters and similar regions are in the layer list "
@@ -78,8 +84,10 @@ def _summary(viewer: Any, widget: Any, encoder: str, seconds: float) -> dict[str
         nonempty = int(np.count_nonzero(data)) if kind == "clusters" else int(np.count_nonzero(np.isfinite(data)))
         layers.append({"name": name, "kind": kind, "extent_um": _edges_um(layer), "nonempty_tiles": nonempty,
                        "visible": bool(layer.visible)})  # fmt: skip
+    session = widget.session()
+    levels = {f"{m:g}": int(session.done_at(m).sum()) for m in session.open_levels()}  # µm/px → tiles embedded
     return {"layers": layers, "slide_extent_um": _edges_um(slide_layer), "encoder": encoder,
-            "seconds": round(seconds, 1)}  # fmt: skip
+            "seconds": round(seconds, 1), "tiles_per_mpp": levels}  # fmt: skip
 
 
 def start_demo(*, weights: str | None = None, show: bool = True) -> tuple[Any, Any, str]:

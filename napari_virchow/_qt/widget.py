@@ -9,8 +9,8 @@ Controls, by ``objectName`` (stable: tests and scripts find them by it)
 
 - Slide and model: ``slide_combo``, ``reopen_btn``, ``mpp_spin``, ``encoder_combo``,
   ``weights_edit``, ``weights_browse_btn``, ``random_check``, ``device_combo``, ``batch_spin``
-- Compute: ``compute_btn``, ``follow_check``, ``all_btn``, ``limit_spin``, ``tissue_check``,
-  ``tissue_slider``
+- Compute: ``compute_btn``, ``follow_check``, ``all_btn``, ``mag_combo`` (auto or a pinned
+  magnification), ``overview_btn`` (whole tissue at 5×), ``limit_spin``, ``tissue_check``, ``tissue_slider``
 - Cancer probability: ``class_combo``, ``new_annotations_btn``, ``load_geojson_btn``,
   ``save_geojson_btn``, ``load_head_btn``, ``save_head_btn``, ``train_btn``, ``refit_check``,
   ``threshold_slider``, ``smooth_check``, ``resolution_combo``
@@ -21,7 +21,8 @@ Controls, by ``objectName`` (stable: tests and scripts find them by it)
 - Job bar (always visible, under the panels): ``decision_compute_btn``, ``decision_skip_btn``,
   ``cancel_btn``
 
-Read-outs: ``random_banner``, ``tissue_value_label``, ``head_label``, ``threshold_label``,
+Read-outs: ``random_banner``, ``level_label`` (the magnification of the view),
+``tissue_value_label``, ``head_label``, ``threshold_label``,
 ``legend_label``, ``progress_bar``, ``status_label``, ``decision_label``.
 """
 
@@ -157,6 +158,10 @@ class VirchowWidget(QWidget):
 
     def choose_slide(self, name: str) -> None:
         self.model.slide_combo.setCurrentText(name)
+
+    def view_mpp(self) -> float | None:
+        """The magnification (µm/px) of what is on screen: pinned, else the last view's; None before any."""
+        return self.compute.pinned() or self.compute.view_mpp
 
     @property
     def _worker(self) -> Any:  # for scripts that wait on the widget

@@ -24,6 +24,7 @@ from napari_virchow.cli.common import (
     show_progress,
 )
 from napari_virchow.cli.embed import _SLIDES_HELP, load_cli_head, out_folder, write_file
+from napari_virchow.cli.options import add_mpp_options
 from napari_virchow.errors import VirchowError
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ def args_heatmap(p: argparse.ArgumentParser) -> None:
                    help="N × N heatmap pixels per tile, bilinear between tile centres (default 1: none)")  # fmt: skip
     p.add_argument("--tiff-dtype", choices=("uint8", "float32"), default="uint8",
                    help="uint8: round(p·255), 0 = no value, opens as a slide; float32: NaN = no value")  # fmt: skip
+    add_mpp_options(p, several=False)
 
 
 def cmd_heatmap(args: argparse.Namespace) -> int:
@@ -125,22 +127,28 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     out = out_folder(args)
     output_names(args.slides, ".heatmap.tif")
 
+    if args.mpp is not None and len(args.mpp) != 1:
+        raise CliError("heatmap --mpp takes one magnification (e.g. --mpp 2.0 for a whole-slide 5× heatmap)")
+    mpp = None if args.mpp is None else args.mpp[0]
+
     def work(session: SlideSession) -> str:
-        return _write_heatmap(session, head, out, args)
+        return _write_heatmap(session, head, out, args, mpp)
 
-    return run_slides(args.slides, config, work, scheduler=args.scheduler, progress=show_progress(args))
+    return run_slides(args.slides, config, work, scheduler=args.scheduler, progress=show_progress(args),
+                      mpps=None if mpp is None else (mpp,))  # fmt: skip
 
 
-def _write_heatmap(session: SlideSession, head: LinearHead, out: Path, args: argparse.Namespace) -> str:
+def _write_heatmap(session: SlideSession, head: LinearHead, out: Path, args: argparse.Namespace,
+                   mpp: float | None = None) -> str:  # fmt: skip
     from napari_virchow.io.export import threshold_features, write_heatmap_tiff
     from napari_virchow.io.geojson import safe_output_path, write_annotations
 
     if head.weights_id and head.weights_id != session.weights_id:
         CONSOLE.warn(f"{args.head} was fitted on embeddings of weights {head.weights_id}, these are "
                      f"{session.weights_id}: its probabilities may be meaningless")  # fmt: skip
-    values = session.apply_head(head, tissue_only=True)
-    raster = session.raster(values, smooth=args.smooth)
-    g, slide, stem = session.grid, session.slide, session.slide.path.stem
+    values = session.apply_head(head, tissue_only=True, mpp=mpp)
+    raster = session.raster(values, smooth=args.smooth, mpp=mpp)
+    g, slide, stem = session.grid_at(mpp), session.slide, session.slide.path.stem
     idx = np.flatnonzero(~np.isnan(values))
     from napari_virchow.io.provenance import provenance
 
@@ -152,6 +160,7 @@ def _write_heatmap(session: SlideSession, head: LinearHead, out: Path, args: arg
         "head": str(Path(args.head).resolve()),
         "classes": head.classes,
         "positive_class": head.positive_class,
+        "mpp": session._mpp(mpp),
     }
     tif = safe_output_path(out, f"{stem}.heatmap.tif")
     write_file(tif, write_heatmap_tiff, raster.data, mpp_l0=slide.require_mpp(), tile_size_l0=raster.tile_size_l0,

@@ -93,10 +93,11 @@ def open_session(slide: str | os.PathLike[str], config: SessionConfig, *,
     return session
 
 
-def embed_missing(session: SlideSession, indices: np.ndarray | None = None, *,
-                  progress: bool = True) -> tuple[int, float]:  # fmt: skip
-    """Embed the missing ones of ``indices`` (default: tissue tiles) with a bar; (tiles embedded, seconds)."""
-    plan = session.plan(indices=indices)
+def embed_missing(session: SlideSession, indices: np.ndarray | None = None, *, progress: bool = True,
+                  mpp: float | None = None) -> tuple[int, float]:  # fmt: skip
+    """Embed the missing ones of ``indices`` (default: tissue tiles) of level ``mpp`` with a bar;
+    (tiles embedded, seconds)."""
+    plan = session.plan(indices=indices, mpp=mpp)
     if not plan.n_todo:
         return 0, 0.0  # nothing to write: a read-only cache is fine
     check_writable(session.config.cache_root or resolve_cache_root(), "embedding cache folder",
@@ -104,7 +105,7 @@ def embed_missing(session: SlideSession, indices: np.ndarray | None = None, *,
     t0 = time.perf_counter()
     with tqdm(total=plan.n_todo, desc=session.slide.path.name, unit="tile", leave=False, file=sys.stderr,
               disable=None if progress else True) as bar:  # fmt: skip
-        for batch in session.compute(indices=indices):
+        for batch in session.compute(indices=indices, mpp=mpp):
             bar.update(len(batch.indices))
     return plan.n_todo, time.perf_counter() - t0
 
@@ -123,18 +124,27 @@ Work = Callable[["SlideSession"], "str | None"]
 
 
 def run_slides(slides: Sequence[str], config: SessionConfig, work: Work | None = None, *,
-               scheduler: str | None = None, progress: bool = True) -> int:  # fmt: skip
-    """Embed every tissue tile of each slide, then run ``work(session)`` on it.
+               scheduler: str | None = None, progress: bool = True,
+               mpps: Sequence[float] | None = None) -> int:  # fmt: skip
+    """Embed every tissue tile of each slide (at each of ``mpps``, default the encoder's own
+    magnification), then run ``work(session)`` on it.
 
     Returns 0 when every slide succeeded, 1 when some failed (each printed one line, and a
     summary names them).
     """
+    spec = config.spec
+    levels = tuple(mpps) if mpps else (spec.mpp,)
+    for m in levels:  # an untrained magnification without the opt-in: one line, before any work
+        spec.check_mpp(m, allow_untrained=config.allow_untrained_mpp)
+    if scheduler and levels != (spec.mpp,):
+        raise CliError(f"--mpp {','.join(f'{m:g}' for m in levels)} with --scheduler is not supported yet: "
+                       "embed other magnifications without --scheduler")  # fmt: skip
     failed: list[str] = []
     with tqdm(total=len(slides), desc="slides", unit="slide", file=sys.stderr,
               disable=None if progress and len(slides) > 1 else True) as overall:  # fmt: skip
         for slide, remote in _embedded(slides, config, scheduler):
             try:
-                _one_slide(slide, config, work, remote, progress=progress)
+                _one_slide(slide, config, work, remote, progress=progress, mpps=levels)
             except Exception as exc:  # one broken slide must not stop the cohort; reported, exit 1
                 failed.append(Path(slide).name)
                 CONSOLE.slide_failed(slide, exc)
@@ -158,7 +168,7 @@ def _embedded(slides: Sequence[str], config: SessionConfig,
 
 
 def _one_slide(slide: str, config: SessionConfig, work: Work | None, remote: dict[str, Any] | None, *,
-               progress: bool) -> None:  # fmt: skip
+               progress: bool, mpps: Sequence[float] = ()) -> None:  # fmt: skip
     if remote is not None:
         if remote.get("error"):
             raise CliError(remote["error"])
@@ -169,7 +179,10 @@ def _one_slide(slide: str, config: SessionConfig, work: Work | None, remote: dic
     with open_session(slide, config, weights_id=None if remote is None else remote["weights_id"]) as session:
         if remote is None:
             name = session.slide.path.name
-            CONSOLE.out(summary(name, session.grid.n_tissue, *embed_missing(session, progress=progress)))
+            for m in mpps or (session.default_mpp,):
+                where = "" if m == session.default_mpp and len(mpps) <= 1 else f" at {10 / m:.3g}× ({m:g} µm/px)"
+                n_tissue = session.grid_at(m).n_tissue
+                CONSOLE.out(summary(name, n_tissue, *embed_missing(session, progress=progress, mpp=m), where))
         note = work(session) if work is not None else None
         if note:
             CONSOLE.out(note)

@@ -21,6 +21,7 @@ from napari_virchow.cli.common import (
     run_slides,
     show_progress,
 )
+from napari_virchow.cli.options import add_mpp_options
 
 if TYPE_CHECKING:
     from napari_virchow.analysis.heads import LinearHead
@@ -62,11 +63,12 @@ def load_cli_head(path: str, config: SessionConfig) -> LinearHead:
 
 def args_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("slides", nargs="+", metavar="SLIDE", help=_SLIDES_HELP)
+    add_mpp_options(p)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    return run_slides(args.slides, config, scheduler=args.scheduler, progress=show_progress(args))
+    return run_slides(args.slides, config, scheduler=args.scheduler, progress=show_progress(args), mpps=args.mpp)
 
 
 # --- export -------------------------------------------------------------------------------------

@@ -88,6 +88,31 @@ def point(text: str) -> tuple[float, float]:
 # --- shared option groups -----------------------------------------------------------------------------
 
 
+def mpp_list(text: str) -> tuple[float, ...]:
+    """``--mpp 0.5,2.0``: magnifications in µm/px, comma-separated (each a positive number)."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"--mpp takes positive µm/px separated by commas (e.g. 0.5,2.0), "
+                                             f"got {text!r}")  # fmt: skip
+        values.append(value)
+    return tuple(dict.fromkeys(values))
+
+
+def add_mpp_options(p: argparse.ArgumentParser, *, several: bool = True) -> None:
+    """``--mpp`` (the magnifications to embed at; default the encoder's own) and ``--allow-untrained-mpp``."""
+    what = "magnifications in µm/px, comma-separated (e.g. 0.5,2.0)" if several else "magnification in µm/px"
+    p.add_argument("--mpp", type=mpp_list, default=None, metavar="UM" + ("[,UM…]" if several else ""),
+                   help=f"{what}, each one of the encoder's trained ones (Virchow 2: 0.25, 0.5, 1, 2 µm/px = "
+                        "40×/20×/10×/5×); default its own (0.5). 2.0 covers the whole tissue in 1/16 of the tiles")
+    p.add_argument("--allow-untrained-mpp", action="store_true",
+                   help="allow a magnification the encoder was not trained on (recorded in the store)")
+
+
 def common_parent() -> argparse.ArgumentParser:
     """``--cache DIR`` and ``-v``: every subcommand has them."""
     p = argparse.ArgumentParser(add_help=False)
@@ -188,4 +213,5 @@ def config_from_args(args: argparse.Namespace, *, encoder: str | None = None) ->
         encoder=spec.name, weights=_weights(args), device=device, dtype=getattr(args, "dtype", "auto"),
         batch_size=_capped_batch_size(getattr(args, "batch_size", None), spec.name, device),
         cache_root=resolve_cache_root(getattr(args, "cache", None)), mpp_override=mpp,
+        allow_untrained_mpp=bool(getattr(args, "allow_untrained_mpp", False)),
     )  # fmt: skip

@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -153,6 +154,7 @@ class EmbeddingStore(StoreWriting):
         tile_size_l0: int | None = None,
         mode: Literal["a", "r", "w"] = "a",
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        extra_attrs: Mapping[str, Any] | None = None,
     ) -> EmbeddingStore:
         """Create or reopen the store for ``key`` under ``root``.
 
@@ -175,6 +177,9 @@ class EmbeddingStore(StoreWriting):
             deletes an existing store and starts over.
         chunk_rows : int
             Rows per ``embeddings`` chunk, used at creation only.
+        extra_attrs : mapping, optional
+            More provenance recorded at creation (e.g. ``EncoderSpec.mpp_provenance``: a
+            magnification outside the encoder's trained ones is recorded as an opt-in).
 
         Returns
         -------
@@ -214,7 +219,7 @@ class EmbeddingStore(StoreWriting):
                 )
             limit = cache_max_bytes()  # a bad setting fails before anything is created
             path = create_store(root, key, n_tiles=n_tiles, dim=dim, slide_path=slide_path, coords=coords,
-                                tile_size_l0=tile_size_l0, chunk_rows=chunk_rows)  # fmt: skip
+                                tile_size_l0=tile_size_l0, chunk_rows=chunk_rows, extra_attrs=extra_attrs)  # fmt: skip
             created = True
         store = cls(path, mode="r" if mode == "r" else "a")
         try:

@@ -140,8 +140,13 @@ def create_store(
     coords: np.ndarray | None,
     tile_size_l0: int | None,
     chunk_rows: int,
+    extra_attrs: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Build a new store in a hidden temp folder and rename it into place (all or nothing)."""
+    """Build a new store in a hidden temp folder and rename it into place (all or nothing).
+
+    ``extra_attrs``: more provenance (JSON types), e.g. whether the magnification is a trained one
+    (``EncoderSpec.mpp_provenance``); it never replaces the key, shape or format attrs.
+    """
     path = root / store_folder_name(key, slide_path)
     tmp = root / f".creating-{key.digest[:16]}-{uuid.uuid4().hex[:8]}"
     try:
@@ -162,6 +167,7 @@ def create_store(
             "created": stamp,
             "updated": stamp,
         }
+        attrs.update({k: v for k, v in (extra_attrs or {}).items() if k not in attrs and k != "attrs_digest"})
         group.attrs.update({**attrs, "attrs_digest": attrs_digest(attrs)})
         group.create_array(
             "embeddings",

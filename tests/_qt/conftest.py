@@ -186,6 +186,7 @@ def compute_whole_slide(qtbot, w, u: UI) -> None:  # noqa: ANN001
     """Show the whole slide and embed every tissue tile in view, through the controls."""
     w.viewer.reset_view()
     u.spin("limit_spin", 100000)
+    u.choose("mag_combo", "20× (0.5 µm/px)")  # every tile at 20× (auto would pick a coarser level here)
     u.click("compute_btn")
     wait_idle(qtbot, w)
 

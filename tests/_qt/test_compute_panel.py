@@ -32,6 +32,7 @@ def test_compute_visible_embeds_tiles_in_view_shows_them_and_revisit_is_free(qtb
     _zoom_to(w, 1100, 1500, 900)
     box = w.compute.visible_box()
     assert box is not None and box[2] - box[0] < 1200
+    u.choose("mag_combo", "20× (0.5 µm/px)")  # this test is about 20× tiles
     u.click("compute_btn")
     assert u["cancel_btn"].isEnabled()  # Cancel is there while the job runs
     wait_idle(qtbot, w)
@@ -62,6 +63,7 @@ def test_too_many_tiles_is_asked_in_place_without_widening_the_dock(qtbot, widge
     width = w.width()
     w.viewer.reset_view()
     u.spin("limit_spin", 5)
+    u.choose("mag_combo", "20× (0.5 µm/px)")  # this test is about 20× tiles
     u.click("compute_btn")
     qtbot.waitUntil(lambda: u["decision_label"].isVisible(), timeout=60_000)
     wait_idle(qtbot, w)
@@ -91,6 +93,7 @@ def test_the_question_s_eta_uses_the_speed_measured_here(qtbot, widget, ui) -> N
     w, u = widget, ui(widget)
     u.spin("batch_spin", 2)
     _zoom_to(w, 1100, 1500, 900)
+    u.choose("mag_combo", "20× (0.5 µm/px)")  # this test is about 20× tiles
     u.click("compute_btn")  # a few batches: the speed is measured
     wait_idle(qtbot, w)
     rate = w.rates.rate(w._rate_key(w.session()))
@@ -110,6 +113,7 @@ def test_cancel_tells_the_truth_and_keeps_the_store_consistent(qtbot, planted_wi
     w.viewer.reset_view()
     u.spin("limit_spin", 100000)
     u.spin("batch_spin", 2)  # many small batches: the cancel lands long before the end
+    u.choose("mag_combo", "20× (0.5 µm/px)")  # this test is about 20× tiles
     u.click("compute_btn")
     qtbot.waitUntil(lambda: isinstance(w.last_event, _jobs.BatchDone), timeout=60_000)
     assert w.jobbar.progress.isVisible() and w.jobbar.progress.maximum() == w.last_event.n_total
@@ -130,6 +134,7 @@ def test_cancel_tells_the_truth_and_keeps_the_store_consistent(qtbot, planted_wi
 def test_follow_view_computes_where_the_camera_goes(qtbot, widget, ui) -> None:  # noqa: ANN001
     w, u = widget, ui(widget)
     _zoom_to(w, 1100, 1500, 700)
+    u.choose("mag_combo", "20× (0.5 µm/px)")  # this test is about 20× tiles
     u.click("follow_check")
     qtbot.waitUntil(lambda: w.runner.busy or isinstance(w.last_event, _jobs.Stage), timeout=10_000)
     wait_idle(qtbot, w)

@@ -23,6 +23,9 @@ def test_demo_draws_three_aligned_nonempty_overlays(tmp_path: Path) -> None:
     assert "RANDOM weights" in out.stderr and "--weights PATH" in out.stderr  # never silent about it
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["encoder"] == "virchow2-tiny"
+    # the whole-slide overview at 5× first, then 20×: both levels embedded, 5× with far fewer tiles
+    tiles = summary["tiles_per_mpp"]
+    assert set(tiles) == {"0.5", "2"} and 0 < tiles["2"] * 8 < tiles["0.5"], tiles
     kinds = {layer["kind"]: layer for layer in summary["layers"]}
     assert set(kinds) == {"probability", "clusters", "similarity"}
     # the last view is readable: the heatmap on the slide, the other overlays one click away

@@ -88,6 +88,7 @@ def test_mpp_override_after_a_failed_attempt_applies_at_once_and_aligns(qtbot, m
     slide_layer = w.slide_layer()
     assert tuple(slide_layer.scale) == (1.0, 1.0)
     w.viewer.reset_view()
+    u.choose("mag_combo", "20× (0.5 µm/px)")  # this test is about 20× tiles
     u.click("compute_btn")
     assert "µm/px override" in w.jobbar.status.text() and "--mpp" not in w.jobbar.status.text()
     u.spin("mpp_spin", 0.5)

@@ -25,6 +25,7 @@ def test_layer_and_widget_share_one_slide(qtbot, make_widget, ui, planted_slide:
     w = make_widget(planted_slide)
     u = ui(w)
     w.viewer.reset_view()
+    u.choose("mag_combo", "20× (0.5 µm/px)")  # this test is about 20× tiles
     u.click("compute_btn")
     wait_idle(qtbot, w)
     layer = w.slide_layer()

@@ -51,6 +51,7 @@ def test_walkthrough_on_the_sample(qtbot, make_napari_viewer, ui, sample_pyramid
     # 1. compute what is on screen
     viewer.reset_view()
     u.spin("limit_spin", 100000)
+    u.choose("mag_combo", "20× (0.5 µm/px)")  # this test is about 20× tiles
     u.click("compute_btn")
     wait_idle(qtbot, w)
     session = w.session()

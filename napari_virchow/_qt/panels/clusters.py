@@ -48,7 +48,8 @@ class ClusterPanel(QGroupBox):
 
     def cluster(self) -> None:
         """K-means over every embedded tile of the slide."""
-        self._host.run(_jobs.cluster_job, self.k_spin.value(), with_rgb=self.rgb_check.isChecked())
+        self._host.run(_jobs.cluster_job, self.k_spin.value(), with_rgb=self.rgb_check.isChecked(),
+                       mpp=self._host.view_mpp())
 
     def draw(self, session: SlideSession) -> None:
         layer = self._host.slide_layer()
@@ -57,7 +58,8 @@ class ClusterPanel(QGroupBox):
         counts = session.cluster_counts()
         colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent",
                                                    **{cid: cluster_color(cid) for cid in counts}})  # fmt: skip
-        lyr = show_raster(self._host.viewer, overlay_name(layer, "clusters"), session.raster(session.cluster_labels),
+        lyr = show_raster(self._host.viewer, overlay_name(layer, "clusters"),
+                          session.raster(session.cluster_labels, mpp=session.cluster_mpp),
                           kind="labels", opacity=0.5, colormap=colormap)  # fmt: skip
         lyr.colormap = colormap
         self.legend.setText("<br>".join(f"<span style='color:{cluster_color(cid)}'>■</span> cluster {cid}: "
@@ -69,11 +71,13 @@ class ClusterPanel(QGroupBox):
             layer = self._host.slide_layer()
             if ev.result.rgb is not None and layer is not None:
                 # only the embedded tiles get a colour: the rest stays see-through (alpha 0), not grey
-                raster = session.raster(ev.result.rgb)
+                raster = session.raster(ev.result.rgb, mpp=ev.result.mpp)
                 seen = np.isfinite(raster.data[..., :1]).astype(np.float32)
                 rgba = replace(raster, data=np.concatenate([np.nan_to_num(raster.data), seen], axis=-1))
                 show_raster(self._host.viewer, overlay_name(layer, "embedding colours"), rgba, rgb=True,
                             opacity=0.6)  # fmt: skip
-            self._host.set_status(f"{len(ev.result.counts)} clusters of the embedded tiles")
+            m = ev.result.mpp
+            where = f" at {m:g} µm/px" if m is not None and m != session.default_mpp else ""
+            self._host.set_status(f"{len(ev.result.counts)} clusters of the embedded tiles{where}")
         elif isinstance(ev, _jobs.BatchDone) and "clusters" in ev.changed:
             self.draw(session)

@@ -1,4 +1,11 @@
-"""'Compute': embed the tiles on screen (once, or following the view), and the tissue mask."""
+"""'Compute': embed the tiles on screen (once, or following the view), and the tissue mask.
+
+Level of detail (issue 15): unpinned ("auto"), a view is embedded at the finest magnification the
+encoder was trained on whose tiles in view fit the canvas budget (:mod:`napari_virchow.lod`), so
+every view costs about one screen of tiles and no question is asked; zooming in refines, the
+coarser levels staying drawn underneath. A pinned magnification computes every tile in view and
+asks above the tile limit. "Overview" embeds the whole tissue at 5× (2 µm/px).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -32,6 +40,9 @@ from napari_virchow.session import SlideSession
 __all__ = ["ComputePanel"]
 
 EMBEDDED_COLOR = "#00e5ff"  # cyan outlines read on H&E pink and purple
+#: the magnification control: label → µm/px (None: chosen from the view)
+MAGNIFICATIONS = (("auto", None), ("5× (2 µm/px)", 2.0), ("10× (1 µm/px)", 1.0), ("20× (0.5 µm/px)", 0.5),
+                  ("40× (0.25 µm/px)", 0.25))  # fmt: skip
 
 
 class TissueFound:
@@ -65,6 +76,21 @@ class ComputePanel(QGroupBox):
         lay.addLayout(row)
         lay.addWidget(self.follow_check)
         rows = form()
+        self.mag_combo = named(QComboBox(), "mag_combo",
+                               "magnification to compute at: auto picks the finest whose tiles on screen fit "
+                               "about two screens of tiles; pin one to compute every tile on screen at it")
+        for label, mpp in MAGNIFICATIONS:
+            self.mag_combo.addItem(label, mpp)
+        self.mag_combo.currentIndexChanged.connect(self._mag_changed)
+        rows.addRow("magnification", self.mag_combo)
+        self.overview_btn = named(QPushButton("Whole-slide overview (5×)"), "overview_btn",
+                                  "embed the whole tissue at 5× (2 µm/px): 1/16 of the tiles at 20×")
+        self.overview_btn.clicked.connect(self.overview)
+        rows.addRow(self.overview_btn)
+        self.level_label = named(QLabel(""), "level_label")
+        self.level_label.setWordWrap(True)  # a long read-out must not widen the dock
+        rows.addRow(self.level_label)
+        self.view_mpp: float | None = None  # the level of the last planned view
         self.limit_spin = named(QSpinBox(minimum=1, maximum=10_000_000, value=2000, singleStep=500), "limit_spin",
                                 "more tiles than this are computed only after you confirm")  # fmt: skip
         rows.addRow("ask above (tiles)", self.limit_spin)
@@ -94,16 +120,40 @@ class ComputePanel(QGroupBox):
             self._host.set_status("the slide is not on screen" if self._host.slide_layer() else
                                   "no slide layer: open a slide with File ▸ Open (SVS, NDPI, MRXS, TIFF …)")
             return
-        self._host.run(_jobs.compute_job, box, limit=self.limit_spin.value(), force=force)
+        self._host.run(_jobs.view_job, box, self.canvas_px(), pinned=self.pinned(), limit=self.limit_spin.value(),
+                       force=force)  # fmt: skip
+
+    def canvas_px(self) -> tuple[int, int]:
+        """The canvas as (width, height) screen px (napari gives (height, width))."""
+        h, w = self._host.viewer.canvas.size
+        return (max(int(w), 1), max(int(h), 1))
+
+    def pinned(self) -> float | None:
+        """The magnification the user pinned (µm/px), or None for auto."""
+        return self.mag_combo.currentData()
 
     def compute_all_in_view(self) -> None:
-        """Count the tiles on screen and ask before computing them."""
+        """Count the tiles on screen (at the pinned level, else the one in view) and ask before computing them."""
         box = self.visible_box()
         if box is not None:
-            self._host.run(_jobs.compute_job, box, limit=0)
+            self._host.run(_jobs.compute_job, box, limit=0, mpp=self.pinned() or self.view_mpp)
 
     def follow(self, box: tuple[float, float, float, float]) -> None:
-        self._host.run(_jobs.compute_job, box, limit=self.limit_spin.value())
+        self._host.run(_jobs.view_job, box, self.canvas_px(), pinned=self.pinned(), limit=self.limit_spin.value())
+
+    def overview(self) -> None:
+        """Embed the whole tissue at 5× (the coarsest level when the slide cannot give 5×)."""
+        self._host.run(_jobs.overview_job)
+
+    def _mag_changed(self, _index: int) -> None:
+        pinned = self.pinned()
+        self.level_label.setText("auto: the finest magnification that fits the screen" if pinned is None
+                                 else f"pinned at {self.mag_combo.currentText()}")  # fmt: skip
+        if pinned is not None:
+            self.view_mpp = pinned
+        box = self.visible_box()
+        if box is not None and self.follow_check.isChecked():
+            self.follow(box)
 
     # --- tissue --------------------------------------------------------------------------------
     def _tissue_moved(self, value: int) -> None:
@@ -150,16 +200,28 @@ class ComputePanel(QGroupBox):
         slide = self._host.slide_layer()
         if slide is None:
             return
+        from napari_virchow.analysis.lod_rasters import finest_raster
         from napari_virchow.analysis.rasters import upsample
+        from napari_virchow.lod import SlideGeometry
 
-        done = session.store().done.astype(np.int32)
-        raster = upsample(session.raster(done), 8, smooth=None)
+        dones = {m: session.done_at(m) for m in session.open_levels()}
+        if not dones:
+            return
+        levels = {m: (d.astype(np.int32), d) for m, d in dones.items()}
+        raster, _ = finest_raster(levels, SlideGeometry.of(session.slide), size=session.config.spec.input_size)
+        # outlines about 28 level-0 px thick at every level (8 cells per tile at 20×, 32 at 5×)
+        raster = upsample(raster, max(2, round(raster.tile_size_l0 / 28)), smooth=None)
         outline = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: EMBEDDED_COLOR})
         layer = show_raster(self._host.viewer, overlay_name(slide, "embedded"), raster, kind="labels",
                             opacity=0.9, colormap=outline)  # fmt: skip
         layer.contour = 1
 
     def on_event(self, session: SlideSession, ev: object) -> None:
+        if isinstance(ev, _jobs.Planned):
+            self.view_mpp = ev.mpp
+            how = "overview" if ev.overview else "pinned" if ev.pinned else "auto"
+            self.level_label.setText(f"{10 / ev.mpp:.3g}× ({ev.mpp:g} µm/px, {how}): {ev.n_in_view:,} tissue tiles "
+                                     f"in view, {ev.n_todo:,} to compute")  # fmt: skip
         if isinstance(ev, TissueFound) and self.tissue_check.isChecked():
             self.show_tissue()
         done_something = isinstance(ev, _jobs.BatchDone) or (isinstance(ev, _jobs.Stage) and ev.final)

@@ -377,11 +377,13 @@ class HeadPanel(QGroupBox):
             session = session or self._host.session()
         except VirchowError:
             return
-        if session.probability is None:
-            return
-        values = mask_below(session.probability, self.threshold_slider.value() / 100)
+        threshold = self.threshold_slider.value() / 100
         smooth = 4 if self.smooth_check.isChecked() else 0
-        lyr = show_raster(self._host.viewer, overlay_name(layer, "probability"), session.raster(values, smooth=smooth),
+        # each place from the finest magnification computed there (coarser levels fill in around it)
+        raster = session.overlay_raster("probability", transform=lambda v: mask_below(v, threshold), smooth=smooth)
+        if raster is None or session.head is None:
+            return
+        lyr = show_raster(self._host.viewer, overlay_name(layer, "probability"), raster,
                           colormap=HEAT, contrast_limits=(0, 1), opacity=0.85, blending="translucent")  # fmt: skip
         lyr.contrast_limits = (0, 1)
         lyr.metadata[BAR_TITLE_KEY] = f"P({session.head.positive_class})" if session.head is not None else None

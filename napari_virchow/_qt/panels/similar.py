@@ -87,19 +87,20 @@ class SimilarPanel(QGroupBox):
     def query_at(self, x: float, y: float, box: tuple[float, float, float, float] | None = None) -> None:
         """Similar regions to the tile under level-0 ``(x, y)``, or to the mean of the tissue tiles
         in ``box`` (x0, y0, x1, y1); tiles not embedded yet are embedded first."""
-        self._host.run(_jobs.query_job, x, y, k=self.hits_spin.value(), box=box)
+        self._host.run(_jobs.query_job, x, y, k=self.hits_spin.value(), box=box, mpp=self._host.view_mpp())
 
     def draw(self, session: SlideSession) -> None:
         layer = self._host.slide_layer()
         if layer is None or session.similarity is None:
             return
-        show_raster(self._host.viewer, overlay_name(layer, "similarity"), session.raster(session.similarity),
+        show_raster(self._host.viewer, overlay_name(layer, "similarity"),
+                    session.raster(session.similarity, mpp=session.query_mpp),
                     colormap=SIMILARITY, contrast_limits=(0, 1), opacity=0.85)  # fmt: skip
         show_colorbar_on_top(self._host.viewer)
 
     def _show_query(self, session: SlideSession, ev: _jobs.Queried) -> None:
         layer = self._host.slide_layer()
-        g = session.grid
+        g = session.grid_at(session.query_mpp)
         t = g.tile_size_l0
         boxes = [box_corners(x, y, x + t, y + t) for x, y in g.coords[ev.query_indices]]
         show_boxes(self._host.viewer, overlay_name(layer, "query"), layer, boxes, edge_color="yellow",
@@ -107,7 +108,7 @@ class SimilarPanel(QGroupBox):
 
     def _show_hits(self, session: SlideSession, ev: _jobs.Queried) -> None:
         layer = self._host.slide_layer()
-        t = session.grid.tile_size_l0
+        t = session.grid_at(session.query_mpp).tile_size_l0
         mpp = session.slide.require_mpp()
         boxes = [box_corners(h.x, h.y, h.x + t, h.y + t) for h in ev.hits]
         show_boxes(self._host.viewer, overlay_name(layer, "hits"), layer, boxes, edge_color=HIT_COLOR,
@@ -123,7 +124,7 @@ class SimilarPanel(QGroupBox):
     def _explain(self, session: SlideSession, ev: _jobs.Queried) -> str:
         n_embedded = int(np.count_nonzero(np.isfinite(session.similarity))) if session.similarity is not None else 0
         asked = self.hits_spin.value()
-        if not session.grid.tissue[ev.query_indices].any():
+        if not session.grid_at(session.query_mpp).tissue[ev.query_indices].any():
             return ("the query is on glass (no tissue under it): its hits are glass too; "
                     "click on tissue, or drag a box over it")
         if n_embedded <= len(ev.query_indices):

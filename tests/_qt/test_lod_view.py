@@ -1,0 +1,72 @@
+"""Level of detail in the viewer, driven through Qt: the view picks the magnification, zooming in
+refines, a pinned magnification, the whole-slide overview. Planted TIFF, tiny random Virchow 2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_virchow import jobs as _jobs
+from napari_virchow._qt.viewport import camera
+from tests._qt.conftest import wait_idle
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")]
+
+
+def _zoom_to(w, x: float, y: float, width_px: float) -> None:
+    layer = w.slide_layer()
+    camera(w.viewer).center = tuple(layer.data_to_world((y, x)))
+    camera(w.viewer).zoom = w.viewer.canvas.size[1] / (width_px * layer.scale[-1])
+
+
+@pytest.mark.drives("compute_btn")
+def test_the_view_picks_the_finest_level_that_fits_and_zooming_in_refines(qtbot, planted_widget, ui) -> None:
+    w, u = planted_widget, ui(planted_widget)
+    w.viewer.window._qt_window.resize(1280, 800)
+    qtbot.wait(50)
+    w.viewer.reset_view()
+    u.click("compute_btn")  # "auto": no question, about one screen of tiles
+    wait_idle(qtbot, w)
+    s = w.session()
+    whole = s.plan_view(w.compute.visible_box(), w.compute.canvas_px())
+    assert whole.mpp > 0.5 and whole.fits and w.compute.view_mpp == whole.mpp
+    assert len(whole.in_view) <= whole.budget
+    assert s.done_at(whole.mpp)[whole.in_view].all()
+    assert s.open_levels() == (whole.mpp,)  # nothing was computed at 20×
+    assert f"{whole.mpp:g} µm/px" in u["level_label"].text() and not u["decision_label"].isVisible()
+    coarse_done = s.done_at(whole.mpp).copy()
+    _zoom_to(w, 1376, 1376, 500)
+    u.click("compute_btn")
+    wait_idle(qtbot, w)
+    zoomed = s.plan_view(w.compute.visible_box(), w.compute.canvas_px())
+    assert zoomed.mpp == 0.5 and whole.mpp in zoomed.underneath
+    assert s.done_at(0.5)[zoomed.in_view].all()
+    assert np.array_equal(s.done_at(whole.mpp), coarse_done)  # the coarse level stays as it was, underneath
+    u.click("compute_btn")  # seen before: nothing recomputed
+    wait_idle(qtbot, w)
+    assert isinstance(w.last_event, _jobs.Stage) and "all cached" in w.last_event.message
+
+
+@pytest.mark.drives("mag_combo", "overview_btn")
+def test_pinned_magnification_and_whole_slide_overview(qtbot, planted_widget, ui) -> None:
+    w, u = planted_widget, ui(planted_widget)
+    w.viewer.reset_view()
+    u.click("overview_btn")
+    wait_idle(qtbot, w)
+    s = w.session()
+    g5 = s.grid_at(2.0)
+    assert s.done_at(2.0)[g5.tissue_indices].all() and s.open_levels() == (2.0,)
+    assert w.compute.view_mpp == 2.0 and "overview 5×" in w.jobbar.status.text()
+    u.choose("mag_combo", "10× (1 µm/px)")
+    assert "pinned" in u["level_label"].text() and w.compute.pinned() == 1.0
+    u.click("compute_btn")
+    wait_idle(qtbot, w)
+    g10 = s.grid_at(1.0)
+    in_view = g10.tiles_in(w.compute.visible_box())
+    assert len(in_view) and s.done_at(1.0)[in_view].all()  # pinned: every tile in view at 10×
+    u.choose("mag_combo", "40× (0.25 µm/px)")  # a 0.5 µm/px scan cannot give 40× without upsampling
+    u.click("compute_btn")
+    wait_idle(qtbot, w)
+    assert "upsampled" in w.jobbar.status.text() and 0.25 not in s.open_levels()
+    u.choose("mag_combo", "auto")
+    assert w.compute.pinned() is None
