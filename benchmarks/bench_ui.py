@@ -32,7 +32,7 @@ from napari_virchow._sample_data import sample_path
 TICK_MS, PAN_MS, PAN_STEPS = 5, 40, 75
 
 
-def pump_until(done, timeout: float = 600.0) -> None:  # noqa: ANN001
+def pump_until(done, timeout: float = 600.0) -> None:
     t0 = time.perf_counter()
     while not done():
         QApplication.processEvents()
@@ -41,7 +41,7 @@ def pump_until(done, timeout: float = 600.0) -> None:  # noqa: ANN001
             raise TimeoutError("benchmark step did not finish")
 
 
-def record_gaps(viewer: napari.Viewer, during=None) -> list[float]:  # noqa: ANN001
+def record_gaps(viewer: napari.Viewer, during=None) -> list[float]:
     """Pan for PAN_STEPS × PAN_MS while measuring event-loop gaps (ms); ``during()`` starts work."""
     stamps: list[float] = []
     ticker = QTimer()

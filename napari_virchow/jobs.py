@@ -69,11 +69,15 @@ class TooMany:
 
 @dataclass(frozen=True)
 class Trained:
+    """A head was fitted (or loaded) and applied to the embedded tiles."""
+
     result: TrainResult
 
 
 @dataclass(frozen=True)
 class Clustered:
+    """The embedded tiles were clustered."""
+
     result: ClusterResult
 
 
@@ -86,7 +90,7 @@ class Queried:
     query_indices: np.ndarray = field(repr=False)
 
 
-class Cancelled(Exception):
+class Cancelled(Exception):  # noqa: N818 - a signal that ends a job, not an error
     """Raised inside a job when the user cancelled between two stages."""
 
 

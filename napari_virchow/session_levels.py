@@ -41,16 +41,23 @@ class LevelsMixin:
 
     slide: Slide
     config: SessionConfig
-    grid: TileGrid
     _stores: dict[float, EmbeddingStore]
     _lock: threading.Lock
     _closed: bool
     last_tiles_per_s: float | None
 
     if TYPE_CHECKING:  # provided by SlideSession
-        weights_id: str
 
-        def encoder(self) -> Encoder: ...  # noqa: D102
+        @property
+        def grid(self) -> TileGrid:
+            """Tiles at the encoder's own magnification."""
+
+        @property
+        def weights_id(self) -> str:
+            """Id of the encoder's weights."""
+
+        def encoder(self) -> Encoder:
+            """The encoder, loaded on first call."""
 
     # --- levels -------------------------------------------------------------------------------
     @property

@@ -55,10 +55,19 @@ class OverlaysMixin:
     query_mpp: float
     similarity: np.ndarray | None
 
-    if TYPE_CHECKING:
-        default_mpp: float
-        weights_id: str
-        slide_path: str
+    if TYPE_CHECKING:  # provided by SlideSession and its levels
+
+        @property
+        def default_mpp(self) -> float:
+            """The encoder's own magnification (µm/px)."""
+
+        @property
+        def weights_id(self) -> str:
+            """Id of the encoder's weights."""
+
+        @property
+        def slide_path(self) -> str:
+            """The slide file's absolute path."""
 
         def _mpp(self, mpp: float | None) -> float: ...
         def grid_at(self, mpp: float | None = None) -> TileGrid: ...  # noqa: D102

@@ -34,7 +34,7 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         except ValueError:  # a host name other than localhost would resolve anywhere
             return False
 
-    def guard(real):  # noqa: ANN001, ANN202
+    def guard(real):
         def guarded(self: socket.socket, address: object, *args: object) -> object:
             if self.family in (socket.AF_INET, socket.AF_INET6) and not loopback(address):
                 raise ConnectionRefusedError(f"tests must not reach the network (tried {address})")
@@ -114,13 +114,13 @@ def run_as_nobody(func: Callable[[], str], timeout: float = 60.0) -> str:
 
 
 @pytest.fixture
-def make_widget(make_napari_viewer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, ANN201
+def make_widget(make_napari_viewer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Factory: a shown viewer with ``slide_path`` open and the Virchow widget docked.
 
     The widget uses the tiny same-structure encoder with random weights and a private cache.
     """
 
-    def make(slide_path: Path):  # noqa: ANN202 - VirchowWidget (Qt: imported lazily)
+    def make(slide_path: Path):
         from napari_virchow._qt.widget import VirchowWidget
 
         monkeypatch.setenv("NAPARI_VIRCHOW_CACHE", str(tmp_path / "cache"))

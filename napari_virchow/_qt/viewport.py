@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import napari
 import numpy as np
@@ -14,7 +15,7 @@ __all__ = ["ViewportWatcher", "camera", "visible_box_level0"]
 Box = tuple[float, float, float, float]
 
 
-def camera(viewer: napari.Viewer):  # noqa: ANN201 - napari.components.Camera
+def camera(viewer: napari.Viewer) -> Any:
     """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
     scene = getattr(viewer, "scene", None)
     return scene.camera if scene is not None else viewer.camera

@@ -166,7 +166,7 @@ def fit_head(
     *,
     encoder: str,
     weights_id: str | None = None,
-    C: float = 1.0,
+    C: float = 1.0,  # noqa: N803 - scikit-learn's name for the inverse regularisation strength
     cv: int = 5,
     positive_class: str | None = None,
     seed: int = 0,

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 
 def args_fit_head(p: argparse.ArgumentParser) -> None:
+    """Options of ``fit-head``."""
     p.add_argument("slides", nargs="+", metavar="SLIDE", help=_SLIDES_HELP)
     p.add_argument("--annotations", nargs="+", required=True, metavar="GEOJSON",
                    help="QuPath GeoJSON per slide, same order: classified polygons label tiles")  # fmt: skip
@@ -49,6 +50,7 @@ def args_fit_head(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fit_head(args: argparse.Namespace) -> int:
+    """``fit-head``: fit a probe on the tiles under annotations, print its cross-validated AUC."""
     from napari_virchow.analysis.heads import fit_head, save_head
     from napari_virchow.io.geojson import read_annotations
 
@@ -109,6 +111,7 @@ def _labelled_tiles(slide: str, regions: list[Annotation], config: SessionConfig
 
 
 def args_heatmap(p: argparse.ArgumentParser) -> None:
+    """Options of ``heatmap``."""
     p.add_argument("slides", nargs="+", metavar="SLIDE", help=_SLIDES_HELP)
     p.add_argument("--head", required=True, metavar="HEAD", help="head file from `napari-virchow fit-head`")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for <slide>.heatmap.tif and .geojson")
@@ -122,6 +125,7 @@ def args_heatmap(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_heatmap(args: argparse.Namespace) -> int:
+    """``heatmap``: probability TIFF (and GeoJSON) of a head per slide."""
     config = config_from_args(args)
     head = load_cli_head(args.head, config)  # another encoder's head: refused before any work
     out = out_folder(args)

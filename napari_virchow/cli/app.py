@@ -222,7 +222,7 @@ _COMMANDS: dict[str, Command] = {
     "cache": Command("list or clear cached embedding stores", _args_cache, _cmd_cache, ()),
 }  # fmt: skip
 
-_PARENTS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+_PARENTS: dict[str, Callable[[], Parser]] = {
     "common": common_parent, "model": model_parent, "cohort": cohort_parent,
 }  # fmt: skip
 
@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
-        except Exception as exc:  # a bug, not bad input: still one line unless asked for details
+        except Exception as exc:  # noqa: BLE001 - a bug, not bad input: still one line unless asked for details
             if verbose:
                 traceback.print_exc()
             CONSOLE.error(f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback, and please "

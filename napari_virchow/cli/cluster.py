@@ -80,7 +80,7 @@ def embed_task(slide: str, config: SessionConfig | dict[str, Any]) -> dict[str, 
             out.update(n_tissue=session.grid.n_tissue, n_new=n_new, seconds=seconds, weights_id=encoder.weights_id)
     except VirchowError as exc:
         out["error"] = one_line(exc)
-    except Exception as exc:  # anything else from one slide is still that slide's failure only
+    except Exception as exc:  # noqa: BLE001 - anything else from one slide is still that slide's failure only
         out["error"] = f"{type(exc).__name__}: {one_line(exc)}"
     out["task_seconds"] = time.perf_counter() - t0
     return out
@@ -121,7 +121,7 @@ def embed_on_cluster(address: str, slides: Sequence[str],
             slide = futures[future]
             try:
                 result = future.result()
-            except Exception as exc:  # KilledWorker, a task that could not be deserialised, ...
+            except Exception as exc:  # noqa: BLE001 - KilledWorker, a task that could not be deserialised, ...
                 lost = f"the cluster lost this task ({type(exc).__name__}: {one_line(exc)})"
                 result = {"slide": slide, "error": lost}
             yield slide, result

@@ -145,7 +145,7 @@ def run_slides(slides: Sequence[str], config: SessionConfig, work: Work | None =
         for slide, remote in _embedded(slides, config, scheduler):
             try:
                 _one_slide(slide, config, work, remote, progress=progress, mpps=levels)
-            except Exception as exc:  # one broken slide must not stop the cohort; reported, exit 1
+            except Exception as exc:  # noqa: BLE001 - one broken slide must not stop the cohort; reported, exit 1
                 failed.append(Path(slide).name)
                 CONSOLE.slide_failed(slide, exc)
             overall.update()

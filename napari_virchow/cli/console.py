@@ -36,15 +36,18 @@ class Console:
         self._seen: set[str] = set()
 
     def out(self, line: str) -> None:
+        """A result line on stdout (above any progress bar)."""
         tqdm.write(line, file=sys.stdout)
 
     def warn(self, text: object) -> None:
+        """A one-line warning on stderr, each distinct text once."""
         line = one_line(text)
         if line not in self._seen:  # the core both logs and warns some things (random weights)
             self._seen.add(line)
             tqdm.write(f"{PROG}: warning: {line}", file=sys.stderr)
 
     def error(self, text: object) -> None:
+        """A one-line error on stderr."""
         tqdm.write(f"{PROG}: error: {one_line(text)}", file=sys.stderr)
 
     def slide_failed(self, slide: str | os.PathLike[str], exc: BaseException | str) -> None:

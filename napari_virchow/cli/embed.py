@@ -62,11 +62,13 @@ def load_cli_head(path: str, config: SessionConfig) -> LinearHead:
 
 
 def args_embed(p: argparse.ArgumentParser) -> None:
+    """Options of ``embed``."""
     p.add_argument("slides", nargs="+", metavar="SLIDE", help=_SLIDES_HELP)
     add_mpp_options(p)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    """``embed``: embed every tissue tile of each slide into the cache."""
     config = config_from_args(args)
     return run_slides(args.slides, config, scheduler=args.scheduler, progress=show_progress(args), mpps=args.mpp)
 
@@ -75,6 +77,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def args_export(p: argparse.ArgumentParser) -> None:
+    """Options of ``export``."""
     p.add_argument("slides", nargs="+", metavar="SLIDE", help=_SLIDES_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="folder for <slide>.h5 (or the .geojson files)")
     g = p.add_argument_group("GeoJSON for QuPath (instead of HDF5); any of --clusters/--query/--head")
@@ -88,6 +91,7 @@ def args_export(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``export``: HDF5 features, or QuPath GeoJSON regions, per slide."""
     config = config_from_args(args)
     geojson = args.geojson or bool(args.clusters or args.query or args.head)
     if args.geojson and not (args.clusters or args.query or args.head):

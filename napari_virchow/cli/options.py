@@ -32,6 +32,7 @@ class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line: ``napari-virchow embed: error: ... (see --help)``."""
 
     def error(self, message: str) -> NoReturn:
+        """Exit with status 2 and one line naming the error and ``--help``."""
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see `{self.prog} --help`)\n")
 
 
@@ -113,9 +114,9 @@ def add_mpp_options(p: argparse.ArgumentParser, *, several: bool = True) -> None
                    help="allow a magnification the encoder was not trained on (recorded in the store)")
 
 
-def common_parent() -> argparse.ArgumentParser:
+def common_parent() -> Parser:
     """``--cache DIR`` and ``-v``: every subcommand has them."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     p.add_argument(
         "--cache", metavar="DIR",
         help="embedding store root (default: $NAPARI_VIRCHOW_CACHE, else the user cache folder); "
@@ -125,9 +126,9 @@ def common_parent() -> argparse.ArgumentParser:
     return p
 
 
-def model_parent() -> argparse.ArgumentParser:
+def model_parent() -> Parser:
     """Encoder, weights, device, precision, batch size, µm/px override, progress bars."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     g = p.add_argument_group("encoder and slides")
     g.add_argument("--encoder", metavar="NAME", help=f"encoder (default {DEFAULT_ENCODER}); see `{PROG} encoders`")
     g.add_argument(
@@ -148,9 +149,9 @@ def model_parent() -> argparse.ArgumentParser:
     return p
 
 
-def cohort_parent() -> argparse.ArgumentParser:
+def cohort_parent() -> Parser:
     """``--scheduler ADDRESS``: embed on an existing dask.distributed cluster."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     p.add_argument(
         "--scheduler", metavar="ADDRESS",
         help="embed on this dask.distributed scheduler (e.g. tcp://10.0.0.5:8786), one task per slide; "

@@ -45,7 +45,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 class UI:
     """Real Qt input on the widget's controls, by objectName."""
 
-    def __init__(self, qtbot, widget: QWidget) -> None:  # noqa: ANN001 - pytest-qt's QtBot
+    def __init__(self, qtbot, widget: QWidget) -> None:
         self.qtbot, self.widget = qtbot, widget
         self.driven: set[str] = set()
 
@@ -145,7 +145,7 @@ def interactive_children(widget: QWidget) -> list[QWidget]:
 
 
 @pytest.fixture
-def ui(request: pytest.FixtureRequest, qtbot) -> Iterator:  # noqa: ANN001
+def ui(request: pytest.FixtureRequest, qtbot) -> Iterator:
     """Factory ``ui(widget) -> UI``; checks after the test that every declared control was driven."""
     made: list[UI] = []
 
@@ -162,7 +162,7 @@ def ui(request: pytest.FixtureRequest, qtbot) -> Iterator:  # noqa: ANN001
         assert not missing, f"declared but not driven: {sorted(missing)}"
 
 
-def wait_idle(qtbot, widget, timeout: int = 120_000) -> None:  # noqa: ANN001
+def wait_idle(qtbot, widget, timeout: int = 120_000) -> None:
     qtbot.waitUntil(lambda: not widget.runner.busy, timeout=timeout)
 
 
@@ -170,7 +170,7 @@ def square(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
     return np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float)  # napari (y, x) in level-0 px
 
 
-def planted_truth(session) -> np.ndarray:  # noqa: ANN001
+def planted_truth(session) -> np.ndarray:
     from tests.conftest import PLANTED_PATTERNS
 
     g = session.grid
@@ -182,7 +182,7 @@ def planted_truth(session) -> np.ndarray:  # noqa: ANN001
     return truth
 
 
-def compute_whole_slide(qtbot, w, u: UI) -> None:  # noqa: ANN001
+def compute_whole_slide(qtbot, w, u: UI) -> None:
     """Show the whole slide and embed every tissue tile in view, through the controls."""
     w.viewer.reset_view()
     u.spin("limit_spin", 100000)
@@ -191,7 +191,7 @@ def compute_whole_slide(qtbot, w, u: UI) -> None:  # noqa: ANN001
     wait_idle(qtbot, w)
 
 
-def canvas_point(viewer, layer, x: float, y: float):  # noqa: ANN001, ANN201 - QPoint
+def canvas_point(viewer, layer, x: float, y: float):
     """The canvas widget and the QPoint (logical px) showing level-0 ``(x, y)`` of ``layer``."""
     from qtpy.QtCore import QPoint
 
@@ -208,12 +208,12 @@ def canvas_point(viewer, layer, x: float, y: float):  # noqa: ANN001, ANN201 - Q
     return native, QPoint(int(round(px)), int(round(py)))
 
 
-def click_canvas(qtbot, w, x: float, y: float) -> None:  # noqa: ANN001
+def click_canvas(qtbot, w, x: float, y: float) -> None:
     """A real left click on the canvas where level-0 ``(x, y)`` of the slide is shown."""
     native, pos = canvas_point(w.viewer, w.slide_layer(), x, y)
     qtbot.mouseClick(native, LEFT, pos=pos)
 
 
 @pytest.fixture
-def planted_widget(make_widget, planted_slide: Path):  # noqa: ANN001, ANN201
+def planted_widget(make_widget, planted_slide: Path):
     return make_widget(planted_slide)

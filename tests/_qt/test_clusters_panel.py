@@ -12,7 +12,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.mark.drives("k_spin", "rgb_check", "cluster_btn")
-def test_cluster_draws_labels_legend_and_embedding_colours(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+def test_cluster_draws_labels_legend_and_embedding_colours(qtbot, planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
     compute_whole_slide(qtbot, w, u)
     u.spin("k_spin", 3)
@@ -36,7 +36,7 @@ def test_cluster_draws_labels_legend_and_embedding_colours(qtbot, planted_widget
 
 
 @pytest.mark.drives("cluster_btn", "pick_btn", "export_geojson_btn")
-def test_export_overlays_to_qupath(qtbot, planted_widget, ui, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_export_overlays_to_qupath(qtbot, planted_widget, ui, tmp_path, monkeypatch) -> None:
     import json
 
     from qtpy.QtWidgets import QFileDialog

@@ -15,11 +15,11 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture
-def widget(make_widget, sample_pyramid: Path):  # noqa: ANN001, ANN201
+def widget(make_widget, sample_pyramid: Path):
     return make_widget(sample_pyramid)
 
 
-def _zoom_to(w, x: float, y: float, width_px: float) -> None:  # noqa: ANN001
+def _zoom_to(w, x: float, y: float, width_px: float) -> None:
     """Centre the camera on level-0 (x, y) showing about ``width_px`` level-0 pixels across."""
     layer = w.slide_layer()
     camera(w.viewer).center = tuple(layer.data_to_world((y, x)))
@@ -27,7 +27,7 @@ def _zoom_to(w, x: float, y: float, width_px: float) -> None:  # noqa: ANN001
 
 
 @pytest.mark.drives("compute_btn")
-def test_compute_visible_embeds_tiles_in_view_shows_them_and_revisit_is_free(qtbot, widget, ui) -> None:  # noqa: ANN001
+def test_compute_visible_embeds_tiles_in_view_shows_them_and_revisit_is_free(qtbot, widget, ui) -> None:
     w, u = widget, ui(widget)
     _zoom_to(w, 1100, 1500, 900)
     box = w.compute.visible_box()
@@ -56,7 +56,7 @@ def test_compute_visible_embeds_tiles_in_view_shows_them_and_revisit_is_free(qtb
 
 
 @pytest.mark.drives("limit_spin", "compute_btn", "decision_skip_btn", "all_btn", "decision_compute_btn")
-def test_too_many_tiles_is_asked_in_place_without_widening_the_dock(qtbot, widget, ui) -> None:  # noqa: ANN001
+def test_too_many_tiles_is_asked_in_place_without_widening_the_dock(qtbot, widget, ui) -> None:
     w, u = widget, ui(widget)
     w.viewer.window._qt_window.resize(1280, 800)
     qtbot.wait(50)
@@ -87,7 +87,7 @@ def test_too_many_tiles_is_asked_in_place_without_widening_the_dock(qtbot, widge
 
 
 @pytest.mark.drives("batch_spin", "limit_spin", "compute_btn")
-def test_the_question_s_eta_uses_the_speed_measured_here(qtbot, widget, ui) -> None:  # noqa: ANN001
+def test_the_question_s_eta_uses_the_speed_measured_here(qtbot, widget, ui) -> None:
     from napari_virchow._qt.panels.jobbar import duration
 
     w, u = widget, ui(widget)
@@ -108,7 +108,7 @@ def test_the_question_s_eta_uses_the_speed_measured_here(qtbot, widget, ui) -> N
 
 
 @pytest.mark.drives("batch_spin", "limit_spin", "compute_btn", "cancel_btn")
-def test_cancel_tells_the_truth_and_keeps_the_store_consistent(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+def test_cancel_tells_the_truth_and_keeps_the_store_consistent(qtbot, planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
     w.viewer.reset_view()
     u.spin("limit_spin", 100000)
@@ -131,7 +131,7 @@ def test_cancel_tells_the_truth_and_keeps_the_store_consistent(qtbot, planted_wi
 
 
 @pytest.mark.drives("follow_check")
-def test_follow_view_computes_where_the_camera_goes(qtbot, widget, ui) -> None:  # noqa: ANN001
+def test_follow_view_computes_where_the_camera_goes(qtbot, widget, ui) -> None:
     w, u = widget, ui(widget)
     _zoom_to(w, 1100, 1500, 700)
     u.choose("mag_combo", "20× (0.5 µm/px)")  # this test is about 20× tiles
@@ -149,7 +149,7 @@ def test_follow_view_computes_where_the_camera_goes(qtbot, widget, ui) -> None: 
 
 
 @pytest.mark.drives("tissue_check")
-def test_tissue_mask_is_shown_and_hidden(qtbot, widget, ui) -> None:  # noqa: ANN001
+def test_tissue_mask_is_shown_and_hidden(qtbot, widget, ui) -> None:
     w, u = widget, ui(widget)
     u.click("tissue_check")  # the mask is found in a worker, then drawn
     qtbot.waitUntil(lambda: "tissue · cmu_small_region_pyramid" in w.viewer.layers, timeout=30_000)
@@ -164,7 +164,7 @@ def test_tissue_mask_is_shown_and_hidden(qtbot, widget, ui) -> None:  # noqa: AN
 
 
 @pytest.mark.drives("tissue_check", "tissue_slider")
-def test_tissue_threshold_slider_release_refilters_the_mask(qtbot, widget, ui) -> None:  # noqa: ANN001
+def test_tissue_threshold_slider_release_refilters_the_mask(qtbot, widget, ui) -> None:
     w, u = widget, ui(widget)
     u.click("tissue_check")
     qtbot.waitUntil(lambda: "tissue · cmu_small_region_pyramid" in w.viewer.layers, timeout=30_000)

@@ -27,13 +27,13 @@ def declared_drives() -> set[str]:
 
 
 @pytest.fixture
-def controls(planted_widget) -> dict[str, object]:  # noqa: ANN001
+def controls(planted_widget) -> dict[str, object]:
     found = interactive_children(planted_widget)
     assert len(found) > 30  # the enumeration sees the controls (not only the scroll area)
     return {c.objectName(): c for c in found}
 
 
-def test_every_control_has_a_snake_case_object_name(planted_widget) -> None:  # noqa: ANN001
+def test_every_control_has_a_snake_case_object_name(planted_widget) -> None:
     unnamed = [f"{type(c).__name__} {getattr(c, 'text', lambda: '')()!r}" for c in interactive_children(planted_widget)
                if not re.fullmatch(r"[a-z][a-z0-9_]*", c.objectName())]  # fmt: skip
     assert not unnamed, f"controls without a snake_case objectName: {unnamed}"
@@ -41,13 +41,13 @@ def test_every_control_has_a_snake_case_object_name(planted_widget) -> None:  # 
     assert len(names) == len(set(names)), "objectNames must be unique"
 
 
-def test_every_control_is_listed_in_the_widget_docstring(controls) -> None:  # noqa: ANN001
+def test_every_control_is_listed_in_the_widget_docstring(controls) -> None:
     doc = widget_module.__doc__
     missing = sorted(name for name in controls if f"``{name}``" not in doc)
     assert not missing, f"add these to the docstring of napari_virchow/_qt/widget.py: {missing}"
 
 
-def test_every_control_is_driven_by_a_test(controls) -> None:  # noqa: ANN001
+def test_every_control_is_driven_by_a_test(controls) -> None:
     untested = sorted(set(controls) - declared_drives())
     assert not untested, f"controls no test drives with Qt events (@pytest.mark.drives): {untested}"
     unknown = sorted(declared_drives() - set(controls))

@@ -15,14 +15,14 @@ from tests._qt.conftest import click_canvas, compute_whole_slide, planted_truth,
 pytestmark = pytest.mark.timeout(300)
 
 
-def _dialogs(monkeypatch, *, save: Path | None = None, open_: Path | None = None) -> None:  # noqa: ANN001
+def _dialogs(monkeypatch, *, save: Path | None = None, open_: Path | None = None) -> None:
     if save is not None:
         monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(save), "")))
     if open_ is not None:
         monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(open_), "")))
 
 
-def _annotate(w, u) -> object:  # noqa: ANN001
+def _annotate(w, u) -> object:
     """Two classes drawn on a new annotation layer: the first planted copy, and plain tissue."""
     u.click("new_annotations_btn")
     layer = w.head.annotation_layer()
@@ -36,7 +36,7 @@ def _annotate(w, u) -> object:  # noqa: ANN001
 
 @pytest.mark.drives("new_annotations_btn", "class_combo", "train_btn", "threshold_slider", "smooth_check",
                      "pick_btn")
-def test_probe_from_annotations_shows_auc_and_finds_the_other_copy(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+def test_probe_from_annotations_shows_auc_and_finds_the_other_copy(qtbot, planted_widget, ui) -> None:
     from sklearn.metrics import roc_auc_score
 
     w, u = planted_widget, ui(planted_widget)
@@ -84,7 +84,7 @@ def test_probe_from_annotations_shows_auc_and_finds_the_other_copy(qtbot, plante
 
 
 @pytest.mark.drives("new_annotations_btn", "class_combo", "train_btn")
-def test_annotations_with_one_class_are_refused(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+def test_annotations_with_one_class_are_refused(qtbot, planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
     u.click("new_annotations_btn")
     u.type("class_combo", "tumour")
@@ -95,7 +95,7 @@ def test_annotations_with_one_class_are_refused(qtbot, planted_widget, ui) -> No
 
 
 @pytest.mark.drives("refit_check", "save_head_btn", "load_head_btn", "save_geojson_btn", "load_geojson_btn")
-def test_refit_save_and_load(qtbot, planted_widget, ui, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_refit_save_and_load(qtbot, planted_widget, ui, tmp_path: Path, monkeypatch) -> None:
     w, u = planted_widget, ui(planted_widget)
     compute_whole_slide(qtbot, w, u)
     layer = _annotate(w, u)
@@ -137,7 +137,7 @@ def test_refit_save_and_load(qtbot, planted_widget, ui, tmp_path: Path, monkeypa
 
 
 @pytest.mark.drives("save_geojson_btn", "save_head_btn")
-def test_saving_to_a_bad_place_is_one_message(planted_widget, ui, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_saving_to_a_bad_place_is_one_message(planted_widget, ui, tmp_path: Path, monkeypatch) -> None:
     from napari_virchow.analysis.heads import LinearHead
 
     w, u = planted_widget, ui(planted_widget)

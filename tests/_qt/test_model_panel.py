@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.mark.drives("random_check")
-def test_random_weights_banner_follows_the_check_box(planted_widget, ui) -> None:  # noqa: ANN001
+def test_random_weights_banner_follows_the_check_box(planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
     assert w.model.banner.isVisible() and not u["weights_edit"].isEnabled()
     u.click("random_check")
@@ -28,7 +28,7 @@ def test_random_weights_banner_follows_the_check_box(planted_widget, ui) -> None
 
 
 @pytest.mark.drives("weights_browse_btn", "weights_edit")
-def test_weights_file_by_dialog_or_typed(planted_widget, ui, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_weights_file_by_dialog_or_typed(planted_widget, ui, tmp_path: Path, monkeypatch) -> None:
     w, u = planted_widget, ui(planted_widget)
     chosen = tmp_path / "virchow2.safetensors"
     chosen.write_bytes(b"")
@@ -41,7 +41,7 @@ def test_weights_file_by_dialog_or_typed(planted_widget, ui, tmp_path: Path, mon
 
 
 @pytest.mark.drives("encoder_combo", "device_combo", "batch_spin")
-def test_encoder_device_and_batch_reach_the_session(planted_widget, ui) -> None:  # noqa: ANN001
+def test_encoder_device_and_batch_reach_the_session(planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
     tiny = w.session()
     tiny.head = LinearHead(np.zeros((1, 96)), [0.0], ["normal", "tumour"], encoder="virchow2-tiny")
@@ -60,7 +60,7 @@ def test_encoder_device_and_batch_reach_the_session(planted_widget, ui) -> None:
 
 
 @pytest.mark.drives("slide_combo")
-def test_slide_combo_chooses_the_slide(planted_widget, ui, sample_pyramid: Path) -> None:  # noqa: ANN001
+def test_slide_combo_chooses_the_slide(planted_widget, ui, sample_pyramid: Path) -> None:
     w, u = planted_widget, ui(planted_widget)
     w.viewer.open(str(sample_pyramid), plugin="napari-virchow")
     assert [w.model.slide_combo.itemText(i) for i in range(w.model.slide_combo.count())] == [
@@ -81,7 +81,7 @@ def no_mpp_slide(tmp_path: Path) -> Path:
 
 @pytest.mark.drives("mpp_spin", "compute_btn")
 def test_mpp_override_after_a_failed_attempt_applies_at_once_and_aligns(qtbot, make_widget, ui,
-                                                                       no_mpp_slide: Path) -> None:  # noqa: ANN001
+                                                                       no_mpp_slide: Path) -> None:
     with pytest.warns(UserWarning, match="override"):
         w = make_widget(no_mpp_slide)
     u = ui(w)
@@ -112,7 +112,7 @@ def test_mpp_override_after_a_failed_attempt_applies_at_once_and_aligns(qtbot, m
 
 @pytest.mark.drives("reopen_btn")
 def test_a_slide_opened_by_another_reader_is_offered_for_reopening(make_napari_viewer, ui, sample_pyramid: Path,
-                                                                  tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+                                                                  tmp_path: Path, monkeypatch) -> None:
     from napari_virchow._qt.widget import VirchowWidget
 
     monkeypatch.setenv("NAPARI_VIRCHOW_CACHE", str(tmp_path / "cache"))

@@ -11,7 +11,7 @@ from napari_virchow._reader import METADATA_KEY
 pytestmark = pytest.mark.timeout(120)
 
 
-def _open_like_file_menu(viewer, path: Path) -> None:  # noqa: ANN001
+def _open_like_file_menu(viewer, path: Path) -> None:
     # what File ▸ Open does with the chosen files (it pops "Choose reader" on MultipleReaderError)
     from napari._qt.dialogs import qt_reader_dialog
 
@@ -30,7 +30,7 @@ def _open_like_file_menu(viewer, path: Path) -> None:  # noqa: ANN001
 
 
 def test_slide_files_open_with_the_plugin_without_asking(make_napari_viewer, sample_svs: Path,
-                                                        sample_pyramid: Path) -> None:  # noqa: ANN001
+                                                        sample_pyramid: Path) -> None:
     from napari.settings import get_settings
 
     from napari_virchow._qt.widget import VirchowWidget
@@ -46,7 +46,7 @@ def test_slide_files_open_with_the_plugin_without_asking(make_napari_viewer, sam
     assert [METADATA_KEY in layer.metadata for layer in viewer.layers] == [True, True]
 
 
-def test_a_broken_slide_is_one_notification_without_traceback(make_napari_viewer, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_broken_slide_is_one_notification_without_traceback(make_napari_viewer, tmp_path: Path) -> None:
     from napari.utils.notifications import ErrorNotification, notification_manager
 
     from napari_virchow._reader import prefer_this_reader

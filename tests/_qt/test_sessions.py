@@ -21,7 +21,7 @@ def _open_slides(path: Path) -> list[Slide]:
 
 
 @pytest.mark.drives("compute_btn")
-def test_layer_and_widget_share_one_slide(qtbot, make_widget, ui, planted_slide: Path) -> None:  # noqa: ANN001
+def test_layer_and_widget_share_one_slide(qtbot, make_widget, ui, planted_slide: Path) -> None:
     w = make_widget(planted_slide)
     u = ui(w)
     w.viewer.reset_view()
@@ -33,7 +33,7 @@ def test_layer_and_widget_share_one_slide(qtbot, make_widget, ui, planted_slide:
     assert len(_open_slides(planted_slide)) == 1
 
 
-def test_removing_the_layer_closes_session_store_and_slide(qtbot, make_widget, planted_slide: Path) -> None:  # noqa: ANN001
+def test_removing_the_layer_closes_session_store_and_slide(qtbot, make_widget, planted_slide: Path) -> None:
     w = make_widget(planted_slide)
     w.viewer.reset_view()
     w.compute.compute_visible()
@@ -48,7 +48,7 @@ def test_removing_the_layer_closes_session_store_and_slide(qtbot, make_widget, p
     assert store._lock_fh is None  # the store's locks are released
 
 
-def test_closing_the_viewer_closes_the_slide(qtbot, make_widget, planted_slide: Path) -> None:  # noqa: ANN001
+def test_closing_the_viewer_closes_the_slide(qtbot, make_widget, planted_slide: Path) -> None:
     w = make_widget(planted_slide)
     slide = w.session().slide
     w.viewer.close()

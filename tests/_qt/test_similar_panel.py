@@ -15,7 +15,7 @@ from tests._qt.conftest import LEFT, canvas_point, click_canvas, compute_whole_s
 pytestmark = pytest.mark.timeout(300)
 
 
-def _drag_canvas(qtbot, w, start: tuple[float, float], end: tuple[float, float], during=None) -> None:  # noqa: ANN001
+def _drag_canvas(qtbot, w, start: tuple[float, float], end: tuple[float, float], during=None) -> None:
     native, p0 = canvas_point(w.viewer, w.slide_layer(), *start)
     _, p1 = canvas_point(w.viewer, w.slide_layer(), *end)
     qtbot.mousePress(native, LEFT, pos=p0)
@@ -28,7 +28,7 @@ def _drag_canvas(qtbot, w, start: tuple[float, float], end: tuple[float, float],
 
 
 @pytest.mark.drives("pick_btn", "hits_spin", "hit_list")
-def test_click_query_lists_hits_and_jump_zooms_to_one(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+def test_click_query_lists_hits_and_jump_zooms_to_one(qtbot, planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
     compute_whole_slide(qtbot, w, u)
     u.spin("hits_spin", 5)
@@ -54,7 +54,7 @@ def test_click_query_lists_hits_and_jump_zooms_to_one(qtbot, planted_widget, ui)
 
 
 @pytest.mark.drives("pick_btn")
-def test_drag_after_a_click_query_draws_a_box_and_does_not_pan(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+def test_drag_after_a_click_query_draws_a_box_and_does_not_pan(qtbot, planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
     compute_whole_slide(qtbot, w, u)
     u.click("pick_btn")
@@ -76,7 +76,7 @@ def test_drag_after_a_click_query_draws_a_box_and_does_not_pan(qtbot, planted_wi
 
 
 @pytest.mark.drives("pick_btn")
-def test_picking_before_computing_says_what_to_do(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+def test_picking_before_computing_says_what_to_do(qtbot, planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
     w.viewer.reset_view()
     u.click("pick_btn")
@@ -87,7 +87,7 @@ def test_picking_before_computing_says_what_to_do(qtbot, planted_widget, ui) -> 
 
 
 @pytest.mark.drives("pick_btn")
-def test_a_query_on_glass_is_explained(qtbot, planted_widget, ui) -> None:  # noqa: ANN001
+def test_a_query_on_glass_is_explained(qtbot, planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
     compute_whole_slide(qtbot, w, u)
     u.click("pick_btn")
@@ -98,7 +98,7 @@ def test_a_query_on_glass_is_explained(qtbot, planted_widget, ui) -> None:  # no
 
 @pytest.mark.drives("index_browse_btn", "index_edit", "search_index_btn", "hit_list")
 def test_search_indexed_slides_opens_the_other_slide_at_the_hit(qtbot, planted_widget, ui, planted_slide: Path,
-                                                               tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+                                                               tmp_path: Path, monkeypatch) -> None:
     from napari_virchow.analysis.index import IndexEntry, build_index
     from napari_virchow.session import SlideSession
 

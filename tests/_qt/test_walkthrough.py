@@ -15,7 +15,7 @@ from tests._qt.conftest import LEFT, canvas_point, click_canvas, wait_idle
 pytestmark = pytest.mark.timeout(300)
 
 
-def _draw_rectangle(qtbot, w, layer, x0: float, y0: float, x1: float, y1: float) -> None:  # noqa: ANN001
+def _draw_rectangle(qtbot, w, layer, x0: float, y0: float, x1: float, y1: float) -> None:
     """Draw a rectangle on the canvas with the mouse, in napari's rectangle tool."""
     layer.mode = "add_rectangle"
     native, p0 = canvas_point(w.viewer, w.slide_layer(), x0, y0)
@@ -32,7 +32,7 @@ def _draw_rectangle(qtbot, w, layer, x0: float, y0: float, x1: float, y1: float)
                     "threshold_slider", "pick_btn", "hit_list", "save_head_btn", "load_head_btn",
                     "export_geojson_btn")  # fmt: skip
 def test_walkthrough_on_the_sample(qtbot, make_napari_viewer, ui, sample_pyramid: Path, tmp_path: Path,
-                                   monkeypatch) -> None:  # noqa: ANN001
+                                   monkeypatch) -> None:
     from napari_virchow._qt.widget import VirchowWidget
     from napari_virchow._reader import METADATA_KEY, prefer_this_reader
 
