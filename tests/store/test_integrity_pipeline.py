@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +164,16 @@ def _interrupt_first_chunk_write(monkeypatch: pytest.MonkeyPatch) -> threading.E
     return fired
 
 
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt during the test, whatever handler an earlier test left."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.timeout(120)
+@pytest.mark.usefixtures("python_sigint")
 def test_ctrl_c_during_a_write_waits_for_the_writer(
     slide_path: Path, encoder: Encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
