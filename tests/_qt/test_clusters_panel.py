@@ -56,6 +56,13 @@ def test_cluster_legend_on_the_canvas(qtbot, planted_widget, ui) -> None:
         assert np.all(legend.data >= [y0, x0]) and np.all(legend.data[:, 0] < y0 + (y1 - y0) / 4)
         assert np.all(legend.data[:, 1] < x0 + (x1 - x0) / 4) and tuple(legend.units) == tuple(slide.units)
         assert w.viewer.layers.selection.active is not legend
+        if k == 3:
+            callbacks_after_first = len(labels.events.visible.callbacks)
+    assert legend.visible and len(labels.events.visible.callbacks) == callbacks_after_first
+    labels.visible = False  # hidden with its clusters (the demo's last view hides them)
+    assert not legend.visible
+    labels.visible = True
+    assert legend.visible
     w.viewer.layers.remove(labels)  # the legend goes with its clusters
     assert "cluster legend · planted" not in w.viewer.layers
 

@@ -59,6 +59,15 @@ class ClusterPanel(QGroupBox):
             if legend is not None:
                 self._host.viewer.layers.remove(legend)
 
+    def _sync_legend(self, event: object) -> None:
+        """The canvas legend is shown exactly when its clusters layer is."""
+        labels = getattr(event, "source", None)
+        name = getattr(labels, "name", "")
+        if name.startswith("clusters · "):
+            legend = layer_named(self._host.viewer, f"{LEGEND} · {name.split(' · ', 1)[1]}")
+            if legend is not None:
+                legend.visible = labels.visible
+
     def _draw_legend(self, slide_layer: Layer, counts: dict[int, int]) -> Points:
         """One dot (the cluster's colour) and "cluster i: n tiles" per cluster, at the slide's top left, in µm."""
         viewer = self._host.viewer
@@ -98,7 +107,9 @@ class ClusterPanel(QGroupBox):
                           kind="labels", opacity=0.5, colormap=colormap)  # fmt: skip
         lyr.colormap = colormap
         if counts:
-            self._draw_legend(layer, counts)
+            legend = self._draw_legend(layer, counts)
+            legend.visible = lyr.visible
+            lyr.events.visible.connect(self._sync_legend)  # connected once: napari skips a known callback
         self.legend.setText("<br>".join(f"<span style='color:{cluster_color(cid)}'>■</span> cluster {cid}: "
                                         f"{n:,} tiles" for cid, n in counts.items()))  # fmt: skip
 
