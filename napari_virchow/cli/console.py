@@ -7,6 +7,8 @@ While a command runs, the package's log records and Python warnings become one l
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import logging
 import os
 import sys
@@ -18,10 +20,41 @@ from tqdm import tqdm
 
 from napari_virchow.errors import VirchowError
 
-__all__ = ["CONSOLE", "PROG", "Console", "one_line"]
+__all__ = ["CONSOLE", "PROG", "Console", "is_dependency_pydantic_deprecation", "one_line"]
 
 PROG = "napari-virchow"
 log = logging.getLogger("napari_virchow.cli.app")
+
+
+#: packages whose pydantic v1-style models emit PydanticDeprecatedSince20 at import (napari and npe2
+#: record these and replay them through ``warnings.showwarning``); pydantic itself is named because
+#: some of those warnings are attributed to pydantic's own schema code. This package uses no pydantic.
+_PYDANTIC_V1_USERS = ("napari", "npe2", "pydantic")
+
+
+@functools.cache
+def _package_dirs() -> tuple[Path, ...]:
+    dirs = []
+    for name in _PYDANTIC_V1_USERS:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # not installed, or a stub module without a spec
+            continue
+        if spec is not None:
+            dirs += [Path(d).resolve() for d in spec.submodule_search_locations or []]
+    return tuple(dirs)
+
+
+def is_dependency_pydantic_deprecation(category: type[Warning], filename: str) -> bool:
+    """Whether a warning is napari's or npe2's ``PydanticDeprecatedSince20`` (noise the user cannot act on)."""
+    base = getattr(sys.modules.get("pydantic.warnings"), "PydanticDeprecatedSince20", None)
+    if base is None or not (isinstance(category, type) and issubclass(category, base)):
+        return False
+    try:
+        where = Path(filename).resolve()
+    except (OSError, TypeError, ValueError):  # "<string>" and the like: not from a package file
+        return False
+    return any(where.is_relative_to(d) for d in _package_dirs())
 
 
 def one_line(text: object) -> str:
@@ -61,6 +94,13 @@ class Console:
             message = exc
         self.error(message if name in message else f"{name}: {message}")
 
+    def showwarning(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    file: object = None, line: str | None = None) -> None:  # fmt: skip
+        """``warnings.showwarning`` while a command runs: one line each, napari's and npe2's pydantic
+        deprecation warnings dropped."""
+        if not is_dependency_pydantic_deprecation(category, filename):
+            self.warn(message)
+
     @contextlib.contextmanager
     def session(self, *, verbose: bool) -> Iterator[None]:
         """Route the package's log records and Python warnings to one-line messages."""
@@ -74,7 +114,7 @@ class Console:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("default")
-                warnings.showwarning = lambda message, *a, **k: self.warn(message)
+                warnings.showwarning = self.showwarning
                 yield
         finally:
             logger.removeHandler(handler)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from napari.layers import Points
 
 from napari_virchow._qt.panels.clusters import cluster_color
 from tests._qt.conftest import compute_whole_slide, wait_idle
@@ -33,6 +34,37 @@ def test_cluster_draws_labels_legend_and_embedding_colours(qtbot, planted_widget
     alpha = rgb.data[:rows, :cols, 3].ravel()
     assert np.all(alpha[not_embedded] == 0) and np.all(alpha[~not_embedded] == 1)  # see-through, not grey
     assert w.jobbar.status.text() == "3 clusters of the embedded tiles"
+
+
+@pytest.mark.drives("k_spin", "cluster_btn")
+def test_cluster_legend_on_the_canvas(qtbot, planted_widget, ui) -> None:
+    w, u = planted_widget, ui(planted_widget)
+    compute_whole_slide(qtbot, w, u)
+    slide = w.slide_layer()
+    for k in (3, 4):  # recomputing the clusters redraws the legend
+        u.spin("k_spin", k)
+        u.click("cluster_btn")
+        wait_idle(qtbot, w)
+        labels, legend = w.viewer.layers["clusters · planted"], w.viewer.layers["cluster legend · planted"]
+        counts = w.session().cluster_counts()
+        assert isinstance(legend, Points) and len(legend.data) == k == len(counts)
+        assert list(legend.features["label"]) == [f"cluster {c}: {n:,} tiles" for c, n in counts.items()]
+        for row, cid in enumerate(counts):  # the dot of each entry has the colour of its cluster on the canvas
+            np.testing.assert_allclose(legend.face_color[row], labels.colormap.map(cid), atol=1e-6)
+        # at the slide's top left, in µm, inside the slide
+        (y0, x0), (y1, x1) = np.asarray(slide.extent.world)[:, -2:]
+        assert np.all(legend.data >= [y0, x0]) and np.all(legend.data[:, 0] < y0 + (y1 - y0) / 4)
+        assert np.all(legend.data[:, 1] < x0 + (x1 - x0) / 4) and tuple(legend.units) == tuple(slide.units)
+        assert w.viewer.layers.selection.active is not legend
+        if k == 3:
+            callbacks_after_first = len(labels.events.visible.callbacks)
+    assert legend.visible and len(labels.events.visible.callbacks) == callbacks_after_first
+    labels.visible = False  # hidden with its clusters (the demo's last view hides them)
+    assert not legend.visible
+    labels.visible = True
+    assert legend.visible
+    w.viewer.layers.remove(labels)  # the legend goes with its clusters
+    assert "cluster legend · planted" not in w.viewer.layers
 
 
 @pytest.mark.drives("cluster_btn", "pick_btn", "export_geojson_btn")

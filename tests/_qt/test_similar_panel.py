@@ -46,11 +46,27 @@ def test_click_query_lists_hits_and_jump_zooms_to_one(qtbot, planted_widget, ui)
     assert w.similar.hit_list.viewport().height() >= 5 * row_height  # at least five hits in sight
     assert "hits · planted" in w.viewer.layers and "query · planted" in w.viewer.layers  # the query is marked
     zoom = camera(w.viewer).zoom
+    boxes = w.viewer.layers["hits · planted"]
+    normal_width, normal_color = list(boxes.edge_width), np.array(boxes.edge_color)
+    seen: list[tuple[float, bool]] = []  # (width, colour changed) of hit 1's box at each redraw
+    boxes.events.edge_color.connect(lambda _: seen.append(
+        (boxes.edge_width[0], not np.allclose(boxes.edge_color[0], normal_color[0])))
+    )  # fmt: skip
     u.click_item("hit_list", 0)
+    t = session.grid.tile_size_l0
     centre = np.asarray(camera(w.viewer).center[-2:]) / 0.5
-    assert abs(centre[1] - (hits[0].x + session.grid.tile_size_l0 / 2)) < 1
+    assert abs(centre[1] - (hits[0].x + t / 2)) < 1 and abs(centre[0] - (hits[0].y + t / 2)) < 1
     assert camera(w.viewer).zoom > zoom  # jumping zooms in on the hit
-    assert w.viewer.layers["hits · planted"].selected_data == {0}  # and highlights it
+    tile_px = t * 0.5 * camera(w.viewer).zoom  # the tile on screen: clearly visible, and all of it in view
+    assert 20 < tile_px < min(w.viewer.canvas.size)
+    assert boxes.selected_data == {0}  # and highlights it
+    # the box flashes (wider, another colour) a few times without blocking the UI thread, then is normal again
+    qtbot.waitUntil(lambda: sum(1 for width, recoloured in seen if width > normal_width[0] and recoloured) >= 2,
+                    timeout=5000)  # fmt: skip
+    qtbot.waitUntil(lambda: not w.similar.flasher.active(), timeout=5000)
+    assert any(width == normal_width[0] for width, _ in seen[:-1])  # it pulses: back to normal in between
+    assert list(boxes.edge_width) == normal_width
+    np.testing.assert_allclose(boxes.edge_color, normal_color)
 
 
 @pytest.mark.drives("pick_btn")

@@ -5,16 +5,20 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from napari.layers import Layer, Points
 from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
 
 from napari_virchow import jobs as _jobs
-from napari_virchow._qt.layers import overlay_name, show_raster
+from napari_virchow._qt.layers import layer_named, overlay_name, show_raster
 from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow.session import SlideSession
 
-__all__ = ["PALETTE", "ClusterPanel"]
+__all__ = ["LEGEND", "PALETTE", "ClusterPanel"]
+
+#: overlay kind of the on-canvas legend (a Points layer: one coloured dot and label per cluster)
+LEGEND = "cluster legend"
 
 #: a qualitative palette that reads on H&E (Okabe–Ito, then Tableau): no three near-purples
 PALETTE = ["#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00", "#cc79a7", "#000000",
@@ -45,6 +49,46 @@ class ClusterPanel(QGroupBox):
         self.legend = named(QLabel(), "legend_label")
         self.legend.setTextFormat(Qt.TextFormat.RichText)
         lay.addRow(self.legend)
+        host.viewer.layers.events.removed.connect(self._layer_removed)
+
+    def _layer_removed(self, event: object) -> None:
+        """The canvas legend goes with its clusters layer."""
+        name = getattr(getattr(event, "value", None), "name", "")
+        if name.startswith("clusters · "):
+            legend = layer_named(self._host.viewer, f"{LEGEND} · {name.split(' · ', 1)[1]}")
+            if legend is not None:
+                self._host.viewer.layers.remove(legend)
+
+    def _sync_legend(self, event: object) -> None:
+        """The canvas legend is shown exactly when its clusters layer is."""
+        labels = getattr(event, "source", None)
+        name = getattr(labels, "name", "")
+        if name.startswith("clusters · "):
+            legend = layer_named(self._host.viewer, f"{LEGEND} · {name.split(' · ', 1)[1]}")
+            if legend is not None:
+                legend.visible = labels.visible
+
+    def _draw_legend(self, slide_layer: Layer, counts: dict[int, int]) -> Points:
+        """One dot (the cluster's colour) and "cluster i: n tiles" per cluster, at the slide's top left, in µm."""
+        viewer = self._host.viewer
+        name = overlay_name(slide_layer, LEGEND)
+        if name in viewer.layers:
+            viewer.layers.remove(name)
+        (y0, x0), (y1, x1) = np.asarray(slide_layer.extent.world)[:, -2:]
+        step = max(min(y1 - y0, x1 - x0) / 25, 1e-6)  # µm between rows; dots and text scale with the slide
+        cids = list(counts)
+        coords = np.array([[y0 + step * (i + 1), x0 + step] for i in range(len(cids))], float).reshape(-1, 2)
+        keep = viewer.layers.selection.active
+        legend = viewer.add_points(
+            coords, name=name, size=0.7 * step, face_color=[cluster_color(c) for c in cids], border_color="white",
+            features={"label": [f"cluster {c}: {counts[c]:,} tiles" for c in cids]},
+            text={"string": "{label}", "anchor": "upper_left", "translation": [-0.35 * step, 0.6 * step],
+                  "color": "black", "size": 11},
+            units=("µm", "µm"),
+        )  # fmt: skip
+        if keep is not None:  # the legend must not take the selection (and its mouse mode) away
+            viewer.layers.selection.active = keep
+        return legend
 
     def cluster(self) -> None:
         """K-means over every embedded tile of the slide."""
@@ -62,6 +106,10 @@ class ClusterPanel(QGroupBox):
                           session.raster(session.cluster_labels, mpp=session.cluster_mpp),
                           kind="labels", opacity=0.5, colormap=colormap)  # fmt: skip
         lyr.colormap = colormap
+        if counts:
+            legend = self._draw_legend(layer, counts)
+            legend.visible = lyr.visible
+            lyr.events.visible.connect(self._sync_legend)  # connected once: napari skips a known callback
         self.legend.setText("<br>".join(f"<span style='color:{cluster_color(cid)}'>■</span> cluster {cid}: "
                                         f"{n:,} tiles" for cid, n in counts.items()))  # fmt: skip
 

@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
 
 from napari_virchow import jobs as _jobs
 from napari_virchow._qt.errors import report
+from napari_virchow._qt.flash import Flasher
 from napari_virchow._qt.layers import (
     SIMILARITY,
     layer_named,
@@ -81,6 +82,7 @@ class SimilarPanel(QGroupBox):
         self.hit_list.setMinimumHeight(5 * 52)  # at least five hits visible
         self.hit_list.itemActivated.connect(self.go_to_hit)
         self.hit_list.itemClicked.connect(self.go_to_hit)
+        self.flasher = Flasher(self)
         lay.addRow(self.hit_list)
 
     # --- query ---------------------------------------------------------------------------------
@@ -176,7 +178,7 @@ class SimilarPanel(QGroupBox):
         self._host.set_status(f"{len(ev.hits)} similar regions in other slides")
 
     def go_to_hit(self, item: QListWidgetItem) -> None:
-        """Centre on a hit (opening its slide when it is in another one) and zoom to a few tiles."""
+        """Centre on a hit (opening its slide when it is in another one), zoom to a few tiles, flash its box."""
         x, y, *other = item.data(Qt.ItemDataRole.UserRole)
         slide_path = other[0] if other else None
         viewer = self._host.viewer
@@ -200,3 +202,4 @@ class SimilarPanel(QGroupBox):
         hits = layer_named(viewer, overlay_name(layer, "hits"))
         if hits is not None and self.hit_list.row(item) < len(hits.data):
             hits.selected_data = {self.hit_list.row(item)}  # napari highlights the selected box
+            self.flasher.start(hits, self.hit_list.row(item))
