@@ -349,7 +349,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 def _build(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> LinearHead:
     """The head of a file's metadata and arrays: a MultiScaleHead when it has ``levels``."""
-    common = {"classes": list(meta["classes"]), "encoder": str(meta["encoder"]),
+    common: dict[str, Any] = {"classes": list(meta["classes"]), "encoder": str(meta["encoder"]),
               "positive_class": meta.get("positive_class")}  # fmt: skip
     levels = meta.get("levels")
     if not levels:  # one probe; format 1 files were all fitted at 0.5 µm/px
