@@ -346,7 +346,7 @@ class OverlaysMixin:
 
 
 def _proba(head: LinearHead, embeddings: np.ndarray, mpp: float) -> np.ndarray:
-    """``head``'s positive-class probability, with its probe for ``mpp`` when it has one per level."""
-    for_mpp = getattr(head, "for_mpp", None)
-    probe = for_mpp(canonical_mpp(mpp)) if callable(for_mpp) else head
+    """``head``'s positive-class probability; a head with one probe per level uses its probe for ``mpp``
+    (or the nearest level's, see :meth:`MultiScaleHead.nearest`)."""
+    probe = head.nearest(mpp) if isinstance(head, MultiScaleHead) else head
     return probe.positive_proba(embeddings)

@@ -180,5 +180,13 @@ def test_a_head_trained_at_two_magnifications_finds_the_planted_copies_at_each(b
         assert not np.allclose(loaded.for_mpp(0.5).weights, loaded.for_mpp(1.0).weights)  # one probe per level
         with pytest.raises(HeadError, match=r"2 µm/px \(it has 0.5, 1 µm/px\)"):
             loaded.for_mpp(2.0)
+        # drawn at each level with that level's probe; at 2 µm/px (no probe) with the nearest one's, 1 µm/px
+        s.set_head(loaded)
+        list(s.compute(mpp=2.0))
+        s.set_head(loaded)
+        for m, probe_mpp in ((0.5, 0.5), (1.0, 1.0), (2.0, 1.0)):
+            idx, emb = s.embedded(mpp=m)
+            expected = loaded.for_mpp(probe_mpp).positive_proba(emb)
+            np.testing.assert_allclose(s.probabilities[m][idx], expected, atol=1e-6)
         with pytest.raises(VirchowError, match="at 2 µm/px the annotations cover"):
             s.train_head_levels(polygons, classes, mpps=[1.0, 2.0])

@@ -180,6 +180,17 @@ class MultiScaleHead(LinearHead):
                             f"annotated tiles embedded at {m:g} µm/px, or view a level it has")  # fmt: skip
         return self.probes[m]
 
+    def nearest(self, mpp: float) -> LinearHead:
+        """The probe at ``mpp``, else the one of the nearest magnification (in log scale; the finer on a tie).
+
+        What an overlay uses at a level the head was not fitted at, as a single-probe head is used
+        at every level.
+        """
+        m = canonical_mpp(mpp)
+        if m in self.probes:
+            return self.probes[m]
+        return self.probes[min(self.probes, key=lambda x: (abs(np.log2(x / m)), x))]
+
     def metadata(self) -> dict[str, Any]:
         """Shared fields, plus ``levels``: metrics per magnification (keys are ``f"{mpp:g}"``)."""
         meta = super().metadata()

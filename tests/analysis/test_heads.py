@@ -193,3 +193,9 @@ def test_a_format_1_file_loads_as_a_head_at_half_a_micron(tmp_path, suffix: str)
     assert type(head) is LinearHead and head.mpp == 0.5 and head.cv_auc == 0.8
     x = np.array([[1.0, 0.0, 2.0]], np.float32)
     assert head.positive_proba(x)[0] == pytest.approx(1 / (1 + np.exp(-(1.0 + 1.0 + 0.25))))
+
+
+def test_nearest_probe_for_a_level_without_one() -> None:
+    head = _multi()
+    assert head.nearest(1.0) is head.probes[1.0] and head.nearest(2.0) is head.probes[1.0]
+    assert head.nearest(0.25) is head.probes[0.5] and head.nearest(0.7071) is head.probes[0.5]  # a tie: the finer
