@@ -14,10 +14,11 @@ __all__ = ["ClusterResult", "TrainResult", "tile_counts"]
 
 @dataclass(frozen=True)
 class TrainResult:
-    """A head fitted on annotated tiles, with how many tiles of each class it saw."""
+    """A head fitted on annotated tiles, with how many tiles of each class it saw (per level when it has levels)."""
 
     head: LinearHead
     counts: dict[str, int]
+    levels: dict[float, dict[str, int]] = field(default_factory=dict)  # µm/px -> class counts of that probe
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,13 @@ default level for ``probability``; the level of the clusters / query for the oth
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from napari_virchow.analysis.clusters import ClusterModel, fit_clusters, pca_rgb
-from napari_virchow.analysis.heads import LinearHead, fit_head
+from napari_virchow.analysis.heads import LinearHead, MultiScaleHead, fit_head
 from napari_virchow.analysis.lod_rasters import finest_raster
 from napari_virchow.analysis.rasters import Raster, labels_raster, rasterize_annotations, tile_raster, upsample
 from napari_virchow.analysis.similarity import Hit, cosine_similarity, top_k_hits
@@ -30,6 +30,7 @@ from napari_virchow.store.key import canonical_mpp
 
 if TYPE_CHECKING:
     from napari_virchow.config import SessionConfig
+    from napari_virchow.inference import BatchResult
     from napari_virchow.slides.slide import Slide
     from napari_virchow.slides.tiling import TileGrid
 
@@ -75,6 +76,13 @@ class OverlaysMixin:
         def embedded(self, *, tissue_only: bool = False, mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]: ...  # noqa: D102
         def read(self, indices: np.ndarray, *, mpp: float | None = None) -> np.ndarray: ...  # noqa: D102
         def missing(self, indices: np.ndarray, *, mpp: float | None = None) -> np.ndarray: ...  # noqa: D102
+        def check_mpp(self, mpp: float, *, allow_untrained: bool = False) -> bool: ...  # noqa: D102
+        def compute(self, bbox: Sequence[float] | None = None, *, indices: np.ndarray | None = None,  # noqa: D102
+                    mpp: float | None = None) -> Iterator[BatchResult]: ...  # fmt: skip
+
+        @property
+        def mpps(self) -> tuple[float, ...]:
+            """The magnifications offered for this slide, finest first."""
 
     def _init_overlays(self) -> None:
         self.head = None
@@ -295,13 +303,50 @@ class OverlaysMixin:
         _, emb, labels = self.labelled_embeddings(polygons, classes, min_overlap=min_overlap, mpp=mpp)
         if not len(labels):
             raise VirchowError("no annotated tile is embedded yet: compute the annotated tiles first")
-        head = fit_head(emb, labels, encoder=self.config.encoder, weights_id=self.weights_id)
+        head = fit_head(emb, labels, encoder=self.config.encoder, weights_id=self.weights_id, mpp=self._mpp(mpp))
         names, counts = np.unique(labels, return_counts=True)
         return TrainResult(head, {str(n): int(c) for n, c in zip(names, counts, strict=True)})
 
+    def annotated_levels(self, polygons: Polygons, classes: Sequence[str], *, mpps: Sequence[float] | None = None,
+                         min_overlap: float = 0.5) -> dict[float, np.ndarray]:  # fmt: skip
+        """The annotated tiles of every level a probe can be fitted at: at least 2 tiles of each of 2+ classes.
+
+        ``mpps=None``: every level the session offers, skipping those the annotations do not cover
+        enough; levels named in ``mpps`` must be covered (VirchowError naming the level otherwise).
+        """
+        out: dict[float, np.ndarray] = {}
+        for m in self.mpps if mpps is None else [self._mpp(x) for x in mpps]:
+            if mpps is not None:
+                self.check_mpp(m)
+            idx, labels = self.annotated_tiles(polygons, classes, min_overlap=min_overlap, mpp=m)
+            names, counts = np.unique(labels, return_counts=True)
+            if int((counts >= 2).sum()) >= 2 and len(names) == int((counts >= 2).sum()):
+                out[m] = idx
+            elif mpps is not None:
+                have = ", ".join(f"{n}: {c}" for n, c in zip(names, counts, strict=True)) or "no tile"
+                raise VirchowError(f"at {m:g} µm/px the annotations cover {have}; a probe needs at least 2 tiles "
+                                   "of each of two classes: draw larger regions or leave this level out")  # fmt: skip
+        return out
+
+    def train_head_levels(self, polygons: Polygons, classes: Sequence[str], *, mpps: Sequence[float] | None = None,
+                          min_overlap: float = 0.5) -> TrainResult:  # fmt: skip
+        """One probe per level of :meth:`annotated_levels` (embedding the annotated tiles not stored yet),
+        as a :class:`~napari_virchow.analysis.heads.MultiScaleHead`; ``levels`` holds the class counts per level."""
+        levels = self.annotated_levels(polygons, classes, mpps=mpps, min_overlap=min_overlap)
+        if not levels:
+            raise VirchowError("the annotations cover no magnification with at least 2 tiles of each of two "
+                               "classes: draw larger regions of at least two classes")  # fmt: skip
+        results = {}
+        for m, idx in levels.items():
+            for _ in self.compute(indices=self.missing(idx, mpp=m), mpp=m):
+                pass
+            results[m] = self.train_head(polygons, classes, min_overlap=min_overlap, mpp=m)
+        head = MultiScaleHead.from_probes({m: r.head for m, r in results.items()})
+        return TrainResult(head, results[head.mpp].counts, {m: r.counts for m, r in results.items()})
+
 
 def _proba(head: LinearHead, embeddings: np.ndarray, mpp: float) -> np.ndarray:
-    """``head``'s positive-class probability, with its probe for ``mpp`` when it has one per level."""
-    for_mpp = getattr(head, "for_mpp", None)
-    probe = for_mpp(canonical_mpp(mpp)) if callable(for_mpp) else head
+    """``head``'s positive-class probability; a head with one probe per level uses its probe for ``mpp``
+    (or the nearest level's, see :meth:`MultiScaleHead.nearest`)."""
+    probe = head.nearest(mpp) if isinstance(head, MultiScaleHead) else head
     return probe.positive_proba(embeddings)

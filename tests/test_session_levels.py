@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from napari_virchow.config import SessionConfig
+from napari_virchow.errors import VirchowError
 from napari_virchow.models.specs import UntrainedMagnificationError
 from napari_virchow.session import SlideSession
+from napari_virchow.slides.synthetic import PlantedSource, Region, write_pyramid
 from napari_virchow.store.cache import list_stores
-from tests.conftest import PLANTED_SIZE
+from tests.conftest import PLANTED_SIZE, PLANTED_TISSUE
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights:UserWarning", "ignore:.*opted in:UserWarning")
 
@@ -121,3 +123,70 @@ def test_overlays_are_drawn_from_the_finest_level_at_each_place_aligned_in_um(pl
         changed = s.absorb(q, s.read(q, mpp=2.0), mpp=2.0)
         assert set(changed) == {"probability", "clusters", "similarity"}
         assert s.absorb(idx[:1], emb[:1], mpp=0.5) == ["probability"]
+
+
+# Planted copies as large as one 10× tile or more, so that both 20× and 10× have several tiles mostly inside one.
+BIG_PATTERNS = [Region((448, 448, 1344, 896), "planted"), Region((1344, 1344, 1792, 1792), "planted")]
+
+
+@pytest.fixture(scope="module")
+def big_planted_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The planted slide (same generator, tissue and size) with larger planted copies."""
+    path = tmp_path_factory.mktemp("slides") / "big_planted.tif"
+    return write_pyramid(path, PLANTED_SIZE, PLANTED_SIZE, PlantedSource([PLANTED_TISSUE, *BIG_PATTERNS]), mpp=0.5,
+                         levels=3)  # fmt: skip
+
+
+def _planted_truth(s: SlideSession, mpp: float) -> np.ndarray:
+    """Per tile of level ``mpp``: whether its centre lies in a planted copy."""
+    g = s.grid_at(mpp)
+    centre = g.coords + g.tile_size_l0 / 2
+    truth = np.zeros(len(g), bool)
+    for x0, y0, x1, y1 in (r.box for r in BIG_PATTERNS):
+        truth |= (centre[:, 0] > x0) & (centre[:, 0] < x1) & (centre[:, 1] > y0) & (centre[:, 1] < y1)
+    return truth
+
+
+def test_a_head_trained_at_two_magnifications_finds_the_planted_copies_at_each(big_planted_slide: Path,
+                                                                              tmp_path: Path) -> None:  # fmt: skip
+    from sklearn.metrics import roc_auc_score
+
+    from napari_virchow.analysis.heads import MultiScaleHead, load_head, save_head
+    from napari_virchow.errors import HeadError
+
+    square = lambda a, b, c, d: np.array([[a, b], [c, b], [c, d], [a, d]], float)  # noqa: E731
+    polygons = [square(*r.box) for r in BIG_PATTERNS] + [square(256, 1100, 1000, 1792), square(1350, 256, 1792, 1000)]
+    classes = ["tumour", "tumour", "normal", "normal"]
+    with SlideSession(big_planted_slide, _config(tmp_path)) as s:
+        assert set(s.annotated_levels(polygons, classes)) == {0.5, 1.0}  # 2 µm/px: too few tiles under them
+        result = s.train_head_levels(polygons, classes)  # embeds what it needs
+        head = result.head
+        assert isinstance(head, MultiScaleHead) and head.mpps == (0.5, 1.0) and set(result.levels) == {0.5, 1.0}
+        assert result.counts == result.levels[0.5] and result.levels[1.0]["tumour"] >= 2
+        assert all(a is not None and a > 0.5 for a in head.cv_aucs.values())
+        path = save_head(head, tmp_path / "head.safetensors")
+        loaded = load_head(path, encoder="virchow2-tiny")
+        assert isinstance(loaded, MultiScaleHead) and loaded.cv_aucs == head.cv_aucs
+        for m in (0.5, 1.0):
+            list(s.compute(mpp=m))  # every tissue tile of the level
+            idx, emb = s.embedded(tissue_only=True, mpp=m)
+            probe = loaded.for_mpp(m)
+            assert probe.mpp == m
+            np.testing.assert_allclose(probe.positive_proba(emb), head.probes[m].positive_proba(emb), atol=1e-6)
+            truth = _planted_truth(s, m)[idx]
+            assert truth.any() and not truth.all()
+            auc = roc_auc_score(truth, probe.positive_proba(emb))
+            assert auc >= 0.9, (m, auc)
+        assert not np.allclose(loaded.for_mpp(0.5).weights, loaded.for_mpp(1.0).weights)  # one probe per level
+        with pytest.raises(HeadError, match=r"2 µm/px \(it has 0.5, 1 µm/px\)"):
+            loaded.for_mpp(2.0)
+        # drawn at each level with that level's probe; at 2 µm/px (no probe) with the nearest one's, 1 µm/px
+        s.set_head(loaded)
+        list(s.compute(mpp=2.0))
+        s.set_head(loaded)
+        for m, probe_mpp in ((0.5, 0.5), (1.0, 1.0), (2.0, 1.0)):
+            idx, emb = s.embedded(mpp=m)
+            expected = loaded.for_mpp(probe_mpp).positive_proba(emb)
+            np.testing.assert_allclose(s.probabilities[m][idx], expected, atol=1e-6)
+        with pytest.raises(VirchowError, match="at 2 µm/px the annotations cover"):
+            s.train_head_levels(polygons, classes, mpps=[1.0, 2.0])

@@ -15,13 +15,17 @@ from typing import Any
 
 import numpy as np
 
+from napari_virchow.analysis.head_labels import clean_labels as _clean_labels
+from napari_virchow.analysis.head_labels import json_safe as _json_safe
 from napari_virchow.errors import HeadError
 from napari_virchow.io.files import atomic_write
+from napari_virchow.store.key import canonical_mpp
 
-__all__ = ["LinearHead", "fit_head", "load_head", "save_head"]
+__all__ = ["LinearHead", "MultiScaleHead", "fit_head", "load_head", "save_head"]
 
 _FORMAT = "napari-virchow-head"
-_VERSION = 1
+_VERSION = 2  # 2: one probe per magnification ("levels"); 1: a single probe, read as 0.5 µm/px
+_OLD_MPP = 0.5  # the magnification every head of format 1 was fitted at
 _POSITIVE_WORDS = ("tumour", "tumor", "cancer", "carcinoma", "malignan", "metasta", "positive")
 _CHUNK = 65536  # rows per matmul: bounds the float32 copy of a float16 store
 
@@ -48,8 +52,10 @@ class LinearHead:
     weights_id: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     positive_class: str | None = None
+    mpp: float = _OLD_MPP  # the magnification (µm/px) of the embeddings it was fitted on
 
     def __post_init__(self) -> None:
+        self.mpp = canonical_mpp(self.mpp)
         self.weights = np.atleast_2d(np.asarray(self.weights, dtype=np.float32))
         self.bias = np.asarray(self.bias, dtype=np.float32).reshape(-1)
         self.classes = [str(c) for c in self.classes]
@@ -119,44 +125,80 @@ class LinearHead:
             "positive_class": self.positive_class,
             "metrics": _json_safe(self.metrics),
             "dim": self.dim,
+            "mpp": self.mpp,
         }
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON types; NaN becomes None because JSON has no NaN."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.integer, int)) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return None if not np.isfinite(value) else float(value)
-    return value
+@dataclass
+class MultiScaleHead(LinearHead):
+    """One probe per magnification (µm/px), same classes and encoder; build with :meth:`from_probes`.
 
-
-def _clean_labels(
-    labels: np.ndarray | Sequence[Any], classes: Sequence[str] | None
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Class name per labelled sample, the mask of labelled samples, and the class order.
-
-    Integer labels index ``classes`` (negative = unlabelled); strings are names (``""``/None =
-    unlabelled), so ``rasterize_annotations`` output can be passed straight through.
+    As a LinearHead it is its default probe (0.5 µm/px when it has one, else the finest), so code
+    that knows one probe keeps working; :meth:`for_mpp` gives the probe of another level.
     """
-    arr = np.asarray(labels)
-    if arr.dtype.kind in "iu":
-        keep = arr >= 0
-        if classes is None:
-            # Numeric order, not string order ("10" would sort before "2").
-            return arr[keep].astype(str), keep, [str(v) for v in np.unique(arr[keep])]
-        if keep.any() and int(arr[keep].max()) >= len(classes):
-            raise ValueError(f"label {int(arr.max())} has no entry in classes {list(classes)}")
-        order = [str(c) for c in classes]
-        return np.asarray(order)[arr[keep]], keep, order
-    names = np.asarray(["" if v is None else str(v) for v in arr.reshape(-1)])
-    keep = names != ""
-    order = [str(c) for c in classes] if classes is not None else sorted(set(names[keep].tolist()))
-    return names[keep], keep, order
+
+    probes: dict[float, LinearHead] = field(default_factory=dict)
+
+    @classmethod
+    def from_probes(cls, probes: dict[float, LinearHead] | Sequence[LinearHead]) -> MultiScaleHead:
+        """Group probes by their ``mpp`` (or the dict's keys); they must share classes and encoder."""
+        items = probes.items() if isinstance(probes, dict) else [(p.mpp, p) for p in probes]
+        by_mpp = {canonical_mpp(m): p for m, p in items}
+        if not by_mpp:
+            raise HeadError("a multi-magnification head needs at least one probe")
+        first = next(iter(by_mpp.values()))
+        def shape(h: LinearHead) -> tuple[Any, ...]:
+            return h.classes, h.encoder, h.positive_class, h.dim
+
+        for m, p in by_mpp.items():
+            if shape(p) != shape(first):
+                raise HeadError(f"the probe at {m:g} µm/px has classes {p.classes} on '{p.encoder}' (dim {p.dim}); "
+                                f"every level needs {first.classes} on '{first.encoder}' (dim {first.dim})")
+            p.mpp = m
+        by_mpp = dict(sorted(by_mpp.items()))
+        home = by_mpp.get(canonical_mpp(_OLD_MPP)) or next(iter(by_mpp.values()))
+        return cls(weights=home.weights, bias=home.bias, classes=home.classes, encoder=home.encoder,
+                   weights_id=home.weights_id, metrics=home.metrics, positive_class=home.positive_class,
+                   mpp=home.mpp, probes=by_mpp)  # fmt: skip
+
+    @property
+    def mpps(self) -> tuple[float, ...]:
+        """The magnifications (µm/px) it has a probe for, finest first."""
+        return tuple(self.probes)
+
+    @property
+    def cv_aucs(self) -> dict[float, float | None]:
+        """Cross-validated ROC AUC per magnification (None where not cross-validated)."""
+        return {m: p.cv_auc for m, p in self.probes.items()}
+
+    def for_mpp(self, mpp: float) -> LinearHead:
+        """The probe fitted at ``mpp`` µm/px; HeadError naming the levels it has when there is none."""
+        m = canonical_mpp(mpp)
+        if m not in self.probes:
+            have = ", ".join(f"{x:g}" for x in self.probes)
+            raise HeadError(f"this head has no probe at {m:g} µm/px (it has {have} µm/px): train it on "
+                            f"annotated tiles embedded at {m:g} µm/px, or view a level it has")  # fmt: skip
+        return self.probes[m]
+
+    def nearest(self, mpp: float) -> LinearHead:
+        """The probe at ``mpp``, else the one of the nearest magnification (in log scale; the finer on a tie).
+
+        What an overlay uses at a level the head was not fitted at, as a single-probe head is used
+        at every level.
+        """
+        m = canonical_mpp(mpp)
+        if m in self.probes:
+            return self.probes[m]
+        return self.probes[min(self.probes, key=lambda x: (abs(np.log2(x / m)), x))]
+
+    def metadata(self) -> dict[str, Any]:
+        """Shared fields, plus ``levels``: metrics per magnification (keys are ``f"{mpp:g}"``)."""
+        meta = super().metadata()
+        meta["levels"] = {f"{m:g}": {"metrics": _json_safe(p.metrics), "weights_id": p.weights_id}
+                          for m, p in self.probes.items()}  # fmt: skip
+        return meta
+
+
 
 
 def fit_head(
@@ -170,6 +212,7 @@ def fit_head(
     cv: int = 5,
     positive_class: str | None = None,
     seed: int = 0,
+    mpp: float = _OLD_MPP,
 ) -> LinearHead:
     """Fit a logistic-regression probe with cross-validated accuracy and ROC AUC.
 
@@ -187,6 +230,7 @@ def fit_head(
     encoder : name of the encoder that produced the embeddings (stored and checked on load).
     C : inverse L2 regularisation strength.
     cv : maximum number of stratified folds (reduced when a class has few samples).
+    mpp : magnification (µm/px) of the embeddings, recorded on the head.
 
     Returns
     -------
@@ -254,22 +298,32 @@ def fit_head(
         weights_id=weights_id,
         metrics=metrics,
         positive_class=positive_class,
+        mpp=mpp,
     )
 
 
+def _arrays(head: LinearHead) -> dict[str, np.ndarray]:
+    """``weight``/``bias`` of the head itself, plus ``weight@<mpp>``/``bias@<mpp>`` per level of a multi-level one."""
+    out = {"weight": head.weights, "bias": head.bias}
+    if isinstance(head, MultiScaleHead):
+        for m, p in head.probes.items():
+            out[f"weight@{m:g}"], out[f"bias@{m:g}"] = p.weights, p.bias
+    return out
+
+
 def save_head(head: LinearHead, path: str | os.PathLike[str]) -> Path:
-    """Save ``head`` as ``.safetensors`` (tensors + JSON header metadata) or ``.json``."""
+    """Save ``head`` (one probe or one per magnification) as ``.safetensors`` (tensors + JSON header) or ``.json``."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     meta = head.metadata()
+    tensors = _arrays(head)
     if path.suffix == ".safetensors":
-        tensors = {"weight": head.weights, "bias": head.bias}
         atomic_write(
             path, lambda tmp: save_file(tensors, tmp, metadata={_FORMAT: json.dumps(meta)})
         )
     elif path.suffix == ".json":
-        meta.update(weight=head.weights.tolist(), bias=head.bias.tolist())
+        meta["arrays"] = {k: v.tolist() for k, v in tensors.items()}
         text = json.dumps(meta, indent=1)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     else:
@@ -277,14 +331,14 @@ def save_head(head: LinearHead, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _read(path: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="np") as f:
                 meta = json.loads((f.metadata() or {})[_FORMAT])
-                return meta, f.get_tensor("weight"), f.get_tensor("bias")
+                return meta, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
         except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
             raise HeadError(
                 f"{path}: not a napari-virchow head ({type(exc).__name__}: {exc}); "
@@ -293,7 +347,9 @@ def _read(path: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     if path.suffix == ".json":
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
-            return meta, np.asarray(meta.pop("weight")), np.asarray(meta.pop("bias"))
+            if "arrays" in meta:
+                return meta, {str(k): np.asarray(v) for k, v in dict(meta.pop("arrays")).items()}
+            return meta, {"weight": np.asarray(meta.pop("weight")), "bias": np.asarray(meta.pop("bias"))}  # format 1
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise HeadError(
                 f"{path}: not a napari-virchow head ({type(exc).__name__}: {exc}); "
@@ -302,12 +358,31 @@ def _read(path: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     raise HeadError(f"{path}: unknown head format; expected a .safetensors or .json head file")
 
 
+def _build(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> LinearHead:
+    """The head of a file's metadata and arrays: a MultiScaleHead when it has ``levels``."""
+    common: dict[str, Any] = {"classes": list(meta["classes"]), "encoder": str(meta["encoder"]),
+              "positive_class": meta.get("positive_class")}  # fmt: skip
+    levels = meta.get("levels")
+    if not levels:  # one probe; format 1 files were all fitted at 0.5 µm/px
+        return LinearHead(weights=arrays["weight"], bias=arrays["bias"], weights_id=meta.get("weights_id"),
+                          metrics=dict(meta.get("metrics") or {}), mpp=float(meta.get("mpp", _OLD_MPP)),
+                          **common)  # fmt: skip
+    probes = {}
+    for key, level in dict(levels).items():
+        m = canonical_mpp(float(key))
+        probes[m] = LinearHead(weights=arrays[f"weight@{m:g}"], bias=arrays[f"bias@{m:g}"],
+                               weights_id=level.get("weights_id", meta.get("weights_id")),
+                               metrics=dict(level.get("metrics") or {}), mpp=m, **common)  # fmt: skip
+    return MultiScaleHead.from_probes(probes)
+
+
 def load_head(path: str | os.PathLike[str], encoder: str | None = None) -> LinearHead:
-    """Load a head; with ``encoder`` given, refuse one fitted on another encoder's embeddings."""
+    """Load a head (a :class:`MultiScaleHead` when the file has one probe per magnification);
+    with ``encoder`` given, refuse one fitted on another encoder's embeddings."""
     path = Path(path)
     if not path.is_file():
         raise HeadError(f"{path}: head file not found")
-    meta, weight, bias = _read(path)
+    meta, arrays = _read(path)
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise HeadError(f"{path}: not a napari-virchow head (no '{_FORMAT}' format marker)")
     version = meta.get("version", 0)
@@ -325,14 +400,6 @@ def load_head(path: str | os.PathLike[str], encoder: str | None = None) -> Linea
             f"head on '{encoder}' embeddings"
         )
     try:
-        return LinearHead(
-            weights=weight,
-            bias=bias,
-            classes=list(meta["classes"]),
-            encoder=str(meta["encoder"]),
-            weights_id=meta.get("weights_id"),
-            metrics=dict(meta.get("metrics") or {}),
-            positive_class=meta.get("positive_class"),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
+        return _build(meta, arrays)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise HeadError(f"{path}: head file is incomplete ({type(exc).__name__}: {exc})") from exc

@@ -150,3 +150,25 @@ def test_saving_to_a_bad_place_is_one_message(planted_widget, ui, tmp_path: Path
     _dialogs(monkeypatch, save=tmp_path / "myhead")
     u.click("save_head_btn")
     assert len(shown) == 2 and "a.geojson" in shown[0] and "myhead" in shown[1], shown
+
+
+def test_a_head_with_one_probe_per_magnification_shows_each_auc(qtbot, planted_widget, ui, tmp_path: Path,
+                                                                monkeypatch) -> None:  # fmt: skip
+    from napari_virchow.analysis.heads import MultiScaleHead, fit_head, save_head
+
+    w, u = planted_widget, ui(planted_widget)
+    dim = w.session().config.spec.dim
+    rng = np.random.default_rng(0)
+    probes = []
+    for mpp, shift in ((0.5, 3.0), (1.0, 0.6)):  # well and less well separated classes
+        x = np.concatenate([rng.normal(0, 1, (20, dim)), rng.normal(shift, 1, (20, dim))]).astype(np.float32)
+        probes.append(fit_head(x, ["normal"] * 20 + ["tumour"] * 20, encoder="virchow2-tiny", cv=3, mpp=mpp))
+    head = MultiScaleHead.from_probes(probes)
+    path = save_head(head, tmp_path / "levels.safetensors")
+    _dialogs(monkeypatch, open_=path)
+    u.click("load_head_btn")
+    wait_idle(qtbot, w)
+    label = w.head.head_label.text()
+    a, b = head.cv_aucs[0.5], head.cv_aucs[1.0]
+    assert isinstance(w.session().head, MultiScaleHead)
+    assert f"AUC {a:.2f} at 0.5 µm/px, {b:.2f} at 1 µm/px" in label, label

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from napari_virchow.analysis.heads import LinearHead, fit_head, load_head, save_head
+from napari_virchow.analysis.heads import LinearHead, MultiScaleHead, fit_head, load_head, save_head
 from napari_virchow.errors import HeadError
 
 DIM = 64
@@ -140,3 +140,62 @@ def test_save_and_load_never_touch_pickle(head: LinearHead, tmp_path, monkeypatc
         monkeypatch.setattr(pickle, name, refuse)
     for suffix in (".safetensors", ".json"):
         load_head(save_head(head, tmp_path / f"h{suffix}"), encoder="virchow2")
+
+
+def _probe(mpp: float, seed: int) -> LinearHead:
+    x, y = two_classes(n=30, seed=seed)
+    return fit_head(x, y, encoder="virchow2", weights_id="abc123", cv=3, mpp=mpp)
+
+
+def _multi() -> MultiScaleHead:
+    return MultiScaleHead.from_probes([_probe(0.5, 1), _probe(1.0, 2)])
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".json"])
+def test_one_probe_per_magnification_round_trips(tmp_path, suffix: str) -> None:
+    head = _multi()
+    assert head.mpps == (0.5, 1.0) and head.mpp == 0.5
+    assert head.for_mpp(1.0) is head.probes[1.0] and head.for_mpp(0.50000001) is head.probes[0.5]
+    assert not np.allclose(head.probes[0.5].weights, head.probes[1.0].weights)
+    loaded = load_head(save_head(head, tmp_path / f"head{suffix}"), encoder="virchow2")
+    assert isinstance(loaded, MultiScaleHead) and loaded.mpps == (0.5, 1.0)
+    x, _ = two_classes(n=5, seed=4)
+    for m in (0.5, 1.0):
+        np.testing.assert_allclose(loaded.for_mpp(m).predict_proba(x), head.for_mpp(m).predict_proba(x), atol=1e-6)
+        assert loaded.cv_aucs[m] == pytest.approx(head.probes[m].cv_auc)
+        assert loaded.for_mpp(m).mpp == m
+    np.testing.assert_allclose(loaded.predict_proba(x), head.probes[0.5].predict_proba(x), atol=1e-6)  # its 0.5 probe
+    with pytest.raises(HeadError, match=r"no probe at 2 µm/px \(it has 0.5, 1 µm/px\)"):
+        loaded.for_mpp(2.0)
+
+
+def test_probes_of_other_classes_cannot_share_a_head() -> None:
+    x, y = two_classes(n=30, seed=1)
+    other = fit_head(x, np.where(y == "tumour", "a", "b"), encoder="virchow2", cv=3, mpp=1.0)
+    with pytest.raises(HeadError, match="1 µm/px"):
+        MultiScaleHead.from_probes([_probe(0.5, 1), other])
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".json"])
+def test_a_format_1_file_loads_as_a_head_at_half_a_micron(tmp_path, suffix: str) -> None:
+    """A file as napari-virchow 0.2 wrote it (built by hand: format 1, top-level weight and bias, no mpp)."""
+    from safetensors.numpy import save_file
+
+    w, b = np.array([[1.0, -2.0, 0.5]], np.float32), np.array([0.25], np.float32)
+    meta = {"format": "napari-virchow-head", "version": 1, "classes": ["normal", "tumour"], "encoder": "virchow2",
+            "weights_id": "abc", "positive_class": "tumour", "metrics": {"cv_roc_auc": 0.8}, "dim": 3}
+    path = tmp_path / f"old{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps({**meta, "weight": w.tolist(), "bias": b.tolist()}), encoding="utf-8")
+    else:
+        save_file({"weight": w, "bias": b}, str(path), metadata={"napari-virchow-head": json.dumps(meta)})
+    head = load_head(path, encoder="virchow2")
+    assert type(head) is LinearHead and head.mpp == 0.5 and head.cv_auc == 0.8
+    x = np.array([[1.0, 0.0, 2.0]], np.float32)
+    assert head.positive_proba(x)[0] == pytest.approx(1 / (1 + np.exp(-(1.0 + 1.0 + 0.25))))
+
+
+def test_nearest_probe_for_a_level_without_one() -> None:
+    head = _multi()
+    assert head.nearest(1.0) is head.probes[1.0] and head.nearest(2.0) is head.probes[1.0]
+    assert head.nearest(0.25) is head.probes[0.5] and head.nearest(0.7071) is head.probes[0.5]  # a tie: the finer

@@ -324,7 +324,10 @@ class HeadPanel(QGroupBox):
         if cv_accuracy(head) is not None:
             parts.append(f"cross-validated accuracy {cv_accuracy(head):.2f}")
         if cv_auc(head) is not None:
-            parts.append(f"AUC {cv_auc(head):.2f}")
+            others = [f"{a:.2f} at {m:g} µm/px" for m, a in getattr(head, "cv_aucs", {}).items()
+                      if a is not None and m != head.mpp]  # fmt: skip
+            parts.append(", ".join([f"AUC {cv_auc(head):.2f}" + (f" at {head.mpp:g} µm/px" if others else ""),
+                                    *others]))  # fmt: skip
         self.head_label.setText(" · ".join(parts))
 
     # --- heatmap -------------------------------------------------------------------------------
