@@ -228,18 +228,20 @@ def compute_job(session: SlideSession, box: Sequence[float], *, limit: int = 200
 
 @cancellable
 def train_job(session: SlideSession, polygons: Sequence[np.ndarray], classes: Sequence[str], *,
+              holes: Sequence[Sequence[np.ndarray]] | None = None,
               cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
     """Embed the tiles under the annotations at each magnification they cover, fit one probe per
-    magnification, and draw it over every embedded tile."""
+    magnification, and draw it over every embedded tile. ``holes[i]``: the holes of polygon ``i``
+    (their tiles stay unlabelled)."""
     yield from _load_levels(session, cancel)
-    idx, labels = session.annotated_tiles(polygons, classes)
+    idx, labels = session.annotated_tiles(polygons, classes, holes=holes)
     names = sorted(set(labels.tolist()))
     if len(names) < 2:
         have = f"only {names[0]!r}" if names else "no class with tiles under it"
         raise VirchowError(f"annotations cover {have}: draw regions of at least two classes "
                            "(each at least half a tile) and train again")  # fmt: skip
     # Too few tiles at every level: fit at the encoder's own one, whose refusal names the class to annotate more.
-    levels = session.annotated_levels(polygons, classes) or {session.default_mpp: idx}
+    levels = session.annotated_levels(polygons, classes, holes=holes) or {session.default_mpp: idx}
     for m, tiles in levels.items():
         todo = session.missing(tiles, mpp=m)
         if len(todo):
@@ -247,9 +249,9 @@ def train_job(session: SlideSession, polygons: Sequence[np.ndarray], classes: Se
             yield from _embed(session, todo, cancel, m)
     yield Stage(f"fitting the probe at {', '.join(f'{m:g}' for m in levels)} µm/px …")
     if session.default_mpp not in levels or len(levels) > 1:
-        result = session.train_head_levels(polygons, classes, mpps=list(levels))
+        result = session.train_head_levels(polygons, classes, mpps=list(levels), holes=holes)
     else:
-        result = session.train_head(polygons, classes)
+        result = session.train_head(polygons, classes, holes=holes)
     _stop_if_cancelled(cancel)  # a cancel during fitting keeps the previous head
     session.set_head(result.head)
     yield Trained(result)

@@ -295,12 +295,10 @@ class OverlaysMixin:
         return idx, emb, labels
 
     def train_head(self, polygons: Polygons, classes: Sequence[str], *, min_overlap: float = 0.5,
-                   mpp: float | None = None) -> TrainResult:  # fmt: skip
-        """Fit a probe on the embedded tiles of level ``mpp`` under annotation polygons (level-0 (x, y) px).
-
-        Embed the annotated tiles first (:meth:`annotated_tiles` + :meth:`compute`).
-        """
-        _, emb, labels = self.labelled_embeddings(polygons, classes, min_overlap=min_overlap, mpp=mpp)
+                   mpp: float | None = None, holes: Holes = None) -> TrainResult:  # fmt: skip
+        """Fit a probe on the embedded tiles of level ``mpp`` under annotation polygons (level-0 (x, y) px,
+        minus ``holes``). Embed the annotated tiles first (:meth:`annotated_tiles` + :meth:`compute`)."""
+        _, emb, labels = self.labelled_embeddings(polygons, classes, min_overlap=min_overlap, mpp=mpp, holes=holes)
         if not len(labels):
             raise VirchowError("no annotated tile is embedded yet: compute the annotated tiles first")
         head = fit_head(emb, labels, encoder=self.config.encoder, weights_id=self.weights_id, mpp=self._mpp(mpp))
@@ -308,7 +306,7 @@ class OverlaysMixin:
         return TrainResult(head, {str(n): int(c) for n, c in zip(names, counts, strict=True)})
 
     def annotated_levels(self, polygons: Polygons, classes: Sequence[str], *, mpps: Sequence[float] | None = None,
-                         min_overlap: float = 0.5) -> dict[float, np.ndarray]:  # fmt: skip
+                         min_overlap: float = 0.5, holes: Holes = None) -> dict[float, np.ndarray]:  # fmt: skip
         """The annotated tiles of every level a probe can be fitted at: at least 2 tiles of each of 2+ classes.
 
         ``mpps=None``: every level the session offers, skipping those the annotations do not cover
@@ -318,7 +316,7 @@ class OverlaysMixin:
         for m in self.mpps if mpps is None else [self._mpp(x) for x in mpps]:
             if mpps is not None:
                 self.check_mpp(m)
-            idx, labels = self.annotated_tiles(polygons, classes, min_overlap=min_overlap, mpp=m)
+            idx, labels = self.annotated_tiles(polygons, classes, min_overlap=min_overlap, mpp=m, holes=holes)
             names, counts = np.unique(labels, return_counts=True)
             if int((counts >= 2).sum()) >= 2 and len(names) == int((counts >= 2).sum()):
                 out[m] = idx
@@ -329,10 +327,10 @@ class OverlaysMixin:
         return out
 
     def train_head_levels(self, polygons: Polygons, classes: Sequence[str], *, mpps: Sequence[float] | None = None,
-                          min_overlap: float = 0.5) -> TrainResult:  # fmt: skip
+                          min_overlap: float = 0.5, holes: Holes = None) -> TrainResult:  # fmt: skip
         """One probe per level of :meth:`annotated_levels` (embedding the annotated tiles not stored yet),
         as a :class:`~napari_virchow.analysis.heads.MultiScaleHead`; ``levels`` holds the class counts per level."""
-        levels = self.annotated_levels(polygons, classes, mpps=mpps, min_overlap=min_overlap)
+        levels = self.annotated_levels(polygons, classes, mpps=mpps, min_overlap=min_overlap, holes=holes)
         if not levels:
             raise VirchowError("the annotations cover no magnification with at least 2 tiles of each of two "
                                "classes: draw larger regions of at least two classes")  # fmt: skip
@@ -340,7 +338,7 @@ class OverlaysMixin:
         for m, idx in levels.items():
             for _ in self.compute(indices=self.missing(idx, mpp=m), mpp=m):
                 pass
-            results[m] = self.train_head(polygons, classes, min_overlap=min_overlap, mpp=m)
+            results[m] = self.train_head(polygons, classes, min_overlap=min_overlap, mpp=m, holes=holes)
         head = MultiScaleHead.from_probes({m: r.head for m, r in results.items()})
         return TrainResult(head, results[head.mpp].counts, {m: r.counts for m, r in results.items()})
 

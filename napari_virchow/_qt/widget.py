@@ -17,7 +17,7 @@ Controls, by ``objectName`` (stable: tests and scripts find them by it)
 - Clusters: ``k_spin``, ``rgb_check``, ``cluster_btn``
 - Similar regions: ``pick_btn``, ``hits_spin``, ``index_edit``, ``index_browse_btn``,
   ``search_index_btn``, ``hit_list``
-- Export: ``export_geojson_btn``
+- Export: ``export_geojson_btn``, ``export_heatmap_btn``
 - Job bar (always visible, under the panels): ``decision_compute_btn``, ``decision_skip_btn``,
   ``cancel_btn``
 

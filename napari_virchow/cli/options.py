@@ -104,12 +104,14 @@ def mpp_list(text: str) -> tuple[float, ...]:
     return tuple(dict.fromkeys(values))
 
 
-def add_mpp_options(p: argparse.ArgumentParser, *, several: bool = True) -> None:
-    """``--mpp`` (the magnifications to embed at; default the encoder's own) and ``--allow-untrained-mpp``."""
+def add_mpp_options(p: argparse.ArgumentParser, *, several: bool = True, help_text: str | None = None) -> None:
+    """``--mpp`` (the magnifications to embed at; default the encoder's own) and ``--allow-untrained-mpp``;
+    ``help_text`` replaces the help of ``--mpp``."""
     what = "magnifications in µm/px, comma-separated (e.g. 0.5,2.0)" if several else "magnification in µm/px"
     p.add_argument("--mpp", type=mpp_list, default=None, metavar="UM" + ("[,UM…]" if several else ""),
-                   help=f"{what}, each one of the encoder's trained ones (Virchow 2: 0.25, 0.5, 1, 2 µm/px = "
-                        "40×/20×/10×/5×); default its own (0.5). 2.0 covers the whole tissue in 1/16 of the tiles")
+                   help=help_text or f"{what}, each one of the encoder's trained ones (Virchow 2: 0.25, 0.5, 1, "
+                        "2 µm/px = 40×/20×/10×/5×); default its own (0.5). 2.0 covers the whole tissue in 1/16 of "
+                        "the tiles")
     p.add_argument("--allow-untrained-mpp", action="store_true",
                    help="allow a magnification the encoder was not trained on (recorded in the store)")
 

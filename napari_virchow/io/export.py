@@ -262,7 +262,8 @@ def write_heatmap_tiff(
         wholly beyond it are cropped).
     dtype : ``"uint8"`` (round(p·255), :data:`HEATMAP_NODATA` = 0 where NaN; readable as a
         slide) or ``"float32"`` (NaN kept).
-    metadata : extra JSON stored in the ImageDescription (encoder, head classes, ...).
+    metadata : extra JSON stored in the ImageDescription (provenance, head classes, ...); the raster's
+        own keys (``mpp`` of a heatmap pixel, ``slide_mpp``, ``tile_size_l0``, ...) take precedence.
     tile : TIFF tile side (a multiple of 16; smaller images get one smaller tile).
 
     Returns
@@ -297,12 +298,12 @@ def write_heatmap_tiff(
     levels = [data]
     while max(levels[-1].shape) > tile:
         levels.append(_halve(levels[-1]))
-    description = json.dumps({
-        "napari_virchow": "heatmap", "version": __version__, "values": "probability",
+    description = json.dumps({  # provenance first: the raster's own keys (its mpp) are not overridden
+        **dict(metadata or {}), "napari_virchow": "heatmap", "version": __version__, "values": "probability",
         "dtype": dtype, "scale": 1 / 255 if dtype == "uint8" else 1.0,
         "nodata": HEATMAP_NODATA if dtype == "uint8" else "NaN",
         "mpp": px_um, "slide_mpp": float(mpp_l0), "tile_size_l0": float(tile_size_l0),
-        "slide_dims": [int(width), int(height)], **dict(metadata or {}),
+        "slide_dims": [int(width), int(height)],
     })  # fmt: skip
     w0 = data.shape[1]
 

@@ -94,6 +94,20 @@ def _check_brightfield(name: str, tif: tifffile.TiffFile, pages: list[tifffile.T
         )
 
 
+#: Aperio's JPEG 2000 with YCbCr components: OpenSlide converts them to RGB, tifffile would not
+APERIO_J2K_YCBCR = 33003
+
+
+def _check_colours(name: str, pages: list[tifffile.TiffPage]) -> None:
+    """Refuse tiles whose colours only OpenSlide gets right (tifffile would return YCbCr as RGB)."""
+    if any(int(p.compression) == APERIO_J2K_YCBCR for p in pages):
+        raise SlideError(
+            f"{name}: its tiles are Aperio YCbCr JPEG 2000 (TIFF compression 33003), whose colours "
+            "only OpenSlide converts; open it with the default backend (OpenSlide reads it), or "
+            "convert it (e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`)."
+        )
+
+
 def _check_decodable(name: str, pyramid: TiffPyramid, pages: list[tifffile.TiffPage]) -> None:
     """Decode one stored segment per level now, so a missing codec fails at open, not mid-analysis."""
     for level, page in zip(pyramid.levels, pages, strict=True):
@@ -130,6 +144,7 @@ def open_tiff_pyramid(path: Path) -> TiffPyramid:
                 raise SlideError(f"{name} is truncated or corrupt ({problems[0]}). Copy the slide again.")
             pages = _levels(tif)
             _check_brightfield(name, tif, pages)
+            _check_colours(name, pages)
             mpp = ome_mpp(tif.ome_metadata or "", name) if tif.is_ome else None
             pyramid = TiffPyramid(path, pages)
             _check_decodable(name, pyramid, pages)

@@ -1,4 +1,7 @@
-"""'Export': the overlays on screen as QuPath GeoJSON (heatmap regions, clusters, hits)."""
+"""'Export': the overlays on screen as QuPath GeoJSON (heatmap regions, clusters, hits) and the
+heatmap as a pyramidal TIFF aligned with the slide; both record their provenance
+(:func:`~napari_virchow.io.provenance.provenance`: encoder, weights, µm/px, tiles, tissue, plugin
+version, slide fingerprint), as the CLI's exports do."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from napari_virchow._qt.panels.clusters import cluster_color
 from napari_virchow.errors import VirchowError
 from napari_virchow.session import SlideSession
 
-__all__ = ["ExportPanel", "overlay_features"]
+__all__ = ["ExportPanel", "export_provenance", "overlay_features"]
 
 
 def _rgb(hex_color: str) -> tuple[int, int, int]:
@@ -42,8 +45,21 @@ def overlay_features(session: SlideSession, threshold: float, hits: list[Any]) -
     return feats
 
 
+def export_provenance(session: SlideSession) -> dict[str, Any]:
+    """What the widget's exports record: the session's provenance, its head and the overlay levels."""
+    from napari_virchow.io.provenance import provenance
+
+    meta = provenance(session)
+    head = session.head
+    if head is not None:
+        meta.update(head_classes=list(head.classes), positive_class=head.positive_class,
+                    head_weights_id=head.weights_id)  # fmt: skip
+    meta["overlay_mpps"] = sorted(session.overlay_levels("probability")) or None
+    return meta
+
+
 class ExportPanel(QGroupBox):
-    """One button: every overlay of the slide to a GeoJSON file QuPath opens."""
+    """Every overlay of the slide to a GeoJSON file QuPath opens; the heatmap to a TIFF."""
 
     def __init__(self, host: Host, threshold: Callable[[], float], n_hits: Callable[[], int],
                  parent: QWidget | None = None) -> None:  # fmt: skip
@@ -54,6 +70,10 @@ class ExportPanel(QGroupBox):
                                 "heatmap regions above 'hide below', clusters and similar-region hits")
         self.export_btn.clicked.connect(self.export)
         lay.addWidget(self.export_btn)
+        self.export_tiff_btn = named(QPushButton("Export heatmap (TIFF)…"), "export_heatmap_btn",
+                                     "the probability per tile as a pyramidal TIFF aligned with the slide")
+        self.export_tiff_btn.clicked.connect(self.export_heatmap)
+        lay.addWidget(self.export_tiff_btn)
 
     def export(self) -> None:
         try:
@@ -74,8 +94,35 @@ class ExportPanel(QGroupBox):
         from napari_virchow.io.geojson import write_annotations
 
         try:
-            write_annotations(path, feats)
+            write_annotations(path, feats, provenance=export_provenance(session))
         except OSError as exc:
             report(VirchowError(f"cannot write {path}: {exc.strerror or exc}; choose another folder"))
             return
         show_info(f"exported {len(feats)} regions to {path} (heatmap ≥ {threshold:.2f}, clusters, hits)")
+
+    def export_heatmap(self) -> None:
+        """The heatmap (finest magnification computed at each place) as a uint8 pyramidal TIFF."""
+        try:
+            session = self._host.session()
+        except VirchowError as exc:
+            report(exc)
+            return
+        raster = session.overlay_raster("probability") if session.head is not None else None
+        if raster is None:
+            report(VirchowError("no heatmap yet: train a probe or load a head first"))
+            return
+        name = f"{session.slide.path.stem}.heatmap.tif"
+        path, _ = QFileDialog.getSaveFileName(self, "Export heatmap", name, "TIFF (*.tif *.tiff)")
+        if not path:
+            return
+        from napari_virchow.io.export import write_heatmap_tiff
+
+        slide = session.slide
+        try:
+            write_heatmap_tiff(path, raster.data, mpp_l0=slide.require_mpp(), tile_size_l0=raster.tile_size_l0,
+                               slide_dims=slide.dimensions, metadata=export_provenance(session))  # fmt: skip
+        except (VirchowError, OSError) as exc:
+            report(VirchowError(f"cannot write {path}: {exc}; choose another folder")
+                   if isinstance(exc, OSError) else exc)  # fmt: skip
+            return
+        show_info(f"exported the heatmap to {path} ({raster.tile_size_l0 * slide.require_mpp():.4g} µm/px)")

@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
 )  # fmt: skip
 
 from napari_virchow import jobs as _jobs
+from napari_virchow._qt.annotation_shapes import HOLE_CLASS, HOLE_COLOR, regions_with_holes, shapes_of
 from napari_virchow._qt.errors import gui_message, report
 from napari_virchow._qt.layers import BAR_TITLE_KEY, HEAT, overlay_name, show_colorbar_on_top, show_raster
 from napari_virchow._qt.panels.base import Host, form, named
@@ -54,6 +55,8 @@ def class_color(name: str) -> str:
     Tumour-like names are red, normal-like green, others a stable palette entry by name.
     """
     low = name.strip().lower()
+    if low == HOLE_CLASS:  # holes of the region around them (annotation_shapes)
+        return HOLE_COLOR
     if any(word in low for word in POSITIVE_WORDS):
         return CLASS_COLORS[0]
     if any(word in low for word in NEGATIVE_WORDS):
@@ -206,13 +209,19 @@ class HeadPanel(QGroupBox):
             layer.edge_color_cycle_map = colors
         layer.feature_defaults["class"] = name
 
-    def annotations(self) -> tuple[list[np.ndarray], list[str]]:
-        """Polygons (level-0 (x, y) px) and class names of the annotation layer."""
+    def annotation_regions(self) -> tuple[list[Any], list[np.ndarray]]:
+        """Regions of the annotation layer (Annotations, level-0 (x, y) px, their holes attached) and
+        the hole shapes inside no region (see :mod:`~napari_virchow._qt.annotation_shapes`)."""
         layer = self.annotation_layer()
         if layer is None or not len(layer.data):
             raise VirchowError("no annotations: press 'New annotation layer' and draw regions of two classes")
         polygons = [np.asarray(shape)[:, -2:][:, ::-1] for shape in layer.data]  # (y, x) → (x, y)
-        return polygons, [str(c) for c in layer.features["class"]]
+        return regions_with_holes(polygons, [str(c) for c in layer.features["class"]])
+
+    def annotations(self) -> tuple[list[np.ndarray], list[str]]:
+        """Polygons (level-0 (x, y) px) and class names of the annotation layer's regions (holes apart)."""
+        regions, _ = self.annotation_regions()
+        return [r.polygon for r in regions], [str(r.class_name) for r in regions]
 
     def _annotations_edited(self, *_: object) -> None:
         if self.refit_check.isChecked():
@@ -221,15 +230,16 @@ class HeadPanel(QGroupBox):
     def train(self) -> None:
         """Embed the annotated tiles, fit the probe, draw the heatmap."""
         try:
-            polygons, classes = self.annotations()
+            regions, _ = self.annotation_regions()
         except VirchowError as exc:
             report(exc)
             self._host.set_status(gui_message(exc))
             return
-        self._host.run(_jobs.train_job, polygons, classes)
+        self._host.run(_jobs.train_job, [r.polygon for r in regions], [str(r.class_name) for r in regions],
+                       holes=[r.holes for r in regions])  # fmt: skip
 
     def load_geojson(self, path: str | Path) -> Shapes | None:
-        """Add QuPath GeoJSON polygons (level-0 px) as an annotation layer."""
+        """Add QuPath GeoJSON polygons (level-0 px) as an annotation layer, holes as shapes of class ``hole``."""
         from napari_virchow.io.geojson import read_annotations
 
         try:
@@ -240,9 +250,9 @@ class HeadPanel(QGroupBox):
         layer = self.new_annotation_layer()
         layer.mode = "pan_zoom"
         layer.events.data.disconnect(self._annotations_edited)
-        for item in items:
-            self._use_class(layer, item.class_name or "unclassified")
-            layer.add_polygons([np.asarray(item.polygon)[:, ::-1]])
+        for polygon, name in shapes_of(items):
+            self._use_class(layer, name)
+            layer.add_polygons([polygon[:, ::-1]])
         self._use_class(layer, self.class_combo.currentText())
         layer.events.data.connect(self._annotations_edited)
         return layer
@@ -254,22 +264,25 @@ class HeadPanel(QGroupBox):
 
     def _save_geojson(self) -> None:
         from napari_virchow.io.geojson import Annotation, write_annotations
+        from napari_virchow.io.provenance import provenance
 
         try:
-            polygons, classes = self.annotations()
+            regions, orphans = self.annotation_regions()
         except VirchowError as exc:
             report(exc)
             return
         path, _ = QFileDialog.getSaveFileName(self, "Save annotations", "annotations.geojson", "GeoJSON (*.geojson)")
         if not path:
             return
-        try:
-            write_annotations(path, [Annotation(p, c, color=rgb(class_color(c)))
-                                     for p, c in zip(polygons, classes, strict=True)])  # fmt: skip
+        for r in regions:
+            r.color = rgb(class_color(str(r.class_name)))
+        items = regions + [Annotation(h, HOLE_CLASS, color=rgb(HOLE_COLOR)) for h in orphans]
+        try:  # the slide's provenance travels with the file (fingerprint, µm/px, ...)
+            write_annotations(path, items, provenance=provenance(self._host.session()))
         except (VirchowError, OSError) as exc:
             report(VirchowError(str(exc)) if isinstance(exc, OSError) else exc)
             return
-        show_info(f"saved {len(polygons)} annotations to {path}")
+        show_info(f"saved {len(items)} annotations to {path}")
 
     # --- heads ---------------------------------------------------------------------------------
     def _load_head(self) -> None:

@@ -1,0 +1,65 @@
+"""The widget's exports (overlays GeoJSON, heatmap TIFF) carry the provenance the CLI's do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tifffile
+from qtpy.QtWidgets import QFileDialog
+
+from napari_virchow.io.provenance import PROVENANCE_KEYS
+from tests._qt.conftest import square, wait_idle
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _save_to(monkeypatch, path: Path) -> None:
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(path), "")))
+
+
+def _check(meta: dict, session) -> None:
+    missing = set(PROVENANCE_KEYS) - set(meta)
+    assert not missing, missing
+    assert meta["slide_fingerprint"] == session.slide.fingerprint and meta["slide_name"] == "planted.tif"
+    assert meta["encoder"] == "virchow2-tiny" and meta["weights_id"] == session.weights_id
+    assert meta["tile_size"] == 224 and meta["tile_size_l0"] == session.grid.tile_size_l0
+    assert meta["target_mpp"] == pytest.approx(0.5) and meta["tissue_threshold"] == session.grid.tissue_threshold
+    assert meta["positive_class"] == "tumour" and set(meta["head_classes"]) == {"tumour", "normal"}
+
+
+@pytest.mark.drives("export_geojson_btn", "export_heatmap_btn")
+def test_exports_record_provenance(qtbot, planted_widget, ui, tmp_path: Path, monkeypatch) -> None:
+    w, u = planted_widget, ui(planted_widget)
+    u.click("export_heatmap_btn")  # nothing to export yet: one message, no file
+    layer = w.head.new_annotation_layer()
+    w.head._use_class(layer, "tumour")
+    layer.add_polygons([square(448, 448, 896, 896)])
+    w.head._use_class(layer, "normal")
+    layer.add_polygons([square(300, 1100, 1000, 1700)])
+    w.head.train()
+    wait_idle(qtbot, w)
+    session = w.session()
+    assert session.head is not None
+
+    gj = tmp_path / "planted.overlays.geojson"
+    _save_to(monkeypatch, gj)
+    u.click("export_geojson_btn")
+    collection = json.loads(gj.read_text())
+    assert collection["features"]  # heatmap regions
+    _check(collection["napari_virchow"], session)
+
+    tif = tmp_path / "planted.heatmap.tif"
+    _save_to(monkeypatch, tif)
+    u.click("export_heatmap_btn")
+    with tifffile.TiffFile(tif) as f:
+        meta = json.loads(f.pages[0].description)
+        data = f.pages[0].asarray()
+    _check(meta, session)
+    g = session.grid
+    assert meta["mpp"] == pytest.approx(g.tile_size_l0 * 0.5)  # a heatmap pixel, not the slide's
+    assert meta["slide_mpp"] == pytest.approx(0.5) and meta["mpp_source"] == "file"
+    assert (data > 0).any() and (data == 0).any()  # values where tiles are embedded, 0 = no value elsewhere
+    for side in data.shape:  # the slide's physical size, to within a heatmap pixel
+        assert abs(side * meta["mpp"] - 2048 * 0.5) < meta["mpp"]
