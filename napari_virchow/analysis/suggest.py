@@ -103,7 +103,7 @@ def suggest_tiles(probabilities: np.ndarray, coords: np.ndarray, tile_size_l0: i
     if len(lab) and (lab.min() < 0 or lab.max() >= len(p)):
         raise AnalysisError(f"labelled tile indices must be in 0..{len(p) - 1}, got {lab.min()}..{lab.max()}")
     finite = np.isfinite(p) if p.ndim == 1 else np.isfinite(p).all(axis=1)
-    valid = finite.copy()
+    valid = np.array(finite, dtype=bool)
     if candidates is not None:
         mask = np.asarray(candidates, dtype=bool).reshape(-1)
         if mask.shape != valid.shape:
