@@ -37,6 +37,9 @@ def hit_list(name: str, tip: str, *, rows: int = 5) -> QListWidget:
     lst = named(QListWidget(), name, tip)
     lst.setIconSize(QSize(48, 48))
     lst.setMinimumHeight(rows * 52)
+    # a long row is elided, not scrolled sideways: the dock is narrow
+    lst.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    lst.setTextElideMode(Qt.TextElideMode.ElideRight)
     return lst
 
 

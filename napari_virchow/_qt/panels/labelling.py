@@ -131,7 +131,7 @@ class LabellingPanel(QGroupBox):
         self.suggest_list.blockSignals(True)
         self.suggest_list.clear()
         for rank, (s, thumb) in enumerate(zip(ev.suggestions, ev.thumbnails, strict=True), start=1):
-            text = f"{rank}. P({ev.positive_class}) {s.probability:.2f} · ({s.x * mpp:,.0f}, {s.y * mpp:,.0f}) µm"
+            text = f"{rank}. P({ev.positive_class}) {s.probability:.2f}\n({s.x * mpp:,.0f}, {s.y * mpp:,.0f}) µm"
             add_hit(self.suggest_list, text, thumb, (s.x, s.y, t)).setData(_TEXT, text)
         self.suggest_list.blockSignals(False)
         self.show_keys()
