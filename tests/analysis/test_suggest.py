@@ -86,3 +86,30 @@ def test_bad_inputs_are_one_clear_message() -> None:
         suggest_tiles(np.zeros(9), grid(3), TILE, labelled=np.array([9]))
     with pytest.raises(AnalysisError, match="candidates"):
         suggest_tiles(np.zeros(9), grid(3), TILE, labelled=np.array([], np.int64), candidates=np.ones(3, bool))
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
+def test_suggest_job_runs_without_qt_on_a_real_session(planted_slide, tmp_path) -> None:
+    """The labelling job on a real session: suggestions are embedded tissue tiles off the annotations."""
+    from napari_virchow.errors import VirchowError
+    from napari_virchow.jobs_labelling import Suggested, suggest_job
+    from napari_virchow.session import SessionConfig, SlideSession
+
+    config = SessionConfig(encoder="virchow2-tiny", weights="random", device="cpu", dtype="fp32", batch_size=16,
+                           cache_root=tmp_path)  # fmt: skip
+    tumour = np.array([[448, 448], [896, 448], [896, 896], [448, 896]], float)  # level-0 (x, y)
+    normal = np.array([[300, 1100], [1000, 1100], [1000, 1700], [300, 1700]], float)
+    with SlideSession(planted_slide, config) as session:
+        with pytest.raises(VirchowError, match="Train from annotations"):
+            list(suggest_job(session, [], []))
+        list(session.compute())
+        session.set_head(session.train_head([tumour, normal], ["tumour", "normal"]).head)
+        [event] = [e for e in suggest_job(session, [tumour, normal], ["tumour", "normal"], k=5)
+                   if isinstance(e, Suggested)]  # fmt: skip
+        labelled = set(session.annotated_tiles([tumour, normal], ["tumour", "normal"])[0].tolist())
+        g = session.grid
+        assert 0 < len(event.suggestions) <= 5 and event.n_labelled == len(labelled)
+        assert len(event.thumbnails) == len(event.suggestions) and event.thumbnails[0].shape == (64, 64, 3)
+        for s in event.suggestions:
+            assert s.index not in labelled and g.tissue[s.index]
+            assert s.probability == pytest.approx(float(session.probabilities[0.5][s.index]))
