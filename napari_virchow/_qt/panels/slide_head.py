@@ -112,7 +112,8 @@ class SlideHeadPanel(QGroupBox):
         rows = [f"<b>{html.escape(c)} {p:.2f}</b>" if c == top else f"{html.escape(c)} {p:.2f}"
                 for c, p in sorted(probabilities.items(), key=lambda kv: -kv[1])]  # fmt: skip
         over = f"over {len(ev.result.indices):,} tissue tiles at {ev.result.mpp:g} µm/px"
-        self.prediction_label.setText(f"{html.escape(session.slide.path.name)}: " + " · ".join(rows) + f"<br>{over}")
+        # one class per line: a long class name never splits a name from its probability
+        self.prediction_label.setText("<br>".join([f"{html.escape(session.slide.path.name)}:", *rows, over]))
         layer = self._host.slide_layer()
         if layer is None:
             return
