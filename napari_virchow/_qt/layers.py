@@ -17,7 +17,7 @@ __all__ = [
 ]  # fmt: skip
 
 #: colour-bar titles of the overlays that have one (the kind in the layer's name → what the bar shows)
-BAR_TITLES = {"probability": "P(tumour)", "similarity": "similarity"}
+BAR_TITLES = {"probability": "P(tumour)", "similarity": "similarity", "attention": "attention"}
 #: a layer's own colour-bar title (e.g. ``"P(Epidermis)"``), in its ``metadata``
 BAR_TITLE_KEY = "virchow_colorbar_title"
 

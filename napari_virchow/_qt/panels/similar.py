@@ -6,14 +6,12 @@ from pathlib import Path
 
 import numpy as np
 from napari.utils.notifications import show_warning
-from qtpy.QtCore import QSize, Qt
-from qtpy.QtGui import QIcon, QImage, QPixmap
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QFileDialog,
     QGroupBox,
     QHBoxLayout,
     QLineEdit,
-    QListWidget,
     QListWidgetItem,
     QPushButton,
     QSpinBox,
@@ -23,6 +21,7 @@ from qtpy.QtWidgets import (
 from napari_virchow import jobs as _jobs
 from napari_virchow._qt.errors import report
 from napari_virchow._qt.flash import Flasher
+from napari_virchow._qt.hitlist import add_hit, hit_list, zoom_to_tile
 from napari_virchow._qt.layers import (
     SIMILARITY,
     layer_named,
@@ -33,7 +32,6 @@ from napari_virchow._qt.layers import (
 )
 from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow._qt.picking import Picker, box_corners
-from napari_virchow._qt.viewport import camera
 from napari_virchow._reader import METADATA_KEY
 from napari_virchow.errors import VirchowError
 from napari_virchow.session import SlideSession
@@ -41,12 +39,6 @@ from napari_virchow.session import SlideSession
 __all__ = ["SimilarPanel"]
 
 HIT_COLOR = "#ff00ff"  # magenta with a black outline reads on viridis, inferno and H&E
-
-
-def _icon(rgb: np.ndarray) -> QIcon:
-    rgb = np.ascontiguousarray(rgb[..., :3])
-    h, w = rgb.shape[:2]
-    return QIcon(QPixmap.fromImage(QImage(rgb.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy()))
 
 
 class SimilarPanel(QGroupBox):
@@ -77,9 +69,7 @@ class SimilarPanel(QGroupBox):
         self.search_btn = named(QPushButton("Search indexed slides"), "search_index_btn")
         self.search_btn.clicked.connect(self.search_index)
         lay.addRow(self.search_btn)
-        self.hit_list = named(QListWidget(), "hit_list", "click a hit to go there")
-        self.hit_list.setIconSize(QSize(48, 48))
-        self.hit_list.setMinimumHeight(5 * 52)  # at least five hits visible
+        self.hit_list = hit_list("hit_list", "click a hit to go there")  # at least five hits visible
         self.hit_list.itemActivated.connect(self.go_to_hit)
         self.hit_list.itemClicked.connect(self.go_to_hit)
         self.flasher = Flasher(self)
@@ -118,10 +108,8 @@ class SimilarPanel(QGroupBox):
                    text={"string": [str(i + 1) for i in range(len(boxes))], "color": HIT_COLOR, "size": 12})
         self.hit_list.clear()
         for rank, (hit, thumb) in enumerate(zip(ev.hits, ev.thumbnails, strict=True), start=1):
-            item = QListWidgetItem(_icon(thumb), f"{rank}. score {hit.score:.3f} · "
-                                   f"({hit.x * mpp:,.0f}, {hit.y * mpp:,.0f}) µm")  # fmt: skip
-            item.setData(Qt.ItemDataRole.UserRole, (hit.x + t / 2, hit.y + t / 2))
-            self.hit_list.addItem(item)
+            add_hit(self.hit_list, f"{rank}. score {hit.score:.3f} · ({hit.x * mpp:,.0f}, {hit.y * mpp:,.0f}) µm",
+                    thumb, (hit.x + t / 2, hit.y + t / 2))  # fmt: skip
 
     def _explain(self, session: SlideSession, ev: _jobs.Queried) -> str:
         n_embedded = int(np.count_nonzero(np.isfinite(session.similarity))) if session.similarity is not None else 0
@@ -170,11 +158,8 @@ class SimilarPanel(QGroupBox):
         self.hit_list.clear()
         for rank, (hit, thumb) in enumerate(zip(ev.hits, ev.thumbnails, strict=True), start=1):
             where = Path(hit.slide or "?").name + ("" if hit.exists else " (file missing)")
-            item = QListWidgetItem(f"{rank}. {where} score {hit.score:.3f} at ({hit.x}, {hit.y}) px")
-            if thumb is not None:
-                item.setIcon(_icon(thumb))
-            item.setData(Qt.ItemDataRole.UserRole, (hit.x + t / 2, hit.y + t / 2, hit.slide if hit.exists else None))
-            self.hit_list.addItem(item)
+            add_hit(self.hit_list, f"{rank}. {where} score {hit.score:.3f} at ({hit.x}, {hit.y}) px", thumb,
+                    (hit.x + t / 2, hit.y + t / 2, hit.slide if hit.exists else None))  # fmt: skip
         self._host.set_status(f"{len(ev.hits)} similar regions in other slides")
 
     def go_to_hit(self, item: QListWidgetItem) -> None:
@@ -192,14 +177,9 @@ class SimilarPanel(QGroupBox):
             self._host.choose_slide(layer.name)
         if layer is None:
             return
-        cam = camera(viewer)
-        cam.center = tuple(np.asarray(layer.data_to_world((y, x))))
         try:
             tile_um = self._host.session().grid.tile_size_l0 * float(np.asarray(layer.scale)[-1])
         except VirchowError:
             return
-        cam.zoom = max(cam.zoom, min(viewer.canvas.size) / (6 * tile_um))  # about six tiles across
-        hits = layer_named(viewer, overlay_name(layer, "hits"))
-        if hits is not None and self.hit_list.row(item) < len(hits.data):
-            hits.selected_data = {self.hit_list.row(item)}  # napari highlights the selected box
-            self.flasher.start(hits, self.hit_list.row(item))
+        zoom_to_tile(viewer, layer, x, y, tile_um, boxes=layer_named(viewer, overlay_name(layer, "hits")),
+                     row=self.hit_list.row(item), flasher=self.flasher)  # fmt: skip
