@@ -3,8 +3,10 @@
 The magnification is part of the key (``mpp``, the µm/px tiles were read at), together with the
 lattice step in level-0 px (the ``-step<N>`` suffix :func:`napari_virchow.inference.store_key` puts
 on the slide fingerprint): one slide embedded at 0.5 and 2.0 µm/px has two stores, an *embedding
-pyramid*. The canonical JSON and its digest are frozen (tests pin a digest): stores written
-before magnifications were chosen per view are found unchanged, so no re-keying is needed.
+pyramid*. The canonical JSON and its digest are frozen (tests pin a digest). The slide field also
+names the lattice version (``-edges``: partial edge tiles are rows, see
+:mod:`napari_virchow.slides.lattice`), so a store of the ≤ 0.2 lattice, which dropped them, has
+another digest and is never read as a current one (it is listed as old and recomputed).
 """
 
 from __future__ import annotations
