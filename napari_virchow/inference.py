@@ -47,6 +47,7 @@ from napari_virchow.store.cache import lattice_fingerprint
 from napari_virchow.store.claims import shared_batches
 from napari_virchow.store.embeddings import EmbeddingStore, StoreKey
 from napari_virchow.store.messages import mismatch
+from napari_virchow.store.migrate import adopt_old_lattice
 
 __all__ = [
     "PREFETCH_PER_READER", "BatchResult", "Plan", "default_batch_size", "embed_slide", "estimate_tiles_per_s",
@@ -148,7 +149,8 @@ def open_store(
     ``encoder`` is a loaded encoder, or a registered name with ``weights_id`` (no model needed).
     The store records the grid's lattice (attr ``lattice``: version, ``edges: padded-white``, rows,
     cols, slide size; checksummed with the rest of its provenance), which flags its partial edge
-    rows; a store recording another lattice is refused (StoreError), never read.
+    rows; a store recording another lattice is refused (StoreError), never read. A new store adopts
+    the rows of the slide's store from 0.2 (:func:`~napari_virchow.store.migrate.adopt_old_lattice`).
     """
     dim = get_spec(encoder).dim if isinstance(encoder, str) else encoder.dim
     lattice = grid.lattice.as_attrs()
@@ -162,6 +164,8 @@ def open_store(
     if recorded is not None and recorded != lattice:
         store.close()
         raise mismatch(store.path, f"its tile lattice {recorded} is not the slide's {lattice}")
+    if store.mode == "a" and store.n_done == 0:  # a new store: keep what 0.2 computed (store/migrate.py)
+        adopt_old_lattice(store, store.path.parent)
     return store
 
 

@@ -163,7 +163,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     for s in stores:
         slide = Path(s.slide_path).name if s.slide_path else s.path.name
         tiles = f"{s.n_done}/{s.n_tiles}" if s.error is None else f"damaged: {one_line(s.error)[:60]}"
-        tiles += " (old lattice, not read: clear it)" if s.old_lattice else ""
+        tiles += " (old lattice (0.2), superseded: clear it)" if s.old_lattice else ""
         when = datetime.fromtimestamp(s.last_used).strftime("%Y-%m-%d %H:%M")
         table.append((slide, s.encoder or "?", tiles, _size(s.size_bytes), when))
     if len(table) > 1:

@@ -42,6 +42,8 @@ __all__ = [
     "lattice_fingerprint",
     "lattice_version_of",
     "list_stores",
+    "old_lattice_key",
+    "old_lattice_store",
     "resolve_cache_root",
     "slide_fingerprint_of",
 ]
@@ -110,11 +112,18 @@ def lattice_version_of(key_fingerprint: str) -> int | None:
 
 def old_lattice_store(root: Path, key: StoreKey) -> Path | None:
     """The folder of the lattice-1 store (≤ 0.2, edge tiles dropped) of ``key``'s slide, encoder and
-    level, if one is cached: it is never read as ``key``'s (other rows), only reported and cleared."""
-    if lattice_version_of(key.slide_fingerprint) != 2 or not root.is_dir():
+    level, if one is cached: it is never read as ``key``'s (its rows are other tiles)."""
+    old = old_lattice_key(key)
+    if old is None or not root.is_dir():
         return None
-    old = dataclasses.replace(key, slide_fingerprint=key.slide_fingerprint.removesuffix(_EDGES))
     return next((p for p in sorted(root.glob(f"*--{old.digest[:16]}")) if p.is_dir()), None)
+
+
+def old_lattice_key(key: StoreKey) -> StoreKey | None:
+    """The key 0.2 gave the store of ``key`` (lattice 1: ``-step<N>`` without ``-edges``), or None."""
+    if lattice_version_of(key.slide_fingerprint) != 2:
+        return None
+    return dataclasses.replace(key, slide_fingerprint=key.slide_fingerprint.removesuffix(_EDGES))
 
 
 def cache_max_bytes(max_gb: float | None = None) -> float:
@@ -229,7 +238,8 @@ class StoreInfo:
 
     @property
     def old_lattice(self) -> bool:
-        """A store of lattice 1 (≤ 0.2: partial edge tiles dropped): never read now, only listed and cleared."""
+        """A store of lattice 1 (≤ 0.2: partial edge tiles dropped): never read as a current store (a new
+        one adopts its rows once, :mod:`~napari_virchow.store.migrate`); listed and cleared."""
         return self.slide_fingerprint is not None and lattice_version_of(self.slide_fingerprint) == 1
 
 

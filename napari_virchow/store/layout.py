@@ -29,7 +29,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from napari_virchow import __version__
 from napari_virchow.store.atomic import AtomicLocalStore
-from napari_virchow.store.cache import old_lattice_store, store_folder_name
+from napari_virchow.store.cache import store_folder_name
 from napari_virchow.store.key import StoreKey
 from napari_virchow.store.messages import damaged, mismatch, os_error
 
@@ -191,12 +191,4 @@ def create_store(
         shutil.rmtree(tmp, ignore_errors=True)
         raise os_error(exc, root, "creating an embedding store in") from exc
     logger.debug("created embedding store %s", path)
-    old = old_lattice_store(root, key)
-    if old is not None:
-        logger.warning(
-            "%s holds embeddings of %s from napari-virchow 0.2 or older, whose tile lattice dropped the partial "
-            "edge tiles: they are not read (its rows are other tiles); the slide is embedded again, edge tiles "
-            "included. `napari-virchow cache clear --slide %s` frees its space (LRU eviction removes it too).",
-            old, slide_path or key.slide_fingerprint, Path(slide_path).name if slide_path else old.name,
-        )  # fmt: skip
     return path

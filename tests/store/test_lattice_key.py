@@ -1,4 +1,5 @@
-"""A store of the old lattice (≤ 0.2: partial edge tiles dropped) is never read as one of the new."""
+"""A store of the old lattice (≤ 0.2: partial edge tiles dropped) is never read as one of the new;
+a new store adopts its rows by tile corner, so only the edge tiles are computed again."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from napari_virchow.cli.app import main
 from napari_virchow.errors import StoreError
 from napari_virchow.inference import open_store, store_key
+from napari_virchow.models.specs import get_spec
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
 from napari_virchow.store.cache import (
@@ -24,9 +26,11 @@ from napari_virchow.store.embeddings import EmbeddingStore
 from napari_virchow.store.key import StoreKey
 
 ENC, WID = "virchow2-tiny", "random:virchow2-tiny"
+#: rows 0.2 computed on the 2048-px slide's 9 × 9 lattice, and where they are on the 10 × 10 one
+OLD_DONE, NEW_INDEX = np.array([0, 1, 9, 80]), np.array([0, 1, 10, 88])
 
 
-def _old_store(slide: Slide, grid: TileGrid, root: Path) -> EmbeddingStore:
+def _old_store(slide: Slide, grid: TileGrid, root: Path, dim: int | None = None) -> EmbeddingStore:
     """What 0.2 wrote: the floor lattice (rows = height // t) under the ``-step<N>`` slide field."""
     t = grid.tile_size_l0
     w, h = slide.dimensions
@@ -34,9 +38,10 @@ def _old_store(slide: Slide, grid: TileGrid, root: Path) -> EmbeddingStore:
     r, c = np.divmod(np.arange(rows * cols), cols)
     coords = np.stack([c, r], axis=1) * t
     key = StoreKey(lattice_fingerprint(slide.fingerprint, t, edges=False), ENC, WID, grid.mpp, grid.size)
-    store = EmbeddingStore.open(key, n_tiles=rows * cols, dim=1280 * 2, root=root, slide_path=str(slide.path),
-                                coords=coords, tile_size_l0=t)  # fmt: skip
-    store.write(np.arange(5), np.full((5, store.dim), 0.5, np.float32))
+    store = EmbeddingStore.open(key, n_tiles=rows * cols, dim=dim or get_spec(ENC).dim, root=root,
+                                slide_path=str(slide.path), coords=coords, tile_size_l0=t)  # fmt: skip
+    emb = np.arange(len(OLD_DONE), dtype=np.float32)[:, None] + np.linspace(0, 1, store.dim, dtype=np.float32)
+    store.write(OLD_DONE, emb)
     return store
 
 
@@ -57,15 +62,22 @@ def test_an_old_lattice_store_is_not_read_and_is_reported(planted_slide: Path, t
             old_path, old_n = old.path, old.n_tiles
         assert old_n < len(grid)
         with caplog.at_level(logging.WARNING), open_store(slide, ENC, grid, weights_id=WID, cache_root=tmp_path) as new:
-            assert new.path != old_path and new.n_tiles == len(grid) and not new.done.any()  # recomputed
+            assert new.path != old_path and new.n_tiles == len(grid)
             assert new.attrs["lattice"] == grid.lattice.as_attrs()
             np.testing.assert_array_equal(new.coords, grid.coords)
-        assert str(old_path) in caplog.text and "cache clear" in caplog.text and "edge tiles" in caplog.text
+            # the old rows are adopted at the tiles with the same corners; the rest is to compute
+            np.testing.assert_array_equal(np.flatnonzero(new.done), NEW_INDEX)
+            with EmbeddingStore.from_path(old_path) as again:
+                np.testing.assert_array_equal(new.read(NEW_INDEX), again.read(OLD_DONE))
+                np.testing.assert_array_equal(again.coords[OLD_DONE], grid.coords[NEW_INDEX])
+        assert str(old_path) in caplog.text and "adopted 4 embeddings" in caplog.text and "cache clear" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), open_store(slide, ENC, grid, weights_id=WID, cache_root=tmp_path):
+            assert "adopted" not in caplog.text  # once, when the new store is made
         infos = {i.path: i for i in list_stores(tmp_path)}
         assert infos[old_path].old_lattice and not infos[new.path].old_lattice
-        # the old store is intact (a downgrade still reads it) and found by the slide's name for clearing
-        with EmbeddingStore.from_path(old_path) as again:
-            assert again.done.nonzero()[0].tolist() == [0, 1, 2, 3, 4]
+        with EmbeddingStore.from_path(old_path) as again:  # the old store is left intact
+            assert again.done.nonzero()[0].tolist() == OLD_DONE.tolist()
 
 
 @pytest.mark.timeout(60)
@@ -90,6 +102,17 @@ def test_cache_list_marks_old_stores_and_clear_removes_them(planted_slide: Path,
         open_store(slide, ENC, grid, weights_id=WID, cache_root=tmp_path).close()
     assert main(["cache", "ls", "--cache", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("old lattice, not read") == 1
+    assert out.count("old lattice (0.2), superseded: clear it") == 1
     assert main(["cache", "clear", "--slide", "planted.tif", "--cache", str(tmp_path)]) == 0
     assert list_stores(tmp_path) == []
+
+
+@pytest.mark.timeout(60)
+def test_an_old_store_of_another_width_is_not_adopted(planted_slide: Path, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    with Slide(planted_slide) as slide:
+        grid = TileGrid(slide)
+        _old_store(slide, grid, tmp_path, dim=get_spec(ENC).dim + 2).close()
+        with caplog.at_level(logging.WARNING), open_store(slide, ENC, grid, weights_id=WID, cache_root=tmp_path) as new:
+            assert not new.done.any()
+        assert "not adopted" in caplog.text and "embedded again" in caplog.text
