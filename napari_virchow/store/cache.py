@@ -22,6 +22,7 @@ from typing import IO, TYPE_CHECKING
 from platformdirs import user_cache_dir
 
 from napari_virchow.errors import StoreError
+from napari_virchow.store.key import lattice_fingerprint, lattice_version_of, old_lattice_key, slide_fingerprint_of
 
 if TYPE_CHECKING:
     from napari_virchow.store.embeddings import StoreKey
@@ -74,42 +75,6 @@ def resolve_cache_root(root: str | os.PathLike[str] | None = None) -> Path:
     return Path(root).expanduser().absolute()
 
 
-#: separates a slide's fingerprint from its lattice step in the store key's slide field
-_STEP = "-step"
-#: ends the slide field of lattice 2 (partial edge tiles kept, padded white; see slides/lattice.py)
-_EDGES = "-edges"
-
-
-def lattice_fingerprint(fingerprint: str, step_l0: int, *, edges: bool = True) -> str:
-    """The store key's slide field: the slide fingerprint, its lattice step (tile side in level-0 px)
-    and the lattice version.
-
-    The same file tiled with another µm/px override has another lattice, so another store.
-    ``edges``: lattice 2, whose partial edge tiles are rows of the store (``<fp>-step<N>-edges``);
-    ``False`` gives lattice 1's field (``<fp>-step<N>``, napari-virchow ≤ 0.2, edge tiles dropped),
-    so a store of the old lattice has another digest and is never opened as one of the new.
-    """
-    return f"{fingerprint}{_STEP}{int(step_l0)}{_EDGES if edges else ''}"
-
-
-def _split(key_fingerprint: str) -> tuple[str, int | None]:
-    body = key_fingerprint.removesuffix(_EDGES)
-    head, sep, step = body.rpartition(_STEP)
-    if not (sep and step.isdigit()):
-        return key_fingerprint, None
-    return head, 2 if body != key_fingerprint else 1
-
-
-def slide_fingerprint_of(key_fingerprint: str) -> str:
-    """The bare slide fingerprint of a store key's slide field (inverse of :func:`lattice_fingerprint`)."""
-    return _split(key_fingerprint)[0]
-
-
-def lattice_version_of(key_fingerprint: str) -> int | None:
-    """The lattice version of a store key's slide field: 2 (edge tiles kept), 1 (dropped), None (no step)."""
-    return _split(key_fingerprint)[1]
-
-
 def old_lattice_store(root: Path, key: StoreKey) -> Path | None:
     """The folder of the lattice-1 store (≤ 0.2, edge tiles dropped) of ``key``'s slide, encoder and
     level, if one is cached: it is never read as ``key``'s (its rows are other tiles)."""
@@ -117,13 +82,6 @@ def old_lattice_store(root: Path, key: StoreKey) -> Path | None:
     if old is None or not root.is_dir():
         return None
     return next((p for p in sorted(root.glob(f"*--{old.digest[:16]}")) if p.is_dir()), None)
-
-
-def old_lattice_key(key: StoreKey) -> StoreKey | None:
-    """The key 0.2 gave the store of ``key`` (lattice 1: ``-step<N>`` without ``-edges``), or None."""
-    if lattice_version_of(key.slide_fingerprint) != 2:
-        return None
-    return dataclasses.replace(key, slide_fingerprint=key.slide_fingerprint.removesuffix(_EDGES))
 
 
 def cache_max_bytes(max_gb: float | None = None) -> float:
