@@ -19,10 +19,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -46,6 +46,8 @@ from napari_virchow.slides.tiling import TileGrid
 from napari_virchow.store.cache import lattice_fingerprint
 from napari_virchow.store.claims import shared_batches
 from napari_virchow.store.embeddings import EmbeddingStore, StoreKey
+from napari_virchow.store.messages import mismatch
+from napari_virchow.store.migrate import adopt_old_lattice
 
 __all__ = [
     "PREFETCH_PER_READER", "BatchResult", "Plan", "default_batch_size", "embed_slide", "estimate_tiles_per_s",
@@ -140,17 +142,31 @@ def open_store(
     weights_id: str | None = None,
     cache_root: str | os.PathLike[str] | None = None,
     mode: Literal["a", "r", "w"] = "a",
+    extra_attrs: Mapping[str, Any] | None = None,
 ) -> EmbeddingStore:
     """Create or reopen the store of (slide, encoder, grid); one row per lattice tile.
 
     ``encoder`` is a loaded encoder, or a registered name with ``weights_id`` (no model needed).
+    The store records the grid's lattice (attr ``lattice``: version, ``edges: padded-white``, rows,
+    cols, slide size; checksummed with the rest of its provenance), which flags its partial edge
+    rows; a store recording another lattice is refused (StoreError), never read. A new store adopts
+    the rows of the slide's store from 0.2 (:func:`~napari_virchow.store.migrate.adopt_old_lattice`).
     """
     dim = get_spec(encoder).dim if isinstance(encoder, str) else encoder.dim
-    return EmbeddingStore.open(
+    lattice = grid.lattice.as_attrs()
+    store = EmbeddingStore.open(
         store_key(slide, encoder, grid, weights_id=weights_id), n_tiles=len(grid), dim=dim,
         root=_root(cache_root), slide_path=str(slide.path.resolve()),
         coords=grid.coords, tile_size_l0=grid.tile_size_l0, mode=mode,
+        extra_attrs={**(extra_attrs or {}), "lattice": lattice},
     )  # fmt: skip
+    recorded = store.attrs.get("lattice")
+    if recorded is not None and recorded != lattice:
+        store.close()
+        raise mismatch(store.path, f"its tile lattice {recorded} is not the slide's {lattice}")
+    if store.mode == "a" and store.n_done == 0:  # a new store: keep what 0.2 computed (store/migrate.py)
+        adopt_old_lattice(store, store.path.parent)
+    return store
 
 
 def _root(cache_root: str | os.PathLike[str] | None) -> Path | None:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from napari_virchow.errors import VirchowError
-from napari_virchow.lod import LodPyramid, MissingFn, ViewPlan
+from napari_virchow.lod import ViewPlan
+from napari_virchow.lod_pyramid import LodPyramid, MissingFn
 from napari_virchow.store.key import canonical_mpp
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ class LevelsMixin:
         have = self._stores.get(m)
         if have is not None and (mode == "r" or have.mode == "a"):
             return have
-        from napari_virchow.store.embeddings import EmbeddingStore
+        from napari_virchow.inference import open_store
 
         extra = None
         if mode == "a":
@@ -131,11 +132,8 @@ class LevelsMixin:
         if have is not None:
             have.close()
             del self._stores[m]
-        self._stores[m] = EmbeddingStore.open(
-            self.store_key(m), n_tiles=len(grid), dim=self.config.spec.dim, root=self.config.cache_root,
-            slide_path=str(self.slide.path.resolve()), coords=grid.coords, tile_size_l0=grid.tile_size_l0,
-            mode=mode, extra_attrs=extra,
-        )  # fmt: skip
+        self._stores[m] = open_store(self.slide, self.config.encoder, grid, weights_id=self.weights_id,
+                                     cache_root=self.config.cache_root, mode=mode, extra_attrs=extra)  # fmt: skip
         return self._stores[m]
 
     def _stored(self, mpp: float | None = None) -> EmbeddingStore | None:
@@ -156,7 +154,7 @@ class LevelsMixin:
         return indices if store is None else store.missing(indices)
 
     def missing_fn(self) -> MissingFn:
-        """``missing(mpp, indices)`` over this session's stores (for :class:`~napari_virchow.lod.LodPyramid`)."""
+        """``missing(mpp, indices)`` over this session's stores (for ``LodPyramid``)."""
         return lambda m, idx: self.missing(idx, mpp=m)
 
     def done_at(self, mpp: float | None = None) -> np.ndarray:

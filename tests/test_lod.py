@@ -15,19 +15,10 @@ import pytest
 
 from napari_virchow.errors import SlideError
 from napari_virchow.inference import store_key
-from napari_virchow.lod import (
-    Lattice,
-    LodPyramid,
-    SlideGeometry,
-    ViewPlan,
-    canvas_tiles,
-    missing_from_done,
-    missing_from_stores,
-    plan_view,
-    usable_mpps,
-    view_box,
-)
+from napari_virchow.lod import ViewPlan, canvas_tiles, plan_view, usable_mpps, view_box
+from napari_virchow.lod_pyramid import LodPyramid, missing_from_done, missing_from_stores
 from napari_virchow.models.specs import get_spec
+from napari_virchow.slides.lattice import Lattice, SlideGeometry
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
 from napari_virchow.store.embeddings import EmbeddingStore
@@ -59,7 +50,8 @@ def test_magnification_chosen_per_zoom(um_per_screen_px: float, expected: float)
 
 def test_whole_slide_view_keeps_the_coarsest_level_and_caps_the_tiles() -> None:
     plan = plan_at(16.384)
-    assert plan.counts == {0.25: 85264, 0.5: 21316, 1.0: 5329, 2.0: 1296}  # 1/16 of 20× at 5×
+    # ceil(65536 / t)² tiles, partial edge tiles included: about 1/16 of 20× at 5×
+    assert plan.counts == {0.25: 293**2, 0.5: 147**2, 1.0: 74**2, 2.0: 37**2}
     assert plan.truncated and len(plan.tiles) == plan.budget and not plan.underneath
     # the capped tiles are the ones nearest the view's centre
     lat = Lattice.at(BIG, 2.0)
@@ -88,7 +80,7 @@ def test_a_magnification_between_levels_rounds_to_the_coarser() -> None:
 def test_pinned_magnification_is_always_used() -> None:
     plan = plan_at(16.384, pinned=0.5)
     assert (plan.mpp, plan.pinned, plan.fits) == (0.5, True, False)
-    assert len(plan.tiles) == plan.budget and len(plan.in_view) == 21316
+    assert len(plan.tiles) == plan.budget and len(plan.in_view) == 147**2
     assert set(plan.underneath) == {1.0, 2.0}
 
 
@@ -148,16 +140,17 @@ def test_geometry_validates() -> None:
         SlideGeometry(0, 100, 0.5)
 
 
-# --- the lattice is TileGrid's -------------------------------------------------------------------
+# --- TileGrid's lattice is the planner's -------------------------------------------------------
 
 
 @pytest.mark.parametrize("mpp", [0.5, 1.0, 2.0])
-def test_lattice_matches_tilegrid(planted_slide: Path, mpp: float) -> None:
+def test_tilegrid_uses_the_one_lattice(planted_slide: Path, mpp: float) -> None:
+    """The planner's lattice (no pixels) is the grid's: same object value, coords and tiles_in."""
     rng = np.random.default_rng(1)
     with Slide(planted_slide) as slide:
         grid = TileGrid(slide, mpp=mpp)
         lat = Lattice.at(SlideGeometry.of(slide), mpp)
-        assert lat == Lattice.of_grid(grid) and len(lat) == len(grid)
+        assert grid.lattice == lat and len(lat) == len(grid) and grid.grid_shape == (lat.rows, lat.cols)
         np.testing.assert_array_equal(lat.coords, grid.coords)
         for _ in range(20):
             x0, y0 = rng.uniform(-200, 2048, 2)
@@ -227,7 +220,7 @@ def test_done_mask_callback_keeps_the_centre_out_order() -> None:
 
 
 def test_planning_and_drawing_import_neither_qt_nor_torch() -> None:
-    code = ("import sys, napari_virchow.lod, napari_virchow.analysis.lod_rasters; "
+    code = ("import sys, napari_virchow.lod, napari_virchow.lod_pyramid, napari_virchow.analysis.lod_rasters; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'qtpy', 'PyQt6', 'napari'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip

@@ -22,7 +22,7 @@ from dataclasses import replace
 import numpy as np
 
 from napari_virchow.analysis.rasters import Raster, labels_raster, tile_raster
-from napari_virchow.lod import Lattice, SlideGeometry
+from napari_virchow.slides.lattice import Lattice, SlideGeometry
 
 __all__ = ["LevelValues", "cell_at_um", "finest_raster", "level_rasters"]
 

@@ -152,7 +152,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         rows = [{"path": str(s.path), "slide": s.slide_path, "slide_fingerprint": s.slide_fingerprint,
                  "encoder": s.encoder, "weights_id": s.weights_id, "mpp": s.mpp, "tile_size": s.tile_size,
                  "n_done": s.n_done, "n_tiles": s.n_tiles, "size_bytes": s.size_bytes,
-                 "last_used": datetime.fromtimestamp(s.last_used).isoformat(timespec="seconds"), "error": s.error}
+                 "last_used": datetime.fromtimestamp(s.last_used).isoformat(timespec="seconds"), "error": s.error,
+                 "old_lattice": s.old_lattice}
                 for s in stores]  # fmt: skip
         print(json.dumps({"root": str(root), "size_bytes": total, "limit_bytes": limit, "stores": rows}, indent=1))
         return 0
@@ -162,6 +163,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     for s in stores:
         slide = Path(s.slide_path).name if s.slide_path else s.path.name
         tiles = f"{s.n_done}/{s.n_tiles}" if s.error is None else f"damaged: {one_line(s.error)[:60]}"
+        tiles += " (old lattice (0.2), superseded: clear it)" if s.old_lattice else ""
         when = datetime.fromtimestamp(s.last_used).strftime("%Y-%m-%d %H:%M")
         table.append((slide, s.encoder or "?", tiles, _size(s.size_bytes), when))
     if len(table) > 1:

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from napari_virchow import __version__
+from napari_virchow.slides.lattice import EDGES
 
 if TYPE_CHECKING:
     from napari_virchow.session import SlideSession
@@ -22,7 +23,7 @@ __all__ = ["PROVENANCE_KEYS", "provenance", "weights_origin"]
 PROVENANCE_KEYS = (
     "encoder", "weights_id", "weights_source", "weights_repo", "weights_revision", "mpp", "mpp_source",
     "target_mpp", "tile_size", "tile_size_l0", "tissue_threshold", "min_tissue", "napari_virchow_version",
-    "slide_name", "slide_fingerprint", "created",
+    "slide_name", "slide_fingerprint", "created", "edge_tiles",
 )  # fmt: skip
 
 
@@ -63,4 +64,6 @@ def provenance(session: SlideSession) -> dict[str, Any]:
         "slide_name": slide.path.name,
         "slide_fingerprint": slide.fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # tiles at the right/bottom edge reach past the slide, read padded with white (slides/lattice.py)
+        "edge_tiles": EDGES,
     }

@@ -1,14 +1,15 @@
 """Tile a slide at the encoder's magnification: a lattice in level-0 px plus a tissue mask.
 
-The grid is the *full* lattice of non-overlapping ``tile_size_l0`` squares anchored at (0, 0)
-(partial tiles at the right/bottom edge are dropped), in row-major order; :attr:`TileGrid.tissue`
-flags the tiles worth embedding. Tile ``i`` therefore depends only on the slide's size, its
-µm/px and the tile options, never on tissue detection: the embedding store is indexed by ``i``,
-so changing the tissue threshold never invalidates cached embeddings.
+The grid's lattice is :class:`~napari_virchow.slides.lattice.Lattice` (non-overlapping
+``tile_size_l0`` squares anchored at (0, 0), row-major, the partial last row and column kept and read
+padded with white); :attr:`TileGrid.tissue` flags the tiles worth embedding. Tile ``i`` therefore
+depends only on the slide's size, its µm/px and the tile options, never on tissue detection: the
+embedding store is indexed by ``i``, so changing the tissue threshold never invalidates cached
+embeddings.
 
 >>> grid = TileGrid(Slide("sample_data/cmu_small_region.svs"))   # 0.5 µm/px, 224 px
->>> grid.grid_shape, grid.n_tissue, grid.read_level, grid.resized
-((13, 9), 65, 0, False)
+>>> grid.grid_shape, grid.read_level, grid.resized
+((14, 10), 0, False)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from napari_virchow.errors import SlideError
 from napari_virchow.slides.batch_read import read_regions
 from napari_virchow.slides.jpeg_batch import decoder_for
+from napari_virchow.slides.lattice import MIN_TILE_L0, Lattice, SlideGeometry
 from napari_virchow.slides.resample import resize_batch
 from napari_virchow.slides.slide import Slide
 
@@ -41,9 +43,12 @@ SATURATION_CLIP = (0.05, 0.15)
 NEAR_WHITE, VERY_DARK = 220, 50
 #: thumbnail pixels per tile side (bounded) used to measure each tile's tissue fraction
 THUMB_PX_PER_TILE, THUMB_SIZE_RANGE = 8, (1024, 4096)
-#: fewest level-0 px a tile may span: below this the slide is far coarser than the model's
-#: magnification (or its resolution tag is wrong) and the lattice would explode to ~1 tile per px
-MIN_TILE_L0 = 16
+#: tissue is decided on tiles of this µm/px (20×: ``min_tissue`` of a tile's area); a coarser tile is
+#: tissue where at least :data:`COARSE_TISSUE_MAJORITY` of its area is tissue tiles of this
+#: reference, so every magnification calls the same µm² tissue (a 10 % rule on a 448-µm 5× tile
+#: would take in up to 16 times the glass a 112-µm 20× tile does along every tissue border)
+TISSUE_REFERENCE_MPP = 0.5
+COARSE_TISSUE_MAJORITY = 0.5
 #: largest pre-resize batch a reader thread keeps as a scratch buffer between batches
 SCRATCH_MAX_BYTES = 64 * 2**20
 
@@ -83,6 +88,37 @@ def detect_tissue(rgb: np.ndarray, *, threshold: float | None = None) -> tuple[n
     return (sat > threshold) & usable, float(threshold)
 
 
+def _tile_fractions(mask: np.ndarray, lattice: Lattice, downsample: tuple[float, float]) -> np.ndarray:
+    """(n,) float32: the fraction of each tile's *in-slide* footprint that ``mask`` marks.
+
+    ``mask`` covers exactly the slide at ``downsample`` (x, y) level-0 px per mask px, so a partial
+    edge tile's fraction is of its part on the slide (the white padding is neither tissue nor area).
+    Every tile spans at least one mask px.
+    """
+    sx, sy = downsample
+    th, tw = mask.shape
+    t = lattice.tile_size_l0
+    ey = np.minimum(np.round(np.arange(lattice.rows + 1) * t / sy).astype(int), th)
+    ex = np.minimum(np.round(np.arange(lattice.cols + 1) * t / sx).astype(int), tw)
+    ey[1:] = np.maximum(ey[1:], ey[:-1] + 1).clip(max=th)
+    ex[1:] = np.maximum(ex[1:], ex[:-1] + 1).clip(max=tw)
+    integral = np.zeros((th + 1, tw + 1), np.int32)  # <= 4096² px: int32 is enough
+    integral[1:, 1:] = mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
+    y0, y1, x0, x1 = ey[:-1, None], ey[1:, None], ex[None, :-1], ex[None, 1:]
+    counts = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    area = np.maximum((y1 - y0) * (x1 - x0), 1)
+    return (counts / area).astype(np.float32).ravel()
+
+
+def _paint(flags: np.ndarray, lattice: Lattice, shape: tuple[int, ...], downsample: tuple[float, float]) -> np.ndarray:
+    """A mask of ``shape`` (mask px) true where the pixel centre lies in a flagged tile of ``lattice``."""
+    sx, sy = downsample
+    t = lattice.tile_size_l0
+    r = np.minimum(((np.arange(shape[0]) + 0.5) * sy // t).astype(np.int64), lattice.rows - 1)
+    c = np.minimum(((np.arange(shape[1]) + 0.5) * sx // t).astype(np.int64), lattice.cols - 1)
+    return np.asarray(flags, bool).reshape(lattice.rows, lattice.cols)[r[:, None], c[None, :]]
+
+
 _local = threading.local()
 
 
@@ -108,7 +144,9 @@ class TileGrid:
     tissue_threshold : float, optional
         Saturation threshold of :func:`detect_tissue` (default: Otsu's).
     min_tissue : float
-        Fraction of a tile's footprint that must be tissue for the tile to count.
+        Fraction of a tile's in-slide footprint that must be tissue for the tile to count, at
+        :data:`TISSUE_REFERENCE_MPP` and finer; a coarser tile counts where most of its area
+        (:data:`COARSE_TISSUE_MAJORITY`) is such reference tiles.
     decode_device : str, optional
         Decode JPEG stored tiles in batches with ``torchvision.io.decode_jpeg`` on this torch
         device (e.g. ``"cuda"``: the CPU only reads bytes); default ``None``, imagecodecs on the
@@ -117,12 +155,14 @@ class TileGrid:
 
     Attributes
     ----------
+    lattice : Lattice
+        The tile lattice (partial edge tiles included; ``lattice.partial`` flags them).
     coords : numpy.ndarray
-        (n, 2) int64 level-0 (x, y) of every lattice tile's top-left corner, row-major.
+        (n, 2) int64 level-0 (x, y) of every lattice tile's top-left corner, row-major (read-only).
     tissue : numpy.ndarray
-        (n,) bool, tiles with at least ``min_tissue`` tissue; ``tissue_indices`` their indices.
+        (n,) bool, tiles that count as tissue (see ``min_tissue``); ``tissue_indices`` their indices.
     tissue_fraction : numpy.ndarray
-        (n,) float32 tissue fraction of each tile's footprint in the thumbnail.
+        (n,) float32 tissue fraction of each tile's in-slide footprint in the thumbnail.
     tile_size_l0 : int
         Tile side (and lattice stride) in level-0 px: ``round(size * mpp / slide.mpp)``.
     grid_shape : tuple of int
@@ -161,7 +201,9 @@ class TileGrid:
             decoder_for(decode_device)  # a device this machine lacks fails here, not mid-run
         self.decode_device = decode_device
         slide_mpp = slide.require_mpp()
-        self.tile_size_l0 = max(1, round(self.size * self.mpp / slide_mpp))
+        #: the lattice (tile index → level-0 square); coords, tiles_in and index_at are its
+        self.lattice = Lattice.at(SlideGeometry(*slide.dimensions, slide_mpp), self.mpp, self.size)
+        self.tile_size_l0 = self.lattice.tile_size_l0
         if self.tile_size_l0 < MIN_TILE_L0:
             raise SlideError(
                 f"{slide.path.name} {'is given (override)' if slide.mpp_source == 'override' else 'records'} "
@@ -171,16 +213,14 @@ class TileGrid:
                 "widget, or `Slide(path, mpp=...)`); else use a slide scanned at higher magnification."
             )
         w, h = slide.dimensions
-        rows, cols = h // self.tile_size_l0, w // self.tile_size_l0
-        if rows == 0 or cols == 0:
+        if not self.lattice.has_full_tile:
             raise SlideError(
                 f"nothing to tile: {slide.path.name} is {w}×{h} px, smaller than one "
                 f"{self.size}-px tile at {self.mpp:g} µm/px ({self.tile_size_l0} px at the "
                 f"slide's {slide_mpp:g} µm/px)"
             )
-        self.grid_shape = (rows, cols)
-        r, c = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)
-        self.coords = np.stack([c, r], axis=1) * self.tile_size_l0
+        self.grid_shape = (self.lattice.rows, self.lattice.cols)
+        self.coords = self.lattice.coords
         self.read_level, self.read_size = self._choose_level(slide_mpp)
         self.resized = self.read_size != self.size
         side = THUMB_PX_PER_TILE * math.ceil(max(w, h) / self.tile_size_l0)
@@ -221,24 +261,25 @@ class TileGrid:
 
     def _flag_tissue(self, threshold: float | None) -> None:
         self.tissue_mask, self.tissue_threshold = detect_tissue(self._thumbnail, threshold=threshold)
-        rows, cols = self.grid_shape
-        sx, sy = self.mask_downsample
-        th, tw = self.tissue_mask.shape
-        # Footprint edges of the lattice in mask px; every tile spans >= 1 mask px.
-        ey = np.minimum(np.round(np.arange(rows + 1) * self.tile_size_l0 / sy).astype(int), th)
-        ex = np.minimum(np.round(np.arange(cols + 1) * self.tile_size_l0 / sx).astype(int), tw)
-        ey[1:] = np.maximum(ey[1:], ey[:-1] + 1).clip(max=th)
-        ex[1:] = np.maximum(ex[1:], ex[:-1] + 1).clip(max=tw)
-        integral = np.zeros((th + 1, tw + 1), np.int32)  # <= 4096² px: int32 is enough
-        integral[1:, 1:] = self.tissue_mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
-        y0, y1, x0, x1 = ey[:-1, None], ey[1:, None], ex[None, :-1], ex[None, 1:]
-        counts = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-        area = np.maximum((y1 - y0) * (x1 - x0), 1)
-        self.tissue_fraction = (counts / area).astype(np.float32).ravel()
-        self.tissue = self.tissue_fraction >= max(self.min_tissue, 1e-9)
+        self.tissue_fraction = _tile_fractions(self.tissue_mask, self.lattice, self.mask_downsample)
+        floor = max(self.min_tissue, 1e-9)
+        ref = self._tissue_reference()
+        if ref is None:
+            self.tissue = self.tissue_fraction >= floor
+        else:  # coarser than the reference: most of the tile is reference-level tissue
+            ref_tissue = _tile_fractions(self.tissue_mask, ref, self.mask_downsample) >= floor
+            painted = _paint(ref_tissue, ref, self.tissue_mask.shape, self.mask_downsample)
+            self.tissue = _tile_fractions(painted, self.lattice, self.mask_downsample) >= COARSE_TISSUE_MAJORITY
         self.tissue_indices = np.flatnonzero(self.tissue).astype(np.int64)
         if not self.n_tissue:
             log.warning("%s", self._no_tissue_message())
+
+    def _tissue_reference(self) -> Lattice | None:
+        """The lattice at :data:`TISSUE_REFERENCE_MPP` when this grid is coarser than it, else None."""
+        if self.mpp <= TISSUE_REFERENCE_MPP * (1 + RESIZE_TOLERANCE):
+            return None
+        geo = SlideGeometry(self.lattice.width, self.lattice.height, self.slide.require_mpp())
+        return Lattice.at(geo, TISSUE_REFERENCE_MPP, self.size)
 
     def with_tissue(self, *, tissue_threshold: float | None = None, min_tissue: float | None = None) -> TileGrid:
         """The same lattice with tissue re-detected (reuses the thumbnail: no slide reads)."""
@@ -287,25 +328,11 @@ class TileGrid:
             int64 indices ordered by the distance of the tile centre to the box centre (ties by
             index, so the order is deterministic).
         """
-        x0, y0, x1, y1 = (float(v) for v in bbox)
-        rows, cols = self.grid_shape
-        t = self.tile_size_l0
-        c = np.arange(max(math.floor(x0 / t), 0), min(math.ceil(x1 / t), cols))
-        r = np.arange(max(math.floor(y0 / t), 0), min(math.ceil(y1 / t), rows))
-        if x1 <= x0 or y1 <= y0 or not c.size or not r.size:
-            return np.zeros(0, np.int64)
-        idx = (r[:, None] * cols + c[None, :]).ravel().astype(np.int64)
-        if tissue_only:
-            idx = idx[self.tissue[idx]]
-        centres = self.coords[idx] + t / 2
-        dist = np.hypot(centres[:, 0] - (x0 + x1) / 2, centres[:, 1] - (y0 + y1) / 2)
-        return idx[np.argsort(dist, kind="stable")]
+        return self.lattice.tiles_in(bbox, self.tissue if tissue_only else None)
 
     def index_at(self, x: float, y: float) -> int | None:
         """Index of the tile containing level-0 point (x, y), or None outside the lattice."""
-        rows, cols = self.grid_shape
-        r, c = math.floor(y / self.tile_size_l0), math.floor(x / self.tile_size_l0)
-        return r * cols + c if 0 <= r < rows and 0 <= c < cols else None
+        return self.lattice.index_at(x, y)
 
     # --- pixels -------------------------------------------------------------------------------
     def read_tile(self, index: int) -> np.ndarray:

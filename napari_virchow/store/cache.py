@@ -22,6 +22,7 @@ from typing import IO, TYPE_CHECKING
 from platformdirs import user_cache_dir
 
 from napari_virchow.errors import StoreError
+from napari_virchow.store.key import lattice_fingerprint, lattice_version_of, old_lattice_key, slide_fingerprint_of
 
 if TYPE_CHECKING:
     from napari_virchow.store.embeddings import StoreKey
@@ -40,7 +41,10 @@ __all__ = [
     "default_cache_root",
     "enforce_limit",
     "lattice_fingerprint",
+    "lattice_version_of",
     "list_stores",
+    "old_lattice_key",
+    "old_lattice_store",
     "resolve_cache_root",
     "slide_fingerprint_of",
 ]
@@ -71,22 +75,13 @@ def resolve_cache_root(root: str | os.PathLike[str] | None = None) -> Path:
     return Path(root).expanduser().absolute()
 
 
-#: separates a slide's fingerprint from its lattice step in the store key's slide field
-_STEP = "-step"
-
-
-def lattice_fingerprint(fingerprint: str, step_l0: int) -> str:
-    """The store key's slide field: the slide fingerprint and its lattice step (tile side in level-0 px).
-
-    The same file tiled with another µm/px override has another lattice, so another store.
-    """
-    return f"{fingerprint}{_STEP}{int(step_l0)}"
-
-
-def slide_fingerprint_of(key_fingerprint: str) -> str:
-    """The bare slide fingerprint of a store key's slide field (inverse of :func:`lattice_fingerprint`)."""
-    head, sep, step = key_fingerprint.rpartition(_STEP)
-    return head if sep and step.isdigit() else key_fingerprint
+def old_lattice_store(root: Path, key: StoreKey) -> Path | None:
+    """The folder of the lattice-1 store (≤ 0.2, edge tiles dropped) of ``key``'s slide, encoder and
+    level, if one is cached: it is never read as ``key``'s (its rows are other tiles)."""
+    old = old_lattice_key(key)
+    if old is None or not root.is_dir():
+        return None
+    return next((p for p in sorted(root.glob(f"*--{old.digest[:16]}")) if p.is_dir()), None)
 
 
 def cache_max_bytes(max_gb: float | None = None) -> float:
@@ -198,6 +193,12 @@ class StoreInfo:
     size_bytes: int
     last_used: float
     error: str | None = None
+
+    @property
+    def old_lattice(self) -> bool:
+        """A store of lattice 1 (≤ 0.2: partial edge tiles dropped): never read as a current store (a new
+        one adopts its rows once, :mod:`~napari_virchow.store.migrate`); listed and cleared."""
+        return self.slide_fingerprint is not None and lattice_version_of(self.slide_fingerprint) == 1
 
 
 def _size_on_disk(path: Path) -> int:

@@ -3,8 +3,10 @@
 The magnification is part of the key (``mpp``, the µm/px tiles were read at), together with the
 lattice step in level-0 px (the ``-step<N>`` suffix :func:`napari_virchow.inference.store_key` puts
 on the slide fingerprint): one slide embedded at 0.5 and 2.0 µm/px has two stores, an *embedding
-pyramid*. The canonical JSON and its digest are frozen (tests pin a digest): stores written
-before magnifications were chosen per view are found unchanged, so no re-keying is needed.
+pyramid*. The canonical JSON and its digest are frozen (tests pin a digest). The slide field also
+names the lattice version (``-edges``: partial edge tiles are rows, see
+:mod:`napari_virchow.slides.lattice`), so a store of the ≤ 0.2 lattice, which dropped them, has
+another digest and is never read as a current one (it is listed as old and recomputed).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["StoreKey", "canonical_mpp"]
+__all__ = ["StoreKey", "canonical_mpp", "lattice_fingerprint", "lattice_version_of", "old_lattice_key",
+           "slide_fingerprint_of"]
 
 #: decimals of µm/px kept in a key: float noise (0.5 vs 0.50000001) maps to one store
 MPP_DECIMALS = 6
@@ -66,3 +69,46 @@ class StoreKey:
         """SHA-256 (hex) of the canonical JSON of the key."""
         blob = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+#: separates a slide's fingerprint from its lattice step in the store key's slide field
+_STEP = "-step"
+#: ends the slide field of lattice 2 (partial edge tiles kept, padded white; see slides/lattice.py)
+_EDGES = "-edges"
+
+
+def lattice_fingerprint(fingerprint: str, step_l0: int, *, edges: bool = True) -> str:
+    """The store key's slide field: the slide fingerprint, its lattice step (tile side in level-0 px)
+    and the lattice version.
+
+    The same file tiled with another µm/px override has another lattice, so another store.
+    ``edges``: lattice 2, whose partial edge tiles are rows of the store (``<fp>-step<N>-edges``);
+    ``False`` gives lattice 1's field (``<fp>-step<N>``, napari-virchow ≤ 0.2, edge tiles dropped),
+    so a store of the old lattice has another digest and is never opened as one of the new.
+    """
+    return f"{fingerprint}{_STEP}{int(step_l0)}{_EDGES if edges else ''}"
+
+
+def _split(key_fingerprint: str) -> tuple[str, int | None]:
+    body = key_fingerprint.removesuffix(_EDGES)
+    head, sep, step = body.rpartition(_STEP)
+    if not (sep and step.isdigit()):
+        return key_fingerprint, None
+    return head, 2 if body != key_fingerprint else 1
+
+
+def slide_fingerprint_of(key_fingerprint: str) -> str:
+    """The bare slide fingerprint of a store key's slide field (inverse of :func:`lattice_fingerprint`)."""
+    return _split(key_fingerprint)[0]
+
+
+def lattice_version_of(key_fingerprint: str) -> int | None:
+    """The lattice version of a store key's slide field: 2 (edge tiles kept), 1 (dropped), None (no step)."""
+    return _split(key_fingerprint)[1]
+
+
+def old_lattice_key(key: StoreKey) -> StoreKey | None:
+    """The key 0.2 gave the store of ``key`` (lattice 1: ``-step<N>`` without ``-edges``), or None."""
+    if lattice_version_of(key.slide_fingerprint) != 2:
+        return None
+    return dataclasses.replace(key, slide_fingerprint=key.slide_fingerprint.removesuffix(_EDGES))

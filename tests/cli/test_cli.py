@@ -419,7 +419,7 @@ def test_cache_ls_and_clear(cohort: Cohort, tmp_path: Path, capsys: pytest.Captu
     rc, out, _ = _run(capsys, "cache", "ls", "--cache", cache)
     n_a = TileGrid(Slide(cohort.a)).n_tissue
     assert rc == 0 and "2 stores" in out and "NAPARI_VIRCHOW_CACHE_MAX_GB" in out
-    assert re.search(rf"{cohort.a.name}\s+virchow2-tiny\s+{n_a}/81\s+\d", out), out
+    assert re.search(rf"{cohort.a.name}\s+virchow2-tiny\s+{n_a}/100\s+\d", out), out  # 10 × 10, edges in
     rc, out, _ = _run(capsys, "cache", "ls", "--cache", cache, "--json")
     doc = json.loads(out)
     assert rc == 0 and {Path(s["slide"]).name for s in doc["stores"]} == {cohort.a.name, cohort.b.name}

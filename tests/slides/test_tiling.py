@@ -14,7 +14,7 @@ from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.synthetic import PlantedSource, Region, write_pyramid
 from napari_virchow.slides.tiling import SATURATION_CLIP, TileGrid, detect_tissue
 
-#: 2300 × 1850 px at 0.5 µm/px: 10 × 8 whole tiles of 224 (edge strips dropped), non-square
+#: 2300 × 1850 px at 0.5 µm/px: 10 × 8 whole tiles of 224 plus a partial last column and row, non-square
 WIDTH, HEIGHT = 2300, 1850
 TISSUE = Region((300, 500, 1500, 1400), "tissue")
 PATCH = Region((1800, 200, 2100, 420), "planted")
@@ -59,12 +59,15 @@ def _tiles_touching(grid: TileGrid, box: tuple[int, int, int, int], *, inside: b
 @pytest.mark.timeout(30)
 def test_grid_geometry(planted: TileGrid) -> None:
     assert planted.tile_size_l0 == 224 and planted.size == 224 and planted.mpp == 0.5
-    assert planted.grid_shape == (HEIGHT // 224, WIDTH // 224) == (8, 10)
-    assert len(planted) == 80 and planted.coords.dtype == np.int64
-    np.testing.assert_array_equal(planted.coords[[0, 1, 10, 79]], [[0, 0], [224, 0], [0, 224], [2016, 1568]])
+    assert planted.grid_shape == (-(-HEIGHT // 224), -(-WIDTH // 224)) == (9, 11)  # edge strips kept
+    assert len(planted) == 99 and planted.coords.dtype == np.int64
+    np.testing.assert_array_equal(planted.coords[[0, 1, 11, 98]], [[0, 0], [224, 0], [0, 224], [2240, 1792]])
     assert planted.read_level == 0 and planted.read_size == 224 and not planted.resized
-    assert planted.index_at(230, 5) == 1 and planted.index_at(5, 230) == 10
-    assert planted.index_at(-1, 0) is None and planted.index_at(WIDTH - 1, 0) is None  # right strip
+    assert planted.index_at(230, 5) == 1 and planted.index_at(5, 230) == 11
+    assert planted.index_at(-1, 0) is None and planted.index_at(WIDTH, 0) is None
+    assert planted.index_at(WIDTH - 1, HEIGHT - 1) == 98  # the bottom-right corner is in a (partial) tile
+    partial = planted.lattice.partial.reshape(9, 11)
+    assert partial[:, -1].all() and partial[-1, :].all() and not partial[:-1, :-1].any()
 
 
 @pytest.mark.timeout(30)
@@ -179,7 +182,7 @@ def test_slide_smaller_than_a_tile(slides: dict[str, Path]) -> None:
 @pytest.mark.timeout(30)
 def test_blank_slide_has_no_tissue(slides: dict[str, Path]) -> None:
     grid = TileGrid(Slide(slides["blank"]))
-    assert len(grid) == 16 and grid.n_tissue == 0 and not grid.tissue_mask.any()
+    assert len(grid) == 25 and grid.n_tissue == 0 and not grid.tissue_mask.any()  # 1024 px: 5 × 5 with edges
     with pytest.raises(SlideError, match="lower the tissue threshold"):
         grid.require_tissue()
 
