@@ -49,7 +49,7 @@ from napari_virchow.store.embeddings import EmbeddingStore, StoreKey
 
 __all__ = [
     "PREFETCH_PER_READER", "BatchResult", "Plan", "default_batch_size", "embed_slide", "estimate_tiles_per_s",
-    "iter_embed", "leave_one_core", "open_store", "plan", "resolve_readers", "store_key",
+    "feed_note", "iter_embed", "leave_one_core", "open_store", "plan", "resolve_readers", "store_key",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,24 @@ class BatchResult:
     feed_tiles_per_s: float = float("nan")
     encoder_tiles_per_s: float = float("nan")
     feed_wait_s: float = 0.0
+
+    @property
+    def feed_note(self) -> str:
+        """Both rates and whether the encoder waited for pixels, e.g. for a progress line."""
+        return feed_note(self.feed_tiles_per_s, self.encoder_tiles_per_s, self.feed_wait_s, self.elapsed)
+
+
+def feed_note(feed: float, encoder: float, wait_s: float, elapsed: float) -> str:
+    """``"feed 850 tiles/s · encoder 12.1 tiles/s · waited 0.40 s for pixels (4 % of 10.0 s)"``.
+
+    Rates and seconds as in :class:`BatchResult`; the encoder is starved when the feed rate is
+    below its own, and the wait is a large share of the run.
+    """
+    if not (np.isfinite(feed) and np.isfinite(encoder)):
+        return "feed and encoder rates not measured yet"
+    share = 100 * wait_s / elapsed if elapsed > 0 else 0.0
+    return (f"feed {feed:,.0f} tiles/s · encoder {encoder:,.1f} tiles/s · "
+            f"waited {wait_s:.2f} s for pixels ({share:.0f} % of {elapsed:.1f} s)")  # fmt: skip
 
 
 @dataclass(frozen=True)
