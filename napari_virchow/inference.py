@@ -41,6 +41,7 @@ from napari_virchow.batching import (
 from napari_virchow.errors import StoreError
 from napari_virchow.models.encoder import Encoder
 from napari_virchow.models.specs import get_spec
+from napari_virchow.slides.jpeg_batch import decoder_for
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
 from napari_virchow.store.cache import lattice_fingerprint
@@ -249,6 +250,7 @@ def iter_embed(
     cancel: threading.Event | None = None,
     cache_root: str | os.PathLike[str] | None = None,
     threads: int | None = None,
+    decode_device: str | None = None,
 ) -> Iterator[BatchResult]:
     """Embed the requested tiles not yet in the store, yielding after each stored batch.
 
@@ -273,6 +275,9 @@ def iter_embed(
         the generator (or leaving a ``for`` loop) stops it too, reader threads included.
     threads : int, optional
         torch intra-op threads during the run (restored after); default: left unchanged.
+    decode_device : str, optional
+        Decode JPEG stored tiles in batches on this torch device (``"cuda"``: nvJPEG), as
+        ``TileGrid(decode_device=...)`` does; default: the grid's own setting.
 
     Yields
     ------
@@ -310,7 +315,9 @@ def iter_embed(
         embed = Embedder(encoder, size, stats)
         # Chunks another live process is computing are skipped, then waited for: two runs share.
         batches = shared_batches(store, todo, size, cancel)
-        reader = tile_batches(grid, batches, n_readers, cancel, stats)
+        if decode_device is not None and decode_device != grid.decode_device:
+            decoder_for(decode_device)  # a device this machine lacks fails here, before any batch
+        reader = tile_batches(grid, batches, n_readers, cancel, stats, decode_device)
         with contextlib.closing(reader), torch_threads(threads):
             t_wait = time.perf_counter()
             batch, error = next_batch(reader)
