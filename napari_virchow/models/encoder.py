@@ -41,6 +41,7 @@ from napari_virchow.models import weights as _weights
 from napari_virchow.models.precision import (
     cpu_has_native_bf16,
     describe_dtype,
+    fold_layer_scale,
     resolve_device,
     resolve_dtype,
     use_fused_attention,
@@ -213,7 +214,10 @@ class Encoder:
         want = weights_dtype(new, self.device)
         model = self.model
         if want != self.input_dtype:
-            model = copy.deepcopy(model).to(dtype=want)
+            model = copy.deepcopy(model)
+            if want != torch.float32:
+                fold_layer_scale(model)  # weights cast once for inference: gamma folded in, in fp32 first
+            model = model.to(dtype=want)
         return Encoder(
             self.spec,
             model,
@@ -360,7 +364,10 @@ def load_encoder(
             model.load_state_dict(sd, strict=True)
         weights_id = _weights.file_digest(path)
         logger.info("%s: loaded weights %s (%s)", spec.name, source, weights_id)
-    model = model.to(device=dev, dtype=weights_dtype(compute_dtype, dev)).eval().requires_grad_(False)
+    want = weights_dtype(compute_dtype, dev)
+    if want != torch.float32:
+        fold_layer_scale(model)  # weights cast once for inference: gamma folded into proj / fc2
+    model = model.to(device=dev, dtype=want).eval().requires_grad_(False)
     use_fused_attention(model)
     return Encoder(spec, model, device=dev, dtype=compute_dtype, weights_id=weights_id, weights_source=source,
                    compile=compile)  # fmt: skip
