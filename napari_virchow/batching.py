@@ -267,7 +267,7 @@ def _read(grid: TileGrid, idx: np.ndarray, stats: FeedStats | None = None,
           decode_device: str | None = None) -> np.ndarray:  # fmt: skip
     t0 = time.perf_counter()
     try:
-        tiles = grid.read_tiles(idx, decode_device=decode_device)
+        tiles = grid.read_tiles(idx) if decode_device is None else grid.read_tiles(idx, decode_device=decode_device)
     except Exception as exc:
         note(exc, f"while reading tiles {idx.tolist()} of {grid.slide.path.name} (level {grid.read_level})")
         raise

@@ -190,7 +190,10 @@ class Encoder:
         forward: Callable[[torch.Tensor], torch.Tensor] = (
             model.forward_features if spec.pooling == "cls+mean" else model.forward  # type: ignore[assignment]
         )
-        self._forward = torch.compile(forward, dynamic=False) if compile else forward
+        # On a CPU, inductor's freezing turns the (inference-only) weights into constants it can
+        # prepack for oneDNN and fuse bias and elementwise work into (the compiled graph holds them).
+        options = {"freezing": True} if device.type == "cpu" else None
+        self._forward = torch.compile(forward, dynamic=False, options=options) if compile else forward
 
     @property
     def dim(self) -> int:
