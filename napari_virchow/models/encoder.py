@@ -334,7 +334,9 @@ def load_encoder(
         else fp32), ``"fp32"``, ``"bf16"``, ``"fp16"``; see :mod:`napari_virchow.models.precision`.
     compile : bool
         Run the forward pass through ``torch.compile`` (the first batch of each shape compiles:
-        seconds to minutes; later ones may be faster). Off by default.
+        seconds to minutes, about 5 min for Virchow 2 on 2 busy cores; later ones may be
+        faster). On a CPU with inductor's ``freezing`` (weights become prepacked constants of
+        the compiled graph, which holds a copy of them). Off by default.
 
     Raises
     ------

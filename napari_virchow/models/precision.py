@@ -7,7 +7,8 @@ Two ways to run in reduced precision, chosen per device by :func:`weights_dtype`
   (``dtype="bf16"`` selects bf16).
 - **cast weights** (CPUs with native bf16: AVX512-BF16, AMX, Arm BF16): the weights are cast to
   bf16 once at load, and the input with them, so no forward pass re-casts 632 M parameters (under
-  autocast a new context casts every weight again, each call).
+  autocast a new context casts every weight again, each call). Layer scale is folded into the
+  weights before that cast (:func:`fold_layer_scale`): one elementwise pass less per branch.
 
 Attention always goes through PyTorch's fused ``scaled_dot_product_attention``
 (:func:`use_fused_attention`).
