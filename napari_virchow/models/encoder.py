@@ -192,7 +192,9 @@ class Encoder:
         )
         # On a CPU, inductor's freezing turns the (inference-only) weights into constants it can
         # prepack for oneDNN and fuse bias and elementwise work into (the compiled graph holds them).
-        options = {"freezing": True} if device.type == "cpu" else None
+        options: dict[str, str | int | bool | Callable[..., Any]] | None = (
+            {"freezing": True} if device.type == "cpu" else None
+        )
         self._forward = torch.compile(forward, dynamic=False, options=options) if compile else forward
 
     @property
