@@ -1,6 +1,6 @@
 """Encoder throughput (tiles/s) on this machine, fp32 vs bf16, random weights; MFU against a matmul.
 
-    python benchmarks/bench_encoder.py [--device cpu] [--threads N] [--only NAME|mfu]
+    python benchmarks/bench_encoder.py [--device cpu] [--threads N] [--only NAME|mfu] [--compile]
 
 Runs ``Encoder.embed`` on random uint8 224² tiles: one warm-up batch, then timed batches, for
 ``timm:vit_small_patch16_224`` (batch 8, 3 batches) and ``virchow2`` (batch 4, 2 batches: the
@@ -73,7 +73,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
 
 
-def mfu_vs_matmul(device: str = "cpu", batch: int = 8, rounds: int = 3) -> dict:
+def mfu_vs_matmul(device: str = "cpu", batch: int = 8, rounds: int = 3, compile: bool = False) -> dict:
     """Virchow 2 bf16 tiles/s × FLOPs per tile ÷ bf16 matmul FLOP/s, measured interleaved.
 
     Each round times a matmul, then one encoder batch; the ratio is taken per round (both saw
@@ -92,7 +92,12 @@ def mfu_vs_matmul(device: str = "cpu", batch: int = 8, rounds: int = 3) -> dict:
         block.ls2.gamma.data.fill_(1.0)
     enc = fp32.with_dtype("bf16")  # what load_encoder(dtype="bf16") builds: weights cast once here
     flops = vit_flops_per_tile(enc.model, enc.spec.input_size)
-    enc.embed(tiles)  # warm-up: oneDNN kernel selection
+    if compile:  # load_encoder(compile=True): inductor with freezing on a CPU (~5 min to compile on 2 cores)
+        enc = Encoder(enc.spec, enc.model, device=enc.device, dtype=enc.dtype, weights_id=enc.weights_id,
+                      weights_source=enc.weights_source, compile=True)  # fmt: skip
+    t = time.perf_counter()
+    enc.embed(tiles)  # warm-up: oneDNN kernel selection (and compiling)
+    warmup_s = time.perf_counter() - t
     wall, cpu, rates, tflops = [], [], [], []
     for _ in range(rounds):  # interleaved: both see the same load from other processes
         mm_flops, mm_wall, mm_cpu = matmul_flops()
@@ -110,6 +115,8 @@ def mfu_vs_matmul(device: str = "cpu", batch: int = 8, rounds: int = 3) -> dict:
         "batch": batch,
         "rounds": rounds,
         "load_s": round(load_s, 1),
+        "compiled": enc.compiled,
+        "warmup_s": round(warmup_s, 1),
         "flops_per_tile": flops,
         "tiles_per_s": round(float(np.median(rates)), 3),
         "tiles_per_s_each": [round(r, 3) for r in rates],
@@ -141,6 +148,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", choices=[*(name for name, _, _ in PLAN), "mfu"], help="one encoder, or mfu")
+    parser.add_argument("--compile", action="store_true", help="mfu with torch.compile (inductor, freezing)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -165,7 +173,8 @@ def main() -> None:
             print(row, flush=True)
             results.append(row)
         del base
-    mfu = mfu_vs_matmul(args.device) if args.device == "cpu" and args.only in (None, "mfu") else None
+    wants_mfu = args.device == "cpu" and args.only in (None, "mfu")
+    mfu = mfu_vs_matmul(args.device, compile=args.compile) if wants_mfu else None
     speedup = {
         name: round(
             next(r["tiles_per_s"] for r in results if r["encoder"] == name and r["dtype"] == "bf16")

@@ -263,10 +263,11 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 # --- reading -------------------------------------------------------------------------------------------
 
 
-def _read(grid: TileGrid, idx: np.ndarray, stats: FeedStats | None = None) -> np.ndarray:
+def _read(grid: TileGrid, idx: np.ndarray, stats: FeedStats | None = None,
+          decode_device: str | None = None) -> np.ndarray:  # fmt: skip
     t0 = time.perf_counter()
     try:
-        tiles = grid.read_tiles(idx)
+        tiles = grid.read_tiles(idx) if decode_device is None else grid.read_tiles(idx, decode_device=decode_device)
     except Exception as exc:
         note(exc, f"while reading tiles {idx.tolist()} of {grid.slide.path.name} (level {grid.read_level})")
         raise
@@ -281,21 +282,22 @@ def tile_batches(
     readers: int,
     cancel: threading.Event | None,
     stats: FeedStats | None = None,
+    decode_device: str | None = None,
 ) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
     """(indices, tiles) per batch, read in this thread or prefetched by ``readers`` threads;
-    each read's tiles and seconds go to ``stats``."""
+    each read's tiles and seconds go to ``stats``; JPEG decoded on ``decode_device`` (None: the grid's)."""
     if readers == 0:
         for idx in batches:
             if cancel is not None and cancel.is_set():
                 return
-            yield idx, _read(grid, idx, stats)
+            yield idx, _read(grid, idx, stats, decode_device)
         return
     pool = ThreadPoolExecutor(readers, thread_name_prefix="napari-virchow-reader")
     pending: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
     upcoming = iter(batches)
     try:
         for idx in upcoming:
-            pending.append((idx, pool.submit(_read, grid, idx, stats)))
+            pending.append((idx, pool.submit(_read, grid, idx, stats, decode_device)))
             if len(pending) >= readers * PREFETCH_PER_READER:
                 break
         while pending:
@@ -303,7 +305,7 @@ def tile_batches(
             tiles = future.result()  # a reader's exception is re-raised here, in the consumer
             nxt = next(upcoming, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_read, grid, nxt, stats)))
+                pending.append((nxt, pool.submit(_read, grid, nxt, stats, decode_device)))
             yield idx, tiles
     finally:
         # Runs on exhaustion, error, and when the consumer closes the generator: queued reads

@@ -18,7 +18,7 @@ __all__ = ["SessionConfig"]
 
 @dataclass(frozen=True)
 class SessionConfig:
-    """How to embed a slide: encoder, weights, device, precision, batch size, cache, µm/px override.
+    """How to embed a slide: encoder, weights, device, precision, batch size, cache, µm/px override, JPEG decode.
 
     The one configuration of the package: the widget builds it from its controls, the CLI from
     its flags (``cli.options.config_from_args``), a notebook by hand. Frozen (a dict key) and
@@ -35,6 +35,10 @@ class SessionConfig:
     threads: int | None = None  # torch threads while embedding (the widget leaves the UI a core)
     mpp_override: float | None = None  # µm per level-0 px for slides opened by the session
     allow_untrained_mpp: bool = False  # opt in to magnifications the encoder was not trained on (recorded)
+    #: where JPEG stored tiles are decoded: "auto" (on the encoder's GPU when it has CUDA and the
+    #: decoder agrees with imagecodecs, else the CPU), a torch device ("cuda", "cpu": torchvision's
+    #: decoder), or None (imagecodecs on the CPU)
+    decode_device: str | None = "auto"
 
     @property
     def spec(self) -> EncoderSpec:

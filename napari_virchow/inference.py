@@ -41,6 +41,7 @@ from napari_virchow.batching import (
 from napari_virchow.errors import StoreError
 from napari_virchow.models.encoder import Encoder
 from napari_virchow.models.specs import get_spec
+from napari_virchow.slides.jpeg_batch import decoder_for
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
 from napari_virchow.store.cache import lattice_fingerprint
@@ -51,7 +52,7 @@ from napari_virchow.store.migrate import adopt_old_lattice
 
 __all__ = [
     "PREFETCH_PER_READER", "BatchResult", "Plan", "default_batch_size", "embed_slide", "estimate_tiles_per_s",
-    "iter_embed", "leave_one_core", "open_store", "plan", "resolve_readers", "store_key",
+    "feed_note", "iter_embed", "leave_one_core", "open_store", "plan", "resolve_readers", "store_key",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,24 @@ class BatchResult:
     feed_tiles_per_s: float = float("nan")
     encoder_tiles_per_s: float = float("nan")
     feed_wait_s: float = 0.0
+
+    @property
+    def feed_note(self) -> str:
+        """Both rates and whether the encoder waited for pixels, e.g. for a progress line."""
+        return feed_note(self.feed_tiles_per_s, self.encoder_tiles_per_s, self.feed_wait_s, self.elapsed)
+
+
+def feed_note(feed: float, encoder: float, wait_s: float, elapsed: float) -> str:
+    """``"feed 850 tiles/s · encoder 12.1 tiles/s · waited 0.40 s for pixels (4 % of 10.0 s)"``.
+
+    Rates and seconds as in :class:`BatchResult`; the encoder is starved when the feed rate is
+    below its own, and the wait is a large share of the run.
+    """
+    if not (np.isfinite(feed) and np.isfinite(encoder)):
+        return "feed and encoder rates not measured yet"
+    share = 100 * wait_s / elapsed if elapsed > 0 else 0.0
+    return (f"feed {feed:,.0f} tiles/s · encoder {encoder:,.1f} tiles/s · "
+            f"waited {wait_s:.2f} s for pixels ({share:.0f} % of {elapsed:.1f} s)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -247,6 +266,7 @@ def iter_embed(
     cancel: threading.Event | None = None,
     cache_root: str | os.PathLike[str] | None = None,
     threads: int | None = None,
+    decode_device: str | None = None,
 ) -> Iterator[BatchResult]:
     """Embed the requested tiles not yet in the store, yielding after each stored batch.
 
@@ -271,6 +291,9 @@ def iter_embed(
         the generator (or leaving a ``for`` loop) stops it too, reader threads included.
     threads : int, optional
         torch intra-op threads during the run (restored after); default: left unchanged.
+    decode_device : str, optional
+        Decode JPEG stored tiles in batches on this torch device (``"cuda"``: nvJPEG), as
+        ``TileGrid(decode_device=...)`` does; default: the grid's own setting.
 
     Yields
     ------
@@ -308,7 +331,9 @@ def iter_embed(
         embed = Embedder(encoder, size, stats)
         # Chunks another live process is computing are skipped, then waited for: two runs share.
         batches = shared_batches(store, todo, size, cancel)
-        reader = tile_batches(grid, batches, n_readers, cancel, stats)
+        if decode_device is not None and decode_device != grid.decode_device:
+            decoder_for(decode_device)  # a device this machine lacks fails here, before any batch
+        reader = tile_batches(grid, batches, n_readers, cancel, stats, decode_device)
         with contextlib.closing(reader), torch_threads(threads):
             t_wait = time.perf_counter()
             batch, error = next_batch(reader)

@@ -43,6 +43,7 @@ class BatchDone:
     indices: np.ndarray = field(repr=False)
     changed: tuple[str, ...] = ()
     mpp: float | None = None  # the magnification of ``indices`` (None: the encoder's own)
+    feed: str = ""  # feed and encoder rates, whether the encoder waited for pixels (BatchResult.feed_note)
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,8 @@ def _embed(session: SlideSession, todo: np.ndarray, cancel: threading.Event | No
     m = session.default_mpp if mpp is None else mpp
     for batch in session.compute(indices=todo, cancel=cancel, mpp=m):
         changed = session.absorb(batch.indices, batch.embeddings, mpp=m)
-        yield BatchDone(batch.n_done, batch.n_total, batch.tiles_per_s, batch.indices, tuple(changed), m)
+        yield BatchDone(batch.n_done, batch.n_total, batch.tiles_per_s, batch.indices, tuple(changed), m,
+                        batch.feed_note)  # fmt: skip
     _stop_if_cancelled(cancel)
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from napari_virchow.config import SessionConfig
+from napari_virchow.errors import WeightsError
 from napari_virchow.results import ClusterResult, TrainResult
 from napari_virchow.session_levels import LevelsMixin
 from napari_virchow.session_overlays import OverlaysMixin
@@ -130,6 +131,28 @@ class SlideSession(LevelsMixin, OverlaysMixin):
             c = self.config
             self._encoder = get_encoder(c.encoder, weights=c.weights, device=c.device, dtype=c.dtype)
         return self._encoder
+
+    @property
+    def decode_device(self) -> str | None:
+        """The torch device JPEG stored tiles are decoded on while computing (None: imagecodecs, CPU).
+
+        ``config.decode_device="auto"`` is the encoder's device when that is CUDA (nvJPEG, checked
+        against imagecodecs on each level's first batch, which falls back to the CPU if they
+        disagree), else None; loads the encoder.
+        """
+        from napari_virchow.slides.jpeg_batch import decoder_for, decoder_works
+
+        wanted = self.config.decode_device
+        if wanted is None or wanted == "none":
+            return None
+        if wanted != "auto":
+            try:
+                decoder_for(wanted)
+            except (ValueError, RuntimeError) as exc:
+                raise WeightsError(f"decode device {wanted!r}: {exc}") from exc
+            return wanted
+        device = self.encoder().device
+        return str(device) if device.type == "cuda" and decoder_works(str(device)) else None
 
     @property
     def weights_id(self) -> str:

@@ -60,6 +60,10 @@ class LevelsMixin:
         def encoder(self) -> Encoder:
             """The encoder, loaded on first call."""
 
+        @property
+        def decode_device(self) -> str | None:
+            """Where JPEG stored tiles are decoded while computing."""
+
     # --- levels -------------------------------------------------------------------------------
     @property
     def default_mpp(self) -> float:
@@ -205,8 +209,8 @@ class LevelsMixin:
                 return
             store = self.store("a", mpp=m, allow_untrained=allow_untrained)
             for batch in iter_embed(self.slide, self.encoder(), self.grid_at(m), store, bbox, indices=indices,
-                                    batch_size=self.config.batch_size, cancel=cancel,
-                                    threads=self.config.threads):  # fmt: skip
+                                    batch_size=self.config.batch_size, cancel=cancel, threads=self.config.threads,
+                                    decode_device=self.decode_device):  # fmt: skip
                 self.last_tiles_per_s = batch.tiles_per_s
                 yield batch
 

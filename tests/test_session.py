@@ -154,3 +154,33 @@ def test_cv_metrics_are_typed_properties(tmp_path: Path) -> None:
     assert again.cv_auc == head.cv_auc
     few = fit_head(emb[18:22], labels[18:22], encoder="virchow2-tiny", cv=1)  # no cross-validation asked
     assert few.cv_auc is None and few.cv_accuracy is None  # too few to cross-validate
+
+
+def _decoded_by_batch_decoder(session: SlideSession) -> bool | None:
+    from napari_virchow.slides.batch_read import segment_cache
+
+    return segment_cache(session.slide._tiff.levels[session.grid.read_level]).decoder_ok
+
+
+@pytest.mark.timeout(120)
+def test_decode_device_reaches_the_pipeline_and_keeps_the_embeddings(sample_pyramid: Path, tmp_path: Path) -> None:
+    """config.decode_device sends JPEG tiles through torchvision's batch decoder (nvJPEG on a GPU;
+    the same API on the CPU here): same embeddings as imagecodecs' decode (#16)."""
+    import torch
+
+    runs = {}
+    for name in ("cpu", None, "auto"):
+        with SlideSession(sample_pyramid, _config(tmp_path / str(name), decode_device=name)) as session:
+            idx = session.grid.tissue_indices[:12]
+            assert session.decode_device == ("cuda" if name == "auto" and torch.cuda.is_available() else
+                                             None if name != "cpu" else "cpu")  # fmt: skip
+            runs[name] = np.concatenate([b.embeddings for b in session.compute(indices=idx)])
+            used = _decoded_by_batch_decoder(session)
+            assert used is (True if session.decode_device else None)  # verified against imagecodecs, then used
+    # libjpeg-turbo both ways on the CPU: the same pixels, so the same embeddings
+    np.testing.assert_array_equal(runs["cpu"], runs[None])
+    if not torch.cuda.is_available():
+        np.testing.assert_array_equal(runs["auto"], runs[None])  # auto is the CPU decode without CUDA
+        gpu = _config(tmp_path / "gpu", decode_device="cuda")
+        with SlideSession(sample_pyramid, gpu) as session, pytest.raises(VirchowError, match="device .cuda.*CUDA"):
+            list(session.compute(indices=session.grid.tissue_indices[:2]))

@@ -10,6 +10,7 @@ serves every command that only reads it.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
     from napari_virchow.models.encoder import Encoder
     from napari_virchow.session import SlideSession
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CONSOLE", "DEFAULT_ENCODER", "PROG", "CliError", "Parser", "check_writable", "cohort_parent", "common_parent",
@@ -103,10 +106,13 @@ def embed_missing(session: SlideSession, indices: np.ndarray | None = None, *, p
     check_writable(session.config.cache_root or resolve_cache_root(), "embedding cache folder",
                    "use --cache DIR with a writable folder (or set NAPARI_VIRCHOW_CACHE)")  # fmt: skip
     t0 = time.perf_counter()
+    last = None
     with tqdm(total=plan.n_todo, desc=session.slide.path.name, unit="tile", leave=False, file=sys.stderr,
               disable=None if progress else True) as bar:  # fmt: skip
-        for batch in session.compute(indices=indices, mpp=mpp):
-            bar.update(len(batch.indices))
+        for last in session.compute(indices=indices, mpp=mpp):
+            bar.update(len(last.indices))
+    if last is not None:  # -v: is the encoder fed? (both rates, and whether it waited for pixels)
+        log.info("%s: %s", session.slide.path.name, last.feed_note)
     return plan.n_todo, time.perf_counter() - t0
 
 

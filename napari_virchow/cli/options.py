@@ -139,6 +139,9 @@ def model_parent() -> Parser:
     )  # fmt: skip
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda:0, ... (default auto)")
     g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision")
+    g.add_argument("--decode-device", default="auto", metavar="auto|none|cpu|cuda[:N]",
+                   help="where JPEG stored tiles are decoded: auto (on the GPU with CUDA, else the CPU), none "
+                        "(imagecodecs), or a torch device for torchvision's batch decoder (default auto)")  # fmt: skip
     g.add_argument("--batch-size", type=positive_int, metavar="N",
                    help="tiles per batch (default: by device; capped to what fits in memory, with a note)")  # fmt: skip
     g.add_argument(
@@ -217,4 +220,9 @@ def config_from_args(args: argparse.Namespace, *, encoder: str | None = None) ->
         batch_size=_capped_batch_size(getattr(args, "batch_size", None), spec.name, device),
         cache_root=resolve_cache_root(getattr(args, "cache", None)), mpp_override=mpp,
         allow_untrained_mpp=bool(getattr(args, "allow_untrained_mpp", False)),
+        decode_device=_decode_device(getattr(args, "decode_device", "auto")),
     )  # fmt: skip
+
+
+def _decode_device(value: str | None) -> str | None:
+    return None if value is None or value.strip().lower() == "none" else value.strip()

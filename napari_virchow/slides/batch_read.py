@@ -261,12 +261,14 @@ def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray
         Decode JPEG stored tiles in batches with ``torchvision.io.decode_jpeg`` on this torch
         device (``"cuda"``; ``"cpu"`` runs the same API on the CPU); default imagecodecs.
 
-    Pixel-identical to one ``slide.read_region(loc, level, size)`` per location wherever the level
-    coordinate is whole (level 0, exact downsamples); where OpenSlide would shift by a fraction of
-    a pixel, the batch reads from the nearest level pixel instead (no interpolation). For TIFF-family
-    slides read directly, each stored tile under the batch is decoded once (and reused by the
-    next batch while it stays in the level's :class:`SegmentCache`); other slides are read
-    region by region through OpenSlide, whose own tile cache serves shared tiles.
+    Pixel-identical to one ``slide.read_region(loc, level, size)`` per location, at every level
+    and position. Where the level coordinate is whole (level 0, exact downsamples) the regions of
+    TIFF-family slides read directly come from one batch that decodes each stored tile under it
+    once (and reused by the next batch while it stays in the level's :class:`SegmentCache`).
+    Where OpenSlide would sample between level pixels (a fractional level coordinate: non-integer
+    downsamples), the region is read by :meth:`Slide.read_region` itself, which blends as
+    OpenSlide does (the nearest level pixel when the slide has no OpenSlide handle, as there).
+    Other slides are read region by region through OpenSlide, whose own tile cache serves shared tiles.
     """
     locs = np.asarray(locations, dtype=np.int64).reshape(-1, 2)
     w, h = int(size[0]), int(size[1])
@@ -279,15 +281,29 @@ def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray
     if slide._closed:
         raise SlideError(f"{slide.path.name} was closed; open the slide again to read pixels.")
     ds = slide.level_downsamples[level]
-    # OpenSlide's level coordinates (Slide.read_region); between level pixels, the nearest one
-    origins = np.array([(_origin(int(x), ds), _origin(int(y), ds)) for x, y in locs], np.int64).reshape(-1, 2)
+    # OpenSlide's level coordinates (Slide.read_region); None between level pixels
+    exact = [(level_origin(int(x), ds), level_origin(int(y), ds)) for x, y in locs]
+    blended = [k for k, (ox, oy) in enumerate(exact) if ox is None or oy is None] if slide._osr is not None else []
+    if out is None:
+        out = np.empty((len(locs), h, w, 3), np.uint8)
+    for k in blended:  # OpenSlide's sub-pixel blend, through the one read_region that does it
+        out[k] = slide.read_region((int(locs[k, 0]), int(locs[k, 1])), level, (w, h))
+    direct = np.setdiff1d(np.arange(len(locs)), blended) if blended else None
+    pairs = zip(exact, locs, strict=True)
+    origins = np.array([(_nearest(ox, x, ds), _nearest(oy, y, ds)) for (ox, oy), (x, y) in pairs], np.int64)
+    origins = origins.reshape(-1, 2)
     try:
         decoder = decoder_for(decode_device) if decode_device is not None else None
-        return read_level_boxes(segment_cache(tiff.levels[level]), origins, h, w, out, decoder)
+        cache = segment_cache(tiff.levels[level])
+        if direct is None:
+            return read_level_boxes(cache, origins, h, w, out, decoder)
+        if len(direct):
+            out[direct] = read_level_boxes(cache, origins[direct], h, w, None, decoder)
+        return out
     except (openslide.OpenSlideError, OSError, ValueError, RuntimeError) as exc:
         raise SlideError(f"{slide.path.name}: reading pixels failed ({exc}); the file may be corrupt.") from exc
 
 
-def _origin(position: int, downsample: float) -> int:
-    origin = level_origin(position, downsample)
-    return round(position / downsample) if origin is None else origin
+def _nearest(origin: int | None, position: int, downsample: float) -> int:
+    """The level pixel at ``origin``, or between level pixels the nearest one (as read_region without OpenSlide)."""
+    return round(int(position) / downsample) if origin is None else origin

@@ -23,7 +23,7 @@ import numpy as np
 
 from napari_virchow.slides.tiff import TiffLevel
 
-__all__ = ["JPEG_TOLERANCE", "TorchJpegDecoder", "decoder_for", "jpeg_stream"]
+__all__ = ["JPEG_TOLERANCE", "TorchJpegDecoder", "decoder_for", "decoder_works", "jpeg_stream"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class TorchJpegDecoder:
 
 _decoders: dict[str, TorchJpegDecoder] = {}
 _decoders_lock = threading.Lock()
+_works: dict[str, bool] = {}
 
 
 def decoder_for(device: str) -> TorchJpegDecoder:
@@ -107,3 +108,29 @@ def decoder_for(device: str) -> TorchJpegDecoder:
         if device not in _decoders:
             _decoders[device] = TorchJpegDecoder(device)
         return _decoders[device]
+
+
+def decoder_works(device: str) -> bool:
+    """Whether batch JPEG decode runs on ``device`` here (a small JPEG round trip; remembered).
+
+    False where the device is absent or torchvision was built without its decoder (e.g. no
+    nvJPEG): callers then decode with imagecodecs on the CPU.
+    """
+    with _decoders_lock:
+        if device in _works:
+            return _works[device]
+    try:
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+        decoder_for(device)
+        probe = torch.arange(16 * 16 * 3, dtype=torch.uint8).reshape(3, 16, 16)
+        stream = encode_jpeg(probe, quality=95)
+        image = decode_jpeg([stream], mode=ImageReadMode.RGB, device=torch.device(device))[0].cpu()
+        ok = tuple(image.shape) == (3, 16, 16)
+    except (RuntimeError, ValueError, OSError) as exc:
+        log.info("batch JPEG decode on %s is not available (%s); decoding on the CPU", device, exc)
+        ok = False
+    with _decoders_lock:
+        _works[device] = ok
+    return ok

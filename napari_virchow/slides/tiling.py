@@ -339,19 +339,20 @@ class TileGrid:
         """Tile ``index`` as (size, size, 3) uint8 at the grid's µm/px."""
         return self.read_tiles([index])[0]
 
-    def read_tiles(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    def read_tiles(self, indices: Sequence[int] | np.ndarray, *, decode_device: str | None = None) -> np.ndarray:
         """Tiles ``indices`` as (n, size, size, 3) uint8, read as one batch.
 
         The stored tiles under the batch are decoded once each (see
         :mod:`~napari_virchow.slides.batch_read`), so pass neighbouring tiles together (row-major
         or centre-out, as the pipeline does). When :attr:`resized`, the whole batch is resampled
         at once with :func:`~napari_virchow.slides.resample.resize_batch` (antialiased bicubic).
+        ``decode_device`` overrides the grid's :attr:`decode_device` for this read.
         """
         idx = np.asarray(indices, dtype=np.int64).ravel()
         bad = idx[(idx < 0) | (idx >= len(self))]
         if bad.size:
             raise IndexError(f"tile {int(bad[0])} out of range 0..{len(self) - 1}")
-        rs, device = self.read_size, self.decode_device
+        rs, device = self.read_size, decode_device or self.decode_device
         if not self.resized:
             return read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs), decode_device=device)
         # the pre-resize pixels go to a buffer this thread reuses: no fresh pages per batch

@@ -443,3 +443,17 @@ def test_help_texts_match_the_code() -> None:
     assert f"{AUTO_FLAT_MAX:,}" in kind.help
     force = next(a for a in sub["embed"]._actions if "--force" in a.option_strings)
     assert f"{MAX_UPSAMPLING:g}×" in force.help
+
+
+def test_verbose_embed_reports_feed_and_encoder_rates(capsys, sample_svs: Path, tmp_path: Path) -> None:
+    """``-v``: both rates of the run and whether the encoder waited for pixels (#16), from a real run."""
+    rc, out, err = _run(capsys, "embed", sample_svs, *TINY, "--cache", tmp_path / "cache", "-v")
+    assert rc == 0 and "embedded now" in out
+    line = next(x for x in err.splitlines() if "feed " in x)
+    m = re.search(r"feed ([\d,]+) tiles/s · encoder ([\d,.]+) tiles/s · waited ([\d.]+) s for pixels \(\d+ % of", line)
+    assert m, line
+    feed, encoder, waited = (float(g.replace(",", "")) for g in m.groups())
+    assert sample_svs.name in line and feed > 0 and encoder > 0
+    assert waited > 0  # on a CPU tiles are read between batches: the encoder waits for each batch's pixels
+    rc, out, err = _run(capsys, "embed", sample_svs, *TINY, "--cache", tmp_path / "cache", "-v")
+    assert rc == 0 and "all cached" in out and "feed " not in err  # nothing computed, no rates made up

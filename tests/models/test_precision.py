@@ -18,6 +18,7 @@ from napari_virchow.models.encoder import Encoder, load_encoder, preprocess
 from napari_virchow.models.precision import (
     cpu_has_native_bf16,
     describe_dtype,
+    fold_layer_scale,
     resolve_dtype,
     use_fused_attention,
     weights_dtype,
@@ -28,14 +29,17 @@ CPU = torch.device("cpu")
 NATIVE_BF16 = cpu_has_native_bf16()
 
 
-def _load(dtype: str, **kw: object) -> Encoder:
+def _load(dtype: str, gamma: float | None = 1.0, **kw: object) -> Encoder:
+    """The tiny model with its layer-scale gammas (1e-5 at init) opened to ``gamma``, then cast to
+    ``dtype`` as load_encoder does (a cast for inference folds the gammas into the weights)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # random weights are the point
-        enc = load_encoder("virchow2-tiny", "random", device="cpu", dtype=dtype, **kw)
+        enc = load_encoder("virchow2-tiny", "random", device="cpu", dtype="fp32", **kw)
+    rng = torch.Generator().manual_seed(3)
     for block in enc.model.blocks:  # layer-scale gammas start at 1e-5: open them
-        block.ls1.gamma.data.fill_(1.0)
-        block.ls2.gamma.data.fill_(1.0)
-    return enc
+        for ls in (block.ls1, block.ls2):
+            ls.gamma.data.copy_(torch.rand(ls.gamma.shape, generator=rng) + 0.5 if gamma is None else gamma)
+    return enc if dtype == "fp32" else enc.with_dtype(dtype)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -76,6 +80,33 @@ def test_fp16_autocast_keeps_fp32_weights_and_agrees_with_fp32(fp32: np.ndarray)
     assert {p.dtype for p in enc.model.parameters()} == {torch.float32} and enc.autocast
     out = enc.embed(TILES)
     assert not np.array_equal(out, fp32) and _cosine(out, fp32).min() >= 0.999
+
+
+def test_layer_scale_folds_into_the_weights_exactly() -> None:
+    """gamma · proj(x) = proj'(x) with proj's rows scaled: the embedding does not change (fp32)."""
+    import copy
+
+    enc = _load("fp32", gamma=None)  # a different gamma per channel, not 1
+    folded = copy.deepcopy(enc.model)
+    assert fold_layer_scale(folded) == len(enc.model.blocks) == 2
+    assert all(isinstance(b.ls1, torch.nn.Identity) and isinstance(b.ls2, torch.nn.Identity) for b in folded.blocks)
+    assert fold_layer_scale(folded) == 0  # nothing left to fold
+    other = Encoder(enc.spec, folded, device=CPU, dtype=None, weights_id=enc.weights_id, weights_source="random")
+    np.testing.assert_allclose(other.embed(TILES), enc.embed(TILES), rtol=1e-4, atol=1e-5)
+    assert all(hasattr(b.ls1, "gamma") for b in enc.model.blocks)  # the source model is not touched
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16: weights are not cast")
+def test_weights_cast_for_inference_have_layer_scale_folded() -> None:
+    ref = _load("fp32", gamma=None)
+    bf16 = ref.with_dtype("bf16")
+    assert all(isinstance(b.ls1, torch.nn.Identity) for b in bf16.model.blocks)
+    out, fp32 = bf16.embed(TILES), ref.embed(TILES)
+    assert _cosine(out, fp32).min() >= 0.999
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        loaded = load_encoder("virchow2-tiny", "random", device="cpu", dtype="bf16")  # folded at load too
+    assert all(isinstance(b.ls2, torch.nn.Identity) for b in loaded.model.blocks)
 
 
 def test_with_dtype_shares_the_model_only_when_the_weights_fit() -> None:

@@ -83,3 +83,25 @@ def test_integral_positions_read_directly(boxes_tiff: Path) -> None:
         ds = slide.level_downsamples[1]
         region = slide.read_region((int(20 * ds), int(10 * ds)), 1, (30, 30))
         np.testing.assert_array_equal(region, _boxes(*BOXES[1])[10:40, 20:50])
+
+
+@pytest.mark.parametrize("size", [(24, 24), (40, 17)])
+def test_batch_reads_equal_openslide_at_every_level(boxes_tiff: Path, size: tuple[int, int]) -> None:
+    """read_regions (the tile reader) blends between level pixels exactly as OpenSlide does (#18)."""
+    from napari_virchow.slides.batch_read import read_regions
+
+    rng = np.random.default_rng(16)
+    osr = openslide.OpenSlide(str(boxes_tiff))
+    with Slide(boxes_tiff) as slide:
+        assert slide._tiff is not None  # the direct batch path, not OpenSlide per region throughout
+        for level in range(len(BOXES)):
+            ds = osr.level_downsamples[level]
+            lattice = [(int(x), int(y)) for y in range(0, 250, 36) for x in range(0, 300, 36)]
+            random = [(int(x), int(y)) for x, y in rng.integers(-60, 320, (40, 2))]
+            locations = lattice + random
+            ours = read_regions(slide, locations, level, size)
+            theirs = np.stack([composite_on_white(np.asarray(osr.read_region(loc, level, size))) for loc in locations])
+            fractional = [(x, y) for x, y in locations if level_origin(x, ds) is None or level_origin(y, ds) is None]
+            assert level == 0 or fractional  # levels 1-3 sample between level pixels somewhere
+            for k, loc in enumerate(locations):
+                np.testing.assert_array_equal(ours[k], theirs[k], err_msg=f"{loc} level {level} size {size}")

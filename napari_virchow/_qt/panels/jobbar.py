@@ -124,6 +124,8 @@ class JobBar(QWidget):
         if ev.final and message.startswith("cancelled") and self._last_batch is not None:
             b = self._last_batch
             message = f"cancelled after {b.n_done:,} of {b.n_total:,} tiles; everything computed is kept"
+        elif ev.final and self._last_batch is not None and self._last_batch.feed:
+            message = f"{message}\n{self._last_batch.feed}"  # the rates of the run just finished stay in sight
         self.set_status(message, transient=not ev.final)
 
     def on_batch(self, ev: _jobs.BatchDone, rate: float | None) -> None:
@@ -134,4 +136,5 @@ class JobBar(QWidget):
         speed = rate or ev.tiles_per_s
         left = (ev.n_total - ev.n_done) / speed if speed else None
         eta = f" · ≈ {duration(left)} left" if left else ""
-        self.set_status(f"embedding: {speed:.1f} tiles/s{eta}", transient=True)
+        feed = f"\n{ev.feed}" if ev.feed else ""  # is the encoder fed? (both rates, waits for pixels)
+        self.set_status(f"embedding: {speed:.1f} tiles/s{eta}{feed}", transient=True)
