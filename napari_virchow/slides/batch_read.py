@@ -242,7 +242,7 @@ def read_level_boxes(cache: SegmentCache, origins: np.ndarray, height: int, widt
 
 def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray, level: int,
                  size: tuple[int, int], *, out: np.ndarray | None = None,
-                 decode_device: str | None = None) -> np.ndarray:  # fmt: skip
+                 decode_device: str | None = None, blend: bool = True) -> np.ndarray:  # fmt: skip
     """Many :meth:`Slide.read_region` calls as one batch: (n, height, width, 3) uint8.
 
     Parameters
@@ -260,8 +260,14 @@ def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray
     decode_device
         Decode JPEG stored tiles in batches with ``torchvision.io.decode_jpeg`` on this torch
         device (``"cuda"``; ``"cpu"`` runs the same API on the CPU); default imagecodecs.
+    blend
+        ``False`` reads every region on the batch path from the nearest level pixel, even where
+        OpenSlide would blend between level pixels: at most half a level pixel off (≤ 1 µm at 5×
+        on a /4.0003 level) and about 12× faster there. The tile lattice reads this way
+        (:meth:`TileGrid.read_tiles`, whose tiles are resampled anyway); ``True`` (default) gives
+        OpenSlide's pixels.
 
-    Pixel-identical to one ``slide.read_region(loc, level, size)`` per location, at every level
+    With ``blend=True``, pixel-identical to one ``slide.read_region(loc, level, size)`` per location, at every level
     and position. Where the level coordinate is whole (level 0, exact downsamples) the regions of
     TIFF-family slides read directly come from one batch that decodes each stored tile under it
     once (and reused by the next batch while it stays in the level's :class:`SegmentCache`).
@@ -283,7 +289,8 @@ def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray
     ds = slide.level_downsamples[level]
     # OpenSlide's level coordinates (Slide.read_region); None between level pixels
     exact = [(level_origin(int(x), ds), level_origin(int(y), ds)) for x, y in locs]
-    blended = [k for k, (ox, oy) in enumerate(exact) if ox is None or oy is None] if slide._osr is not None else []
+    between = [k for k, (ox, oy) in enumerate(exact) if ox is None or oy is None]
+    blended = between if blend and slide._osr is not None else []
     if out is None:
         out = np.empty((len(locs), h, w, 3), np.uint8)
     for k in blended:  # OpenSlide's sub-pixel blend, through the one read_region that does it

@@ -346,7 +346,9 @@ class TileGrid:
         :mod:`~napari_virchow.slides.batch_read`), so pass neighbouring tiles together (row-major
         or centre-out, as the pipeline does). When :attr:`resized`, the whole batch is resampled
         at once with :func:`~napari_virchow.slides.resample.resize_batch` (antialiased bicubic).
-        ``decode_device`` overrides the grid's :attr:`decode_device` for this read.
+        ``decode_device`` overrides the grid's :attr:`decode_device` for this read. On levels
+        with non-integer downsamples each tile starts at the nearest level pixel (``blend=False``
+        of :func:`read_regions`: at most half a level pixel off, and ~12× faster than blending).
         """
         idx = np.asarray(indices, dtype=np.int64).ravel()
         bad = idx[(idx < 0) | (idx >= len(self))]
@@ -354,10 +356,12 @@ class TileGrid:
             raise IndexError(f"tile {int(bad[0])} out of range 0..{len(self) - 1}")
         rs, device = self.read_size, decode_device or self.decode_device
         if not self.resized:
-            return read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs), decode_device=device)
+            return read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs),
+                                decode_device=device, blend=False)
         # the pre-resize pixels go to a buffer this thread reuses: no fresh pages per batch
         scratch = _scratch(len(idx), rs)
-        raw = read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs), out=scratch, decode_device=device)
+        raw = read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs), out=scratch,
+                           decode_device=device, blend=False)
         return resize_batch(raw, self.size)
 
     def __repr__(self) -> str:

@@ -25,10 +25,12 @@ def slide40(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _reference(grid: TileGrid, idx: np.ndarray) -> np.ndarray:
-    """One read_region per tile: OpenSlide's pixels, blended where the level coordinate falls
-    between level pixels (a non-integer downsample, e.g. 2.0003), as the batch reader's are (#18)."""
+    """One read_region per tile of the stored pixels: a twin without OpenSlide, which reads the
+    nearest level pixel where OpenSlide would interpolate (a non-integer downsample, e.g. 2.0003),
+    as the tile lattice does (``read_regions(blend=False)``)."""
     rs = grid.read_size
-    return np.stack([grid.slide.read_region((int(x), int(y)), grid.read_level, (rs, rs)) for x, y in grid.coords[idx]])
+    with Slide(grid.slide.path, backend="tifffile") as twin:
+        return np.stack([twin.read_region((int(x), int(y)), grid.read_level, (rs, rs)) for x, y in grid.coords[idx]])
 
 
 @pytest.mark.timeout(60)
