@@ -16,7 +16,12 @@
    (``skimage.measure.find_contours`` on the map as drawn, nearest-neighbour cells, NaN → 0) to the
    nearest planted edge, for the tile heatmap (one cell per 112-µm tile) and the token map (one
    cell per 7-µm token, ``token_heatmap``). Contours of false positives count too. Also from the
-   token map blurred by a Gaussian of σ = 1 token (``token_smoothed_error_um``, a display option).
+   token map blurred by a Gaussian of σ = 1 token (``token_smoothed_error_um``, a display option),
+   and from the CLS-attributed view (``token_attributed_error_um``: the CLS term regressed on the
+   mean token and attributed to the tokens, exact tile means; ``cls_attribution_r2``).
+   ``token_context_share``: how much a token of this encoder changes when the *other* patches of its
+   tile change, relative to a change of the whole tile (random weights, LayerScale 1e-5: ~1e-7, each
+   token sees only its 14-px patch, so an 18-px-period stripe cannot be resolved by one token).
 4. Compressed tokens: a per-slide PCA to ``--k`` dims (float16) in a ``TokenStore``; its KB per
    tile on disk and as recorded, its explained variance, and the token map's error against the
    exact one (mean / max |Δ P|, and the boundary error again from the compressed map).
@@ -24,8 +29,8 @@
    recompute path (read + forward + map + raster) and compressed path (codes → map → raster).
 
 The last line is JSON with ``tile_error_um``, ``token_error_um``, ``ratio``, ``goal_met``
-(token ≤ tile / 4), ``compressed_kb_per_tile``, ``draw_recompute_s``, ``draw_compressed_s``, the
-``solid_*`` errors and the rest.
+(token ≤ tile / 4, the exact map on the striped texture), ``attributed_ratio``,
+``compressed_kb_per_tile``, ``draw_recompute_s``, ``draw_compressed_s``, the ``solid_*`` errors and the rest.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from napari_virchow.analysis.heads import fit_head  # noqa: E402
 from napari_virchow.analysis.rasters import Raster, rasterize_annotations, tile_raster, upsample  # noqa: E402
+from napari_virchow.analysis.token_maps import fit_cls_attribution  # noqa: E402
 from napari_virchow.analysis.token_store import TokenStore  # noqa: E402
 from napari_virchow.analysis.token_views import token_heatmap  # noqa: E402
 from napari_virchow.lod import SlideGeometry, canvas_tiles, view_box  # noqa: E402
@@ -138,6 +144,10 @@ def maps(path: Path, enc: Encoder, tmp: str, k: int, *, full: bool) -> dict[str,
         out["tile_error_um"] = round(contour_error_um(tile_map), 2)
         out["token_error_um"] = round(contour_error_um(token_map), 2)
         out["token_smoothed_error_um"] = round(contour_error_um(smoothed(token_map)), 2)
+        att = fit_cls_attribution(head, emb)  # the second, documented view (token_maps module docstring)
+        out["token_attributed_error_um"] = round(contour_error_um(token_heatmap(grid, enc, head, idx, batch_size=32,
+                                                                               attribution=att)), 2)  # fmt: skip
+        out["cls_attribution_r2"] = round(att.r2[0], 4)
         if not full:
             return out
         store = TokenStore.create(Path(tmp) / "tokens.zarr", tokens, n_tiles=len(grid), k=k,
@@ -171,6 +181,18 @@ def maps(path: Path, enc: Encoder, tmp: str, k: int, *, full: bool) -> dict[str,
     return out
 
 
+def context_share(enc: Encoder) -> float:
+    """How much a token depends on the other patches of its tile: ‖Δ token (7, 7)‖ when every
+    other patch is inverted, over ‖Δ‖ when the whole tile is. ~0: each token sees only its own patch."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+    whole = 255 - a
+    others = whole.copy()
+    others[:, 98:112, 98:112] = a[:, 98:112, 98:112]
+    _, t = encode_tokens(enc, np.concatenate([a, whole, others]))
+    return float(np.linalg.norm(t[2, 7, 7] - t[0, 7, 7]) / np.linalg.norm(t[1, 7, 7] - t[0, 7, 7]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--encoder", default="virchow2-tiny")
@@ -180,6 +202,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*random weights.*")
     out: dict[str, object] = {"encoder": args.encoder, "weights": "random", "dtype": args.dtype}
     enc = load_encoder(args.encoder, weights="random", device="auto", dtype=args.dtype)
+    out["token_context_share"] = float(f"{context_share(enc):.3g}")
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("planted", "solid"):
             source = SolidSource([Region((0, 0, SIZE, SIZE), "tissue"), *(Region(b, kind) for b in BOXES)])
@@ -194,6 +217,9 @@ def main() -> None:
     out["goal_met"] = bool(float(token_err) <= float(tile_err) / 4)  # type: ignore[arg-type]
     solid_tile, solid_token = out["solid_tile_error_um"], out["solid_token_error_um"]
     out["solid_ratio"] = round(float(solid_token) / float(solid_tile), 3) if solid_tile else None  # type: ignore[arg-type]
+    for prefix in ("", "solid_"):  # the CLS-attributed view against the same tile map
+        tile, att = out[f"{prefix}tile_error_um"], out[f"{prefix}token_attributed_error_um"]
+        out[f"{prefix}attributed_ratio"] = round(float(att) / float(tile), 3) if tile else None  # type: ignore[arg-type]
     for key, value in out.items():
         if key != "probe":
             print(f"{key:>34}: {value}")

@@ -13,19 +13,22 @@ Controls, by ``objectName`` (stable: tests and scripts find them by it)
   magnification), ``overview_btn`` (whole tissue at 5×), ``limit_spin``, ``tissue_check``, ``tissue_slider``
 - Cancer probability: ``class_combo``, ``new_annotations_btn``, ``load_geojson_btn``,
   ``save_geojson_btn``, ``load_head_btn``, ``save_head_btn``, ``train_btn``, ``refit_check``,
-  ``threshold_slider``, ``smooth_check``, ``resolution_combo``
+  ``threshold_slider``, ``smooth_check``
+- Token resolution: ``resolution_combo`` (tile / token / token (CLS attributed), for the tiles in
+  view at the view's magnification), ``compressed_check`` (store compressed tokens)
 - Labelling: ``suggest_btn``, ``suggest_spin``, ``suggest_list`` (number keys label the current tile),
   ``prev_suggestion_btn``, ``next_suggestion_btn``, ``refit_probe_btn``
 - Slide prediction: ``load_slide_head_btn``, ``predict_slide_btn``
-- Clusters: ``k_spin``, ``rgb_check``, ``cluster_btn``
-- Similar regions: ``pick_btn``, ``hits_spin``, ``index_edit``, ``index_browse_btn``,
-  ``search_index_btn``, ``hit_list``
+- Clusters: ``k_spin``, ``rgb_check``, ``cluster_btn``, ``token_clusters_check`` (token-resolution
+  clusters of the tiles in view)
+- Similar regions: ``pick_btn``, ``hits_spin``, ``token_sim_check`` (also a per-token similarity of
+  the tiles in view), ``index_edit``, ``index_browse_btn``, ``search_index_btn``, ``hit_list``
 - Export: ``export_geojson_btn``, ``export_heatmap_btn``
 - Job bar (always visible, under the panels): ``decision_compute_btn``, ``decision_skip_btn``,
   ``cancel_btn``
 
 Read-outs: ``random_banner``, ``level_label`` (the magnification of the view),
-``tissue_value_label``, ``head_label``, ``threshold_label``,
+``tissue_value_label``, ``head_label``, ``threshold_label``, ``token_store_label``,
 ``label_keys_label``, ``labelling_label``, ``slide_head_label``, ``slide_prediction_label``,
 ``legend_label``, ``progress_bar``, ``status_label``, ``decision_label``.
 """
@@ -51,6 +54,7 @@ from napari_virchow._qt.panels.labelling import LabellingPanel
 from napari_virchow._qt.panels.model import ModelPanel, foreign_slide_path
 from napari_virchow._qt.panels.similar import SimilarPanel
 from napari_virchow._qt.panels.slide_head import SlideHeadPanel
+from napari_virchow._qt.panels.tokens import TokenPanel
 from napari_virchow._qt.runner import JobRunner
 from napari_virchow._qt.sessions import SessionBook
 from napari_virchow._qt.viewport import ViewportWatcher
@@ -102,14 +106,16 @@ class VirchowWidget(QWidget):
         self.model = ModelPanel(self)
         self.compute = ComputePanel(self)
         self.head = HeadPanel(self)
+        self.tokens = TokenPanel(self, lambda: self.head.threshold_slider.value() / 100)
+        self.head.threshold_slider.valueChanged.connect(lambda _: self.tokens.draw())
         self.labelling = LabellingPanel(self, self.head)
         self.slide_head = SlideHeadPanel(self)
         self.clusters = ClusterPanel(self)
         self.similar = SimilarPanel(self)
         self.export = ExportPanel(self, lambda: self.head.threshold_slider.value() / 100,
                                   self.similar.hits_spin.value)
-        for panel in (self.model, self.compute, self.head, self.labelling, self.slide_head, self.clusters,
-                      self.similar, self.export):
+        for panel in (self.model, self.compute, self.head, self.tokens, self.labelling, self.slide_head,
+                      self.clusters, self.similar, self.export):
             root.addWidget(panel)
         root.addStretch(1)
         self.jobbar = JobBar()
@@ -222,7 +228,8 @@ class VirchowWidget(QWidget):
             self.jobbar.ask(f"{ev.n_todo:,} tiles in view are not computed yet (≈ {duration(eta)}, {how}). "
                             "Compute them, or zoom in?", ev.n_todo)  # fmt: skip
             self.jobbar.set_status("")
-        for panel in (self.compute, self.head, self.labelling, self.slide_head, self.clusters, self.similar):
+        for panel in (self.compute, self.head, self.tokens, self.labelling, self.slide_head, self.clusters,
+                      self.similar):
             panel.on_event(session, ev)
 
     def _decided(self, yes: bool) -> None:

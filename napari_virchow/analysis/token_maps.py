@@ -10,16 +10,26 @@ so each token's term ``b + W_cls·cls + W_patch·t_i`` is the head's evidence at
 and the ``g × g`` grid of them averages exactly to the tile's logit(s). For two classes the head
 has one row (the logit of ``classes[1]``); the positive-class logit is its negation when the
 positive class is ``classes[0]``. For more classes there is one logit per class.
+
+The CLS term ``W_cls·cls`` is tile-level evidence: spread evenly over the tile's tokens it draws the
+tile lattice into the token map (a mostly-tissue tile pulls its few tumour tokens down). Adding any
+per-tile zero-mean term keeps the invariant, so :func:`fit_cls_attribution` offers a second,
+documented view: the CLS term regressed (ridge, over the slide's embedded tiles) on the mean patch
+token, ``W_cls·cls ≈ a + V·mean_i(t_i)``, and each token given ``V·(t_i − mean_j t_j)`` on top: the
+CLS evidence attributed to the tokens that predict it. Its ``r2`` says how linear that is.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from napari_virchow.analysis.heads import LinearHead
 from napari_virchow.errors import HeadError
 
-__all__ = ["positive_token_logits", "token_logits", "token_probability", "token_terms"]
+__all__ = ["ClsAttribution", "fit_cls_attribution", "positive_token_logits", "token_logits", "token_probability",
+           "token_terms"]
 
 
 def token_terms(head: LinearHead, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -40,14 +50,59 @@ def _check(cls: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return c, t
 
 
-def token_logits(head: LinearHead, cls: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class ClsAttribution:
+    """``V (n_out, D)``: the head's CLS term as a linear function of the mean patch token.
+
+    ``r2`` (one per output) is the fraction of the CLS term's variance over the fit tiles it explains.
+    """
+
+    weights: np.ndarray
+    r2: tuple[float, ...]
+    n_tiles: int
+
+
+def fit_cls_attribution(head: LinearHead, embeddings: np.ndarray, *, ridge: float = 1e-3) -> ClsAttribution:
+    """Ridge regression of ``W_cls·cls`` on ``mean_i(t_i)`` over tile ``embeddings`` ``(n, 2D)``.
+
+    ``ridge`` is relative to the mean feature variance (scale-free). Needs at least 2 tiles.
+    """
+    e = np.asarray(embeddings, np.float64)
+    if e.ndim != 2 or e.shape[1] != head.dim:
+        raise HeadError(f"need ({head.dim}-d) embeddings of the head's encoder, got {e.shape}")
+    if len(e) < 2:
+        raise HeadError("the CLS attribution needs the embeddings of at least 2 tiles: compute more tiles")
+    width = e.shape[1] // 2
+    w_cls, _, _ = token_terms(head, width)
+    y = e[:, :width] @ w_cls.T  # (n, n_out)
+    x = e[:, width:] - e[:, width:].mean(axis=0)
+    yc = y - y.mean(axis=0)
+    gram = x.T @ x
+    lam = ridge * max(float(np.trace(gram)) / width, 1e-12)
+    v = np.linalg.solve(gram + lam * np.eye(width), x.T @ yc).T  # (n_out, D)
+    resid = ((yc - x @ v.T) ** 2).sum(axis=0)
+    total = (yc**2).sum(axis=0)
+    r2 = tuple(float(1 - r / t) if t > 0 else 1.0 for r, t in zip(resid, total, strict=True))
+    return ClsAttribution(v, r2, len(e))
+
+
+def token_logits(
+    head: LinearHead, cls: np.ndarray, tokens: np.ndarray, *, attribution: ClsAttribution | None = None
+) -> np.ndarray:
     """Per-token logits ``(N, n_out, g, g)`` float32; ``mean over (g, g)`` = the tile's logits.
 
-    ``n_out`` is 1 for a two-class head (logit of ``classes[1]``), else one per class.
+    ``n_out`` is 1 for a two-class head (logit of ``classes[1]``), else one per class. With
+    ``attribution``, each token also gets ``V·(t_i − mean_j t_j)`` (zero mean per tile: the
+    invariant holds; see the module docstring).
     """
     c, t = _check(cls, tokens)
     w_cls, w_patch, b = token_terms(head, c.shape[1])
-    tile_part = c.astype(np.float64) @ w_cls.T + b  # (N, n_out): shared by every token of a tile
+    if attribution is not None:
+        tile_part_extra = -(t.reshape(len(t), -1, t.shape[-1]).mean(axis=1, dtype=np.float64) @ attribution.weights.T)
+        w_patch = w_patch + attribution.weights
+    else:
+        tile_part_extra = np.zeros((len(c), w_patch.shape[0]))
+    tile_part = c.astype(np.float64) @ w_cls.T + b + tile_part_extra  # (N, n_out): shared by a tile's tokens
     n, g = t.shape[0], t.shape[1]
     out = np.empty((n, w_patch.shape[0], g, g), np.float32)
     for start in range(0, n, 64):  # bounds the float64 copy of the tokens

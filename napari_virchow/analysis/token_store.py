@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 
 from napari_virchow.analysis.heads import LinearHead
-from napari_virchow.analysis.token_maps import token_terms
+from napari_virchow.analysis.token_maps import ClsAttribution, token_terms
 from napari_virchow.errors import StoreError
 from napari_virchow.store.atomic import AtomicLocalStore
 from napari_virchow.store.integrity import DAMAGE, chunk_path
@@ -255,12 +255,19 @@ class TokenStore:
         g = int(self.attrs["grid_side"])
         return c, (z @ self._basis + self._mean).reshape(len(c), g, g, -1)
 
-    def token_logits(self, head: LinearHead, indices: np.ndarray) -> np.ndarray:
+    def token_logits(
+        self, head: LinearHead, indices: np.ndarray, *, attribution: ClsAttribution | None = None
+    ) -> np.ndarray:
         """:func:`~napari_virchow.analysis.token_maps.token_logits` from the stored codes, ``(n, n_out, g, g)``."""
         c, z = self.read(indices)
         w_cls, w_patch, b = token_terms(head, int(self.attrs["width"]))
         g = int(self.attrs["grid_side"])
-        tile_part = c.astype(np.float64) @ w_cls.T + b + w_patch @ self._mean.astype(np.float64)
-        patch = z.astype(np.float64) @ (self._basis.astype(np.float64) @ w_patch.T)  # (n, g·g, n_out)
+        mean, basis = self._mean.astype(np.float64), self._basis.astype(np.float64)
+        tile_part = c.astype(np.float64) @ w_cls.T + b + w_patch @ mean
+        if attribution is not None:  # + V·(t_i − mean_j t_j), t ≈ μ + z B: only the codes' deviation counts
+            v = attribution.weights.astype(np.float64)
+            tile_part = tile_part - z.astype(np.float64).mean(axis=1) @ (basis @ v.T)
+            w_patch = w_patch + v
+        patch = z.astype(np.float64) @ (basis @ w_patch.T)  # (n, g·g, n_out)
         out = patch.transpose(0, 2, 1) + tile_part[:, :, None]
         return out.reshape(len(c), -1, g, g).astype(np.float32)

@@ -18,7 +18,7 @@ import numpy as np
 
 from napari_virchow.analysis.heads import LinearHead
 from napari_virchow.analysis.rasters import Raster
-from napari_virchow.analysis.token_maps import token_logits, token_probability
+from napari_virchow.analysis.token_maps import ClsAttribution, token_logits, token_probability
 from napari_virchow.analysis.token_rasters import token_raster
 
 if TYPE_CHECKING:
@@ -64,18 +64,20 @@ def tile_tokens(
 
 def token_heatmap(
     grid: TileGrid, encoder: Encoder, head: LinearHead, tile_indices: np.ndarray | list[int], *,
-    store: TokenStore | None = None, batch_size: int = 16,
+    store: TokenStore | None = None, batch_size: int = 16, attribution: ClsAttribution | None = None,
 ) -> Raster:
     """P(``head.positive_class``) per token of the tiles, as a raster aligned with the slide in µm.
 
     With ``store``: stored tiles are scored from their compressed codes (no forward pass), the
-    others recomputed (and stored when the store is writable).
+    others recomputed (and stored when the store is writable). With ``attribution`` (from
+    :func:`~napari_virchow.analysis.token_maps.fit_cls_attribution`): the CLS-attributed view.
     """  # fmt: skip
     from napari_virchow.models.tokens import encode_tokens
 
     idx = _indices(tile_indices, grid)
     if store is None:
-        logits = token_logits(head, *encode_tokens(encoder, grid.read_tiles(idx), batch_size=batch_size))
+        logits = token_logits(head, *encode_tokens(encoder, grid.read_tiles(idx), batch_size=batch_size),
+                              attribution=attribution)
     else:
         missing = store.missing(idx)
         logits_by: dict[int, np.ndarray] = {}
@@ -83,10 +85,10 @@ def token_heatmap(
             cls, tok = encode_tokens(encoder, grid.read_tiles(missing), batch_size=batch_size)
             if store.writable:
                 store.write(missing, cls, tok)
-            logits_by.update(zip(missing.tolist(), token_logits(head, cls, tok), strict=True))
+            logits_by.update(zip(missing.tolist(), token_logits(head, cls, tok, attribution=attribution), strict=True))
         held = np.asarray([i for i in idx.tolist() if i not in logits_by], np.int64)
         if len(held):
-            logits_by.update(zip(held.tolist(), store.token_logits(head, held), strict=True))
+            logits_by.update(zip(held.tolist(), store.token_logits(head, held, attribution=attribution), strict=True))
         logits = np.stack([logits_by[i] for i in idx.tolist()]) if len(idx) else np.zeros((0, 1, 1, 1), np.float32)
     return token_raster(token_probability(head, logits), grid.coords[idx], grid.tile_size_l0,
                         mpp=grid.slide.require_mpp())  # fmt: skip

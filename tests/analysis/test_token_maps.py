@@ -93,3 +93,33 @@ def test_virchow2_structure_random_weights_fp32() -> None:
                       encoder="virchow2")  # fmt: skip
     logits = token_logits(head, cls, tokens)
     np.testing.assert_allclose(logits.mean(axis=(2, 3)), _tile_logits(head, emb), atol=1e-4)
+
+
+def test_cls_attribution_keeps_the_tile_logit_and_moves_evidence_to_tokens(tiny) -> None:
+    """The CLS-attributed view: still averaging to the tile logit, and no longer the plain map."""
+    from napari_virchow.analysis.token_maps import fit_cls_attribution
+
+    tiles = _tiles(12, seed=3)
+    emb = tiny.embed(tiles)
+    head = fit_head(emb, np.repeat([0, 1], 6), ["normal", "tumour"], encoder="virchow2-tiny")
+    att = fit_cls_attribution(head, emb)
+    assert att.weights.shape == (1, 48) and att.n_tiles == 12 and 0.0 <= att.r2[0] <= 1.0
+    cls, tokens = encode_tokens(tiny, tiles)
+    plain = token_logits(head, cls, tokens)
+    moved = token_logits(head, cls, tokens, attribution=att)
+    np.testing.assert_allclose(moved.mean(axis=(2, 3)), _tile_logits(head, emb), atol=1e-4)
+    assert np.abs(moved - plain).max() > 1e-2
+    # the extra term is V·(t_i − mean t): checked against its definition
+    mean = tokens.mean(axis=(1, 2)) @ att.weights.T
+    extra = np.einsum("nrcd,kd->nkrc", tokens, att.weights) - mean[:, :, None, None]
+    np.testing.assert_allclose(moved - plain, extra, atol=1e-3)
+
+
+def test_cls_attribution_refuses_too_few_tiles(tiny) -> None:
+    from napari_virchow.analysis.token_maps import fit_cls_attribution
+
+    head = LinearHead(np.ones((1, 96)), [0.0], ["a", "b"], encoder="virchow2-tiny")
+    with pytest.raises(HeadError, match="at least 2 tiles"):
+        fit_cls_attribution(head, np.ones((1, 96)))
+    with pytest.raises(HeadError, match="96"):
+        fit_cls_attribution(head, np.ones((4, 50)))

@@ -76,6 +76,20 @@ def test_map_from_compressed_tokens_within_measured_error(tmp_path: Path, plante
     np.testing.assert_allclose(token_logits(head, c, t), approx, rtol=1e-3, atol=1e-2)
 
 
+
+def test_cls_attributed_map_from_codes_matches_the_exact_one(tmp_path: Path, planted) -> None:
+    """The CLS-attributed view from the codes: same tile means, within the compressed error."""
+    from napari_virchow.analysis.token_maps import fit_cls_attribution
+    from napari_virchow.models.tokens import embedding_from_tokens
+
+    idx, cls, tokens, head, _ = planted
+    att = fit_cls_attribution(head, embedding_from_tokens(cls, tokens))
+    store = _store(tmp_path, planted)  # k = 48: lossless but for float16
+    exact = token_logits(head, cls, tokens, attribution=att)
+    approx = store.token_logits(head, idx, attribution=att)
+    np.testing.assert_allclose(approx.mean(axis=(2, 3)), token_logits(head, cls, tokens).mean(axis=(2, 3)), atol=2e-2)
+    assert np.abs(approx - exact).mean() < 0.01 * exact.std()
+
 def test_size_per_tile_virchow2_at_default_k(tmp_path: Path) -> None:
     """≤ 32 KB per tile for Virchow 2's 1280-d tokens at the default k: recorded, and on disk."""
     rng = np.random.default_rng(0)

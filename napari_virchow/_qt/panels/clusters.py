@@ -11,8 +11,11 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
 
 from napari_virchow import jobs as _jobs
+from napari_virchow._qt.errors import gui_message
 from napari_virchow._qt.layers import layer_named, overlay_name, show_raster
 from napari_virchow._qt.panels.base import Host, form, named
+from napari_virchow.analysis.token_jobs import TokenClustersReady
+from napari_virchow.errors import VirchowError
 from napari_virchow.session import SlideSession
 
 __all__ = ["LEGEND", "PALETTE", "ClusterPanel"]
@@ -46,6 +49,10 @@ class ClusterPanel(QGroupBox):
         row.addWidget(self.cluster_btn)
         lay.addRow("k", row)
         lay.addRow(self.rgb_check)
+        self.token_check = named(QCheckBox("token clusters (tiles in view)"), "token_clusters_check",
+                                 "also k-means of the 7-µm patch tokens of the tiles in view, as a finer overlay")
+        self.token_check.toggled.connect(self._token_toggled)
+        lay.addRow(self.token_check)
         self.legend = named(QLabel(), "legend_label")
         self.legend.setTextFormat(Qt.TextFormat.RichText)
         lay.addRow(self.legend)
@@ -91,9 +98,52 @@ class ClusterPanel(QGroupBox):
         return legend
 
     def cluster(self) -> None:
-        """K-means over every embedded tile of the slide."""
+        """K-means over every embedded tile of the slide (or the tokens of the tiles in view)."""
+        if self.token_check.isChecked():
+            self.cluster_tokens()
+            return
         self._host.run(_jobs.cluster_job, self.k_spin.value(), with_rgb=self.rgb_check.isChecked(),
                        mpp=self._host.view_mpp())
+
+    # --- token resolution ----------------------------------------------------------------------
+    def _token_layer(self) -> str | None:
+        layer = self._host.slide_layer()
+        return None if layer is None else overlay_name(layer, "token clusters")
+
+    def _token_toggled(self, on: bool) -> None:
+        name = self._token_layer()
+        if on:
+            self.cluster_tokens()
+        elif name is not None and name in self._host.viewer.layers:
+            self._host.viewer.layers.remove(name)
+
+    def cluster_tokens(self) -> None:
+        """K-means of the patch tokens of the tiles in view (their own k-means: see token_clusters)."""
+        from napari_virchow._qt.panels.tokens import view_tiles
+        from napari_virchow.analysis.token_jobs import token_clusters_job
+
+        try:
+            session = self._host.session()
+        except VirchowError as exc:
+            self._host.set_status(gui_message(exc))
+            return
+        view = view_tiles(self._host, session)
+        if view is not None:
+            compressed = getattr(getattr(self._host, "tokens", None), "compressed", False)
+            self._host.run(token_clusters_job, view[0], self.k_spin.value(), mpp=view[1], compressed=compressed)
+
+    def _draw_tokens(self, ev: TokenClustersReady) -> None:
+        name = self._token_layer()
+        if name is None or not self.token_check.isChecked():
+            return
+        counts = ev.clusters.counts
+        colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent",
+                                                   **{cid: cluster_color(cid) for cid in counts}})  # fmt: skip
+        lyr = show_raster(self._host.viewer, name, ev.clusters.raster, kind="labels", opacity=0.6, colormap=colormap)
+        lyr.colormap = colormap
+        self.legend.setText("token clusters (tiles in view)<br>" + "<br>".join(
+            f"<span style='color:{cluster_color(cid)}'>■</span> cluster {cid}: {n:,} tokens"
+            for cid, n in counts.items()))  # fmt: skip
 
     def draw(self, session: SlideSession) -> None:
         layer = self._host.slide_layer()
@@ -114,6 +164,9 @@ class ClusterPanel(QGroupBox):
                                         f"{n:,} tiles" for cid, n in counts.items()))  # fmt: skip
 
     def on_event(self, session: SlideSession, ev: object) -> None:
+        if isinstance(ev, TokenClustersReady):
+            self._draw_tokens(ev)
+            return
         if isinstance(ev, _jobs.Clustered):
             self.draw(session)
             layer = self._host.slide_layer()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from napari_virchow._qt.annotation_shapes import HOLE_CLASS, HOLE_COLOR, regions
 from napari_virchow._qt.errors import gui_message, report
 from napari_virchow._qt.layers import BAR_TITLE_KEY, HEAT, overlay_name, show_colorbar_on_top, show_raster
 from napari_virchow._qt.panels.base import Host, form, named
-from napari_virchow.analysis.rasters import Raster, mask_below
+from napari_virchow.analysis.rasters import mask_below
 from napari_virchow.errors import VirchowError
 from napari_virchow.session import SlideSession, TrainResult
 
@@ -81,27 +80,6 @@ def cv_auc(head: Any) -> float | None:
 
 def cv_accuracy(head: Any) -> float | None:
     return getattr(head, "cv_accuracy", None) if hasattr(head, "cv_accuracy") else head.metrics.get("cv_accuracy")
-
-
-#: tiles whose tokens one token map computes: about two canvases of 224-px tiles, centre-out
-TOKEN_MAP_TILES = 64
-
-
-@dataclass(frozen=True)
-class TokenMapReady:
-    """The token-resolution heatmap of the tiles in view (event of :func:`token_map_job`)."""
-
-    raster: Raster
-
-
-@_jobs.cancellable
-def token_map_job(session: SlideSession, head: Any, indices: np.ndarray, *, cancel: Any = None) -> Any:
-    """P(positive) per 14-px token of ``indices`` (recomputed from the pixels: a worker's job)."""
-    from napari_virchow.analysis.token_views import token_heatmap
-
-    yield _jobs.Stage(f"token map: patch tokens of {len(indices)} tiles in view …")
-    yield TokenMapReady(token_heatmap(session.grid, session.encoder(), head, indices))
-    yield _jobs.Stage("token map drawn", final=True)
 
 
 @_jobs.cancellable
@@ -159,12 +137,6 @@ class HeadPanel(QGroupBox):
         thr.addWidget(self.threshold_label)
         thr.addWidget(self.smooth_check)
         lay.addRow("hide below", thr)
-        self.resolution_combo = named(QComboBox(), "resolution_combo",
-                                      "tile: a value per 112-µm tile; token: per 7-µm token, in view")  # fmt: skip
-        self.resolution_combo.addItems(["tile", "token"])
-        self.resolution_combo.currentTextChanged.connect(self._resolution_changed)
-        self._token_raster: Raster | None = None
-        lay.addRow("resolution", self.resolution_combo)
 
     # --- annotations ---------------------------------------------------------------------------
     def new_annotation_layer(self) -> Shapes:
@@ -347,43 +319,6 @@ class HeadPanel(QGroupBox):
     def _threshold_moved(self, value: int) -> None:
         self.threshold_label.setText(f"{value / 100:.2f}")
         self.draw()
-        self._draw_tokens()
-
-    # --- token resolution (a finer overlay on top of the tile heatmap, for the tiles in view) ---
-    def _token_layer_name(self) -> str | None:
-        layer = self._host.slide_layer()
-        return None if layer is None else overlay_name(layer, "token probability")
-
-    def _resolution_changed(self, text: str) -> None:
-        name = self._token_layer_name()
-        if text != "token":
-            self._token_raster = None
-            if name is not None and name in self._host.viewer.layers:
-                self._host.viewer.layers.remove(name)
-            return
-        from napari_virchow._qt.viewport import visible_box_level0
-
-        layer = self._host.slide_layer()
-        try:
-            session = self._host.session()
-        except VirchowError as exc:
-            self._host.set_status(gui_message(exc))
-            return
-        box = None if layer is None else visible_box_level0(self._host.viewer, layer)
-        if session.head is None or box is None:
-            self._host.set_status("token resolution needs a head: train one or load one first")
-            return
-        indices = session.grid.tiles_in(box)[:TOKEN_MAP_TILES]
-        self._host.run(token_map_job, session.head, indices)
-
-    def _draw_tokens(self) -> None:
-        name = self._token_layer_name()
-        if self._token_raster is None or name is None:
-            return
-        values = mask_below(self._token_raster.data, self.threshold_slider.value() / 100)
-        lyr = show_raster(self._host.viewer, name, replace(self._token_raster, data=values), colormap=HEAT,
-                          contrast_limits=(0, 1), opacity=0.85, blending="translucent")  # fmt: skip
-        lyr.contrast_limits = (0, 1)
 
     def draw(self, session: SlideSession | None = None) -> None:
         layer = self._host.slide_layer()
@@ -406,11 +341,6 @@ class HeadPanel(QGroupBox):
         show_colorbar_on_top(self._host.viewer)
 
     def on_event(self, session: SlideSession, ev: object) -> None:
-        if isinstance(ev, TokenMapReady):
-            if self.resolution_combo.currentText() == "token":
-                self._token_raster = ev.raster
-                self._draw_tokens()
-            return
         if isinstance(ev, _jobs.Trained):
             self.show_head(session, ev.result.counts)
             self.draw(session)

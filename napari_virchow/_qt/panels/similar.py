@@ -8,6 +8,7 @@ import numpy as np
 from napari.utils.notifications import show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QFileDialog,
     QGroupBox,
     QHBoxLayout,
@@ -33,6 +34,7 @@ from napari_virchow._qt.layers import (
 from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow._qt.picking import Picker, box_corners
 from napari_virchow._reader import METADATA_KEY
+from napari_virchow.analysis.token_jobs import TokenSimilarityReady
 from napari_virchow.errors import VirchowError
 from napari_virchow.session import SlideSession
 
@@ -58,6 +60,10 @@ class SimilarPanel(QGroupBox):
         row.addWidget(self.pick_btn, 1)
         row.addWidget(self.hits_spin)
         lay.addRow(row)
+        self.token_check = named(QCheckBox("token similarity (tiles in view)"), "token_sim_check",
+                                 "also the cosine of each 7-µm token in view to the query's mean token: "
+                                 "a click on a gland lights glands")  # fmt: skip
+        lay.addRow(self.token_check)
         self.index_edit = named(QLineEdit(placeholderText="cohort index (napari-virchow index)"), "index_edit")
         browse = named(QPushButton("…"), "index_browse_btn", "choose a cohort index file")
         browse.setMaximumWidth(32)
@@ -79,6 +85,16 @@ class SimilarPanel(QGroupBox):
     def query_at(self, x: float, y: float, box: tuple[float, float, float, float] | None = None) -> None:
         """Similar regions to the tile under level-0 ``(x, y)``, or to the mean of the tissue tiles
         in ``box`` (x0, y0, x1, y1); tiles not embedded yet are embedded first."""
+        if self.token_check.isChecked():
+            from napari_virchow._qt.viewport import visible_box_level0
+            from napari_virchow.analysis.token_jobs import query_tokens_job
+
+            layer = self._host.slide_layer()
+            view = None if layer is None else visible_box_level0(self._host.viewer, layer)
+            if view is not None:
+                self._host.run(query_tokens_job, x, y, view, k=self.hits_spin.value(), box=box,
+                               mpp=self._host.view_mpp())  # fmt: skip
+                return
         self._host.run(_jobs.query_job, x, y, k=self.hits_spin.value(), box=box, mpp=self._host.view_mpp())
 
     def draw(self, session: SlideSession) -> None:
@@ -132,6 +148,9 @@ class SimilarPanel(QGroupBox):
             self._show_query(session, ev)
             self._show_hits(session, ev)
             self._host.set_status(self._explain(session, ev))
+        elif isinstance(ev, TokenSimilarityReady) and (layer := self._host.slide_layer()) is not None:
+            show_raster(self._host.viewer, overlay_name(layer, "token similarity"), ev.raster,
+                        colormap=SIMILARITY, contrast_limits=(0, 1), opacity=0.85)  # fmt: skip
         elif isinstance(ev, _jobs.IndexHits):
             self._show_index_hits(session, ev)
         elif isinstance(ev, _jobs.BatchDone) and "similarity" in ev.changed:
