@@ -71,15 +71,15 @@ def read_cohort_csv(path: str | Path, *, classes: Sequence[str] | None = None) -
     i_slide, i_label, i_fold = cols if cols is not None else (0, 1, 2 if len(rows[0]) > 2 else None)
     first = 2 if cols is not None else 1
     out: list[CohortRow] = []
-    for n, r in enumerate(body, start=first):
-        if len(r) <= max(i_slide, i_label):
-            raise CohortError(f"{path} line {n}: {r} has no {'label' if len(r) > i_slide else 'slide'}: give "
+    for n, cells in enumerate(body, start=first):
+        if len(cells) <= max(i_slide, i_label):
+            raise CohortError(f"{path} line {n}: {cells} has no {'label' if len(cells) > i_slide else 'slide'}: give "
                               "slide,label[,fold] on every row")  # fmt: skip
-        label = r[i_label].strip()
+        label = cells[i_label].strip()
         if not label:
-            raise CohortError(f"{path} line {n}: slide {r[i_slide].strip()} has an empty label: label every slide")
-        fold = r[i_fold].strip() if i_fold is not None and i_fold < len(r) and r[i_fold].strip() else None
-        slide = Path(r[i_slide].strip()).expanduser()
+            raise CohortError(f"{path} line {n}: slide {cells[i_slide].strip()} has an empty label: label every slide")
+        fold = cells[i_fold].strip() if i_fold is not None and i_fold < len(cells) and cells[i_fold].strip() else None
+        slide = Path(cells[i_slide].strip()).expanduser()
         out.append(CohortRow((slide if slide.is_absolute() else path.parent / slide).resolve(), label, fold))
     if not out:
         raise CohortError(f"{path} has a header but no slides: give one row per slide")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_virchow.analysis.mil import AttentionMIL, SlideHead, metrics_json, state_of
+from napari_virchow.analysis.mil import AttentionMIL, SlideHead, _tensor, metrics_json, state_of
 from napari_virchow.errors import HeadError
 
 __all__ = ["Progress", "check_folds", "cv_metric", "fit_slide_head"]
@@ -298,7 +298,7 @@ def _train(bags: Sequence[Any], y: np.ndarray, idx: np.ndarray, n_classes: int, 
                 x = np.asarray(bags[i])
                 if cap is not None and len(x) > cap:
                     x = x[np.sort(rng.choice(len(x), cap, replace=False))]
-                logits, _ = model(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+                logits, _ = model(_tensor(x))
                 loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([int(y[i])]), weight=weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -311,5 +311,5 @@ def _predict(model: Any, bag: Any) -> np.ndarray:
     from napari_virchow._torch import torch
 
     with torch.inference_mode():
-        logits, _ = model(torch.from_numpy(np.ascontiguousarray(np.asarray(bag), np.float32)))
+        logits, _ = model(_tensor(np.asarray(bag)))
         return torch.softmax(logits.double(), dim=0).numpy()
