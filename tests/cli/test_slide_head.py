@@ -267,3 +267,18 @@ def test_commands_are_registered_with_the_cohort_options() -> None:
     for name in ("fit-slide-head", "predict"):
         flags = {s for a in sub[name]._actions for s in a.option_strings}
         assert {"--scheduler", "--encoder", "--weights", "--cache", "--out"} <= flags, name
+
+
+@pytest.mark.timeout(180)
+def test_scheduler_embeds_the_cohort_on_the_cluster(fitted: Fitted, tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    rows = [(str(p), lab) for p, lab in zip(fitted.slides[:4], fitted.labels[:4], strict=True)]
+    table = _write_csv(tmp_path / "four.csv", rows)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, host="127.0.0.1",
+                      dashboard_address=None) as cluster:  # fmt: skip
+        rc, out, err = _run("fit-slide-head", table, "--out", tmp_path / "h.safetensors", "--folds", 2, "--epochs", 1,
+                            *TINY, "--cache", tmp_path / "cache", "--scheduler", cluster.scheduler_address)  # fmt: skip
+    assert rc == 0, err
+    assert out.count("16 tissue tiles, 16 embedded now") == 4 and " on " in out  # embedded by the worker
+    assert "2 folds, 4 slides" in out and load_slide_head(tmp_path / "h.safetensors").classes == ("normal", "tumour")
