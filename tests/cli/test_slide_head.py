@@ -68,24 +68,30 @@ def _write_csv(path: Path, rows: list[tuple[str, ...]], header: tuple[str, ...] 
     return path
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
-    """The cohort written, embedded and fitted once through the CLI (relative paths in the CSV)."""
-    root = tmp_path_factory.mktemp("mil")
-    (root / "slides").mkdir()
+def _slides(folder: Path, n: int) -> tuple[list[Path], list[str], list[tuple[int, int, int, int] | None]]:
+    """``n`` slides, every second one with a planted region at a random place of the tile lattice."""
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(19)
     slides, labels, boxes = [], [], []
-    for i in range(24):
+    for i in range(n):
         regions = [Region((0, 0, SIZE, SIZE), "tissue")]
         box = None
         if i % 2:
             x0, y0 = (int(v) * 224 for v in rng.integers(0, (SIZE - PLANT) // 224 + 1, 2))
             box = (x0, y0, x0 + PLANT, y0 + PLANT)
             regions.append(Region(box, "planted"))
-        slides.append(write_pyramid(root / "slides" / f"s{i:02d}.tif", SIZE, SIZE, PlantedSource(regions, seed=i),
+        slides.append(write_pyramid(folder / f"s{i:02d}.tif", SIZE, SIZE, PlantedSource(regions, seed=i),
                                     mpp=0.5, levels=2))  # fmt: skip
         labels.append("tumour" if box else "normal")
         boxes.append(box)
+    return slides, labels, boxes
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
+    """The cohort written, embedded and fitted once through the CLI (relative paths in the CSV)."""
+    root = tmp_path_factory.mktemp("mil")
+    slides, labels, boxes = _slides(root / "slides", 24)
     table = _write_csv(root / "cohort.csv", [(f"slides/{p.name}", lab) for p, lab in zip(slides, labels, strict=True)])
     head = root / "head.safetensors"
     rc, out, err = _run("fit-slide-head", table, "--out", head, "--folds", 4, "--epochs", 10, *TINY,
@@ -270,13 +276,12 @@ def test_commands_are_registered_with_the_cohort_options() -> None:
 
 
 @pytest.mark.timeout(180)
-def test_scheduler_embeds_the_cohort_on_the_cluster(fitted: Fitted, tmp_path: Path) -> None:
+def test_scheduler_embeds_the_cohort_on_the_cluster(tmp_path: Path) -> None:
     from distributed import LocalCluster
 
-    rows = [(str(p), lab) for p, lab in zip(fitted.slides[:4], fitted.labels[:4], strict=True)]
-    table = _write_csv(tmp_path / "four.csv", rows)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, host="127.0.0.1",
-                      dashboard_address=None) as cluster:  # fmt: skip
+    slides, labels, _ = _slides(tmp_path / "slides", 4)
+    table = _write_csv(tmp_path / "four.csv", [(str(p), lab) for p, lab in zip(slides, labels, strict=True)])
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         rc, out, err = _run("fit-slide-head", table, "--out", tmp_path / "h.safetensors", "--folds", 2, "--epochs", 1,
                             *TINY, "--cache", tmp_path / "cache", "--scheduler", cluster.scheduler_address)  # fmt: skip
     assert rc == 0, err
