@@ -33,6 +33,7 @@ from napari_virchow.cli import main
 from napari_virchow.errors import HeadError, SlideError, StoreError, VirchowError, WeightsError
 from napari_virchow.io.geojson import AnnotationError, read_annotations
 from napari_virchow.models.encoder import Encoder, load_encoder
+from napari_virchow.slide_cohort import CohortError
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.synthetic import SampleSource, write_pyramid
 from napari_virchow.slides.tiling import TileGrid
@@ -229,6 +230,50 @@ def _geojson(name: str, text: str) -> Make:
     return make
 
 
+def _cohort_csv(name: str, rows: list[tuple[str, str]]) -> Make:
+    def make(tmp: Path) -> tuple[Path, Action]:
+        from napari_virchow.slide_cohort import read_cohort_csv
+
+        path = tmp / name
+        path.write_text("slide,label\n" + "".join(f"{s.replace('TMP', str(tmp))},{lab}\n" for s, lab in rows))
+        return path, lambda: read_cohort_csv(path)
+
+    return make
+
+
+def _slide_head_file(tmp: Path, name: str) -> Path:
+    from napari_virchow.analysis.mil_io import save_slide_head
+    from napari_virchow.analysis.mil_train import fit_slide_head
+
+    rng = np.random.default_rng(0)
+    bags = [rng.normal(size=(5, 96)).astype(np.float32) for _ in range(4)]
+    head = fit_slide_head(bags, ["normal", "tumour"] * 2, encoder="virchow2-tiny", weights_digest="random-seed1",
+                          mpp=0.5, tile_size=224, folds=2, epochs=1, bootstrap=0)  # fmt: skip
+    return save_slide_head(head, tmp / name)
+
+
+def _slide_head_with_inf(tmp: Path) -> tuple[Path, Action]:
+    from safetensors import safe_open
+    from safetensors.numpy import save_file as save_np
+
+    from napari_virchow.analysis.mil_io import load_slide_head
+
+    path = _slide_head_file(tmp, "diverged.safetensors")
+    with safe_open(str(path), framework="np") as f:
+        meta, arrays = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    arrays["embed.weight"][0, 0] = np.inf
+    save_np(arrays, str(path), metadata=meta)
+    return path, lambda: load_slide_head(path)
+
+
+def _probe_as_slide_head(tmp: Path) -> tuple[Path, Action]:
+    from napari_virchow.analysis.mil_io import load_slide_head
+
+    path = tmp / "probe.safetensors"
+    save_head(LinearHead(np.ones((1, 96)), np.zeros(1), ["normal", "tumour"], encoder="virchow2-tiny"), path)
+    return path, lambda: load_slide_head(path)
+
+
 POINT_ONLY = json.dumps({"type": "FeatureCollection", "features": [
     {"type": "Feature", "geometry": {"type": "Point", "coordinates": [10, 10]}, "properties": {}}]})  # fmt: skip
 
@@ -259,6 +304,14 @@ ROWS: dict[str, tuple[Make, Opens | Fails]] = {
     "corrupt-index": (_corrupt_index, Fails(AnalysisError, "rebuild it with `napari-virchow index`")),
     "geojson-not-json": (_geojson("drawn.geojson", "{not json"), Fails(AnnotationError, "export them from qupath")),
     "geojson-no-polygons": (_geojson("points.geojson", POINT_ONLY), Fails(AnnotationError, "draw areas")),
+    "cohort-missing-slide": (_cohort_csv("missing.csv", [(str(SAMPLE_TIF), "benign"), ("TMP/gone.svs", "tumour")]),
+                             Fails(CohortError, "fix the paths")),
+    "cohort-one-class": (_cohort_csv("one-class.csv", [(str(SAMPLE_TIF), "benign"), (str(SAMPLE_SVS), "benign")]),
+                         Fails(CohortError, "at least two classes")),
+    "cohort-duplicate-slide": (_cohort_csv("twice.csv", [(str(SAMPLE_TIF), "benign"), (str(SAMPLE_TIF), "tumour")]),
+                               Fails(CohortError, "list each slide once")),
+    "slide-head-with-inf": (_slide_head_with_inf, Fails(HeadError, "fit the head again")),
+    "probe-as-slide-head": (_probe_as_slide_head, Fails(HeadError, "fit-slide-head")),
 }  # fmt: skip
 
 
@@ -339,6 +392,11 @@ CLI_ROWS: dict[str, tuple[Callable[[Path, Path], list[str]], int]] = {
                                          "--y", "0", "--cache", str(tmp / "c")], 2),
     "geojson-not-json": (lambda path, tmp: ["fit-head", str(SAMPLE_TIF), "--annotations", str(path), "--out",
                                             str(tmp / "head.json"), *TINY, "--cache", str(tmp / "c")], 2),
+    **{row: (lambda path, tmp: ["fit-slide-head", str(path), "--out", str(tmp / "h.safetensors"), *TINY, "--cache",
+                                str(tmp / "c")], 2)
+       for row in ("cohort-missing-slide", "cohort-one-class", "cohort-duplicate-slide")},
+    "slide-head-with-inf": (lambda path, tmp: ["predict", str(path), str(SAMPLE_TIF), *TINY, "--cache",
+                                               str(tmp / "c")], 2),
 }  # fmt: skip
 
 

@@ -113,6 +113,7 @@ class SlideHead:
     metrics: dict[str, Any] = field(default_factory=dict)
     positive_class: str | None = None
     _module: Any = field(default=None, init=False, repr=False, compare=False)
+    _first: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.mpp = canonical_mpp(self.mpp)
@@ -182,6 +183,18 @@ class SlideHead:
             self._module = model.eval()
         return self._module
 
+    def _folded(self) -> tuple[Any, Any]:
+        """First layer with the standardisation folded in: ``relu(x @ w + b)`` = ``relu(embed((x - mean) / std))``."""
+        if self._first is None:
+            from napari_virchow._torch import torch
+
+            s = self.state
+            weight = s["embed.weight"].astype(np.float64) / s["std"].astype(np.float64)  # (hidden, dim)
+            bias = s["embed.bias"] - weight @ s["mean"].astype(np.float64)
+            self._first = (torch.from_numpy(np.ascontiguousarray(weight.T, np.float32)),
+                           torch.from_numpy(bias.astype(np.float32)))  # fmt: skip
+        return self._first
+
     def predict(self, embeddings: np.ndarray) -> SlidePrediction:
         """Class probabilities of the slide whose tile embeddings (``(n, dim)``, any float) are given."""
         from napari_virchow._torch import torch
@@ -196,7 +209,8 @@ class SlideHead:
             torch.set_num_threads(1)  # thread hand-offs cost more than they save on a small bag
         try:
             with torch.inference_mode():
-                h = torch.cat([model.hidden(torch.from_numpy(np.ascontiguousarray(x[s : s + _CHUNK], np.float32)))
+                w, b = self._folded()
+                h = torch.cat([torch.relu(torch.addmm(b, _tensor(x[s : s + _CHUNK]), w))
                                for s in range(0, len(x), _CHUNK)])  # fmt: skip
                 logits, attention = model.pool(h)
                 p = torch.softmax(logits.double(), dim=0).numpy()
@@ -208,6 +222,14 @@ class SlideHead:
             raise HeadError("the slide head gave a non-finite prediction: the embeddings hold NaN or "
                             "infinite values; recompute them")  # fmt: skip
         return SlidePrediction({c: float(v) for c, v in zip(self.classes, p, strict=True)}, a)
+
+
+def _tensor(x: np.ndarray) -> Any:
+    """``x`` as a float32 torch tensor (float16 rows are upcast by torch, in parallel)."""
+    from napari_virchow._torch import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _shapes(dim: int, n_classes: int, hidden: int, attention: int) -> dict[str, tuple[int, ...]]:

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from napari_virchow.analysis.mil import AttentionMIL, SlideHead, metrics_json, state_of
+from napari_virchow.analysis.mil import AttentionMIL, SlideHead, _tensor, metrics_json, state_of
 from napari_virchow.errors import HeadError
 
-__all__ = ["Progress", "cv_metric", "fit_slide_head"]
+__all__ = ["Progress", "check_folds", "cv_metric", "fit_slide_head"]
 
-#: ``progress(stage, done, total)``: stage is "fold 2/5" or "final", done/total count epochs
+#: ``progress(stage, done, total)``: stage is "fold 2/5" or "final", done/total count epochs (0: starting)
 Progress = Callable[[str, int, int], None]
 _SMALL = 2_000_000  # tiles × dim under which one torch thread trains faster than several
 
@@ -76,7 +76,7 @@ def fit_slide_head(
     threads
         torch threads while training (restored after); None: one for small bags, else torch's default.
     progress
-        Called as ``progress(stage, epochs_done, epochs)`` after each epoch.
+        Called as ``progress(stage, epochs_done, epochs)`` before the first epoch (0) and after each.
 
     Returns
     -------
@@ -102,15 +102,14 @@ def fit_slide_head(
     y = np.asarray([order.index(c) for c in names], np.int64)
     counts = {c: int((y == i).sum()) for i, c in enumerate(order)}
     splits = _splits(y, folds, fold_ids, seed, counts)
-    dim = _check_bags(bags)
-    mean, std = _moments(bags, dim)
+    dim, n_tiles, mean, std = _scan(bags)
     settings = {"epochs": int(epochs), "lr": float(lr), "weight_decay": float(weight_decay),
                 "max_tiles": max_tiles, "seed": int(seed)}  # fmt: skip
     run = {**settings, "threads": threads}
     sizes = {"dim": dim, "hidden": int(hidden), "attention": int(attention), "dropout": float(dropout)}
 
     def train(idx: np.ndarray, model_seed: int, stage: str) -> Any:
-        return _train(bags, y, idx, len(order), mean, std, sizes, run, model_seed,
+        return _train(bags, y, idx, len(order), mean, std, sizes, run, model_seed, int(n_tiles[idx].max()),
                       lambda e: progress(stage, e, epochs) if progress else None)  # fmt: skip
 
     positive = positive_class
@@ -121,7 +120,7 @@ def fit_slide_head(
     oof = np.zeros((n, len(order)), np.float64)
     for k, (tr, te) in enumerate(splits):
         model = train(tr, seed * 1000 + k + 1, f"fold {k + 1}/{len(splits)}")
-        with _deterministic(threads or small_threads(max(int(np.shape(bags[i])[0]) for i in te), dim)):
+        with _deterministic(threads or small_threads(int(n_tiles[te].max()), dim)):
             for i in te:
                 oof[i] = _predict(model, bags[i])
     metrics = cv_metric(y, oof, positive=order.index(positive), bootstrap=bootstrap, seed=seed)
@@ -132,22 +131,34 @@ def fit_slide_head(
                      positive_class=positive)  # fmt: skip
 
 
+def check_folds(labels: Sequence[str], *, folds: int = 5, fold_ids: Sequence[Hashable] | None = None,
+                seed: int = 0) -> int:  # fmt: skip
+    """The number of folds :func:`fit_slide_head` would use for these labels; HeadError (as it would raise)
+    when they cannot be cross-validated, so a caller can refuse before embedding anything."""
+    names = [str(x).strip() for x in labels]
+    order = sorted(set(names))
+    if len(order) < 2:
+        raise HeadError(f"every slide is labelled '{names[0] if names else ''}': a slide head needs slides of at "
+                        "least two classes")  # fmt: skip
+    y = np.asarray([order.index(c) for c in names], np.int64)
+    counts = {c: int((y == i).sum()) for i, c in enumerate(order)}
+    return len(_splits(y, folds, fold_ids, seed, counts))
+
+
 def cv_metric(y: np.ndarray, proba: np.ndarray, *, positive: int = 1, bootstrap: int = 1000,
               seed: int = 0, level: float = 0.95) -> dict[str, Any]:  # fmt: skip
     """Metric of out-of-fold ``proba`` (n, k) against ``y`` with a percentile-bootstrap interval over slides."""
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-
     k = proba.shape[1]
     if k == 2:
         name = "auc"
 
         def score(t: np.ndarray, p: np.ndarray) -> float:
-            return float(roc_auc_score(t == positive, p[:, positive]))
+            return _auc(t == positive, p[:, positive])
     else:
         name = "balanced_accuracy"
 
         def score(t: np.ndarray, p: np.ndarray) -> float:
-            return float(balanced_accuracy_score(t, p.argmax(axis=1)))
+            return _balanced_accuracy(t, p.argmax(axis=1), k)
 
     value = score(y, proba)
     rng = np.random.default_rng(seed)
@@ -159,10 +170,26 @@ def cv_metric(y: np.ndarray, proba: np.ndarray, *, positive: int = 1, bootstrap:
     lo, hi = (np.quantile(samples, [(1 - level) / 2, (1 + level) / 2]) if samples else (np.nan, np.nan))
     out = {"cv_metric": name, "cv_value": value, "cv_ci_low": float(lo), "cv_ci_high": float(hi),
            "cv_ci_level": level, "cv_bootstrap": len(samples),
-           "cv_balanced_accuracy": float(balanced_accuracy_score(y, proba.argmax(axis=1)))}  # fmt: skip
+           "cv_balanced_accuracy": _balanced_accuracy(y, proba.argmax(axis=1), k)}  # fmt: skip
     if name == "auc":
         out["cv_auc"] = value
     return out
+
+
+def _auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney U with average ranks for ties), as scikit-learn's ``roc_auc_score``."""
+    from scipy.stats import rankdata
+
+    pos = np.asarray(positive, bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    ranks = rankdata(score)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _balanced_accuracy(y: np.ndarray, pred: np.ndarray, k: int) -> float:
+    """Mean recall over the classes present in ``y`` (scikit-learn's ``balanced_accuracy_score``)."""
+    present = [c for c in range(k) if np.any(y == c)]
+    return float(np.mean([np.mean(pred[y == c] == c) for c in present]))
 
 
 def _splits(y: np.ndarray, folds: int, fold_ids: Sequence[Hashable] | None, seed: int,
@@ -198,32 +225,31 @@ def _splits(y: np.ndarray, folds: int, fold_ids: Sequence[Hashable] | None, seed
     return [(tr, te) for tr, te in splitter.split(np.zeros(n), y)]
 
 
-def _check_bags(bags: Sequence[Any]) -> int:
-    dims = set()
+def _scan(bags: Sequence[Any]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over the bags: (dim, tiles per bag, per-dimension mean, std over every tile).
+
+    The moments are unsupervised, so all folds share them.
+    """
+    dims, sizes = set(), []
+    total = sq = None
     for i in range(len(bags)):
-        shape = np.shape(bags[i])
-        if len(shape) != 2 or shape[0] == 0:
-            raise HeadError(f"slide {i + 1}'s bag has shape {shape}: each slide needs (n ≥ 1 tiles, dim) "
+        x = np.asarray(bags[i])
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise HeadError(f"slide {i + 1}'s bag has shape {x.shape}: each slide needs (n ≥ 1 tiles, dim) "
                             "embeddings (embed its tissue tiles first)")  # fmt: skip
-        dims.add(int(shape[1]))
-    if len(dims) != 1:
-        raise HeadError(f"slides have embeddings of different sizes {sorted(dims)}: embed every slide with one "
-                        "encoder")  # fmt: skip
-    return dims.pop()
-
-
-def _moments(bags: Sequence[Any], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and std over every tile (unsupervised, so shared by all folds)."""
-    total, sq, count = np.zeros(dim), np.zeros(dim), 0
-    for i in range(len(bags)):
-        x = np.asarray(bags[i], np.float64)
-        total += x.sum(axis=0)
-        sq += (x * x).sum(axis=0)
-        count += len(x)
-    mean = total / count
-    std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
+        dims.add(int(x.shape[1]))
+        if len(dims) != 1:
+            raise HeadError(f"slides have embeddings of different sizes {sorted(dims)}: embed every slide with one "
+                            "encoder")  # fmt: skip
+        x64 = x.astype(np.float64)
+        total = x64.sum(axis=0) + (0 if total is None else total)
+        sq = (x64 * x64).sum(axis=0) + (0 if sq is None else sq)
+        sizes.append(len(x))
+    count = float(sum(sizes))
+    mean = np.asarray(total) / count
+    std = np.sqrt(np.maximum(np.asarray(sq) / count - mean * mean, 0.0))
     std[std < 1e-6] = 1.0
-    return mean.astype(np.float32), std.astype(np.float32)
+    return dims.pop(), np.asarray(sizes, np.int64), mean.astype(np.float32), std.astype(np.float32)
 
 
 @contextlib.contextmanager
@@ -249,14 +275,13 @@ def small_threads(n_tiles: int, dim: int) -> int | None:
 
 
 def _train(bags: Sequence[Any], y: np.ndarray, idx: np.ndarray, n_classes: int, mean: np.ndarray,
-           std: np.ndarray, sizes: dict[str, Any], settings: dict[str, Any], seed: int,
+           std: np.ndarray, sizes: dict[str, Any], settings: dict[str, Any], seed: int, largest: int,
            on_epoch: Callable[[int], None]) -> Any:  # fmt: skip
     from napari_virchow._torch import torch
 
     counts = np.bincount(y[idx], minlength=n_classes).astype(np.float64)
     weight = torch.tensor(np.where(counts > 0, len(idx) / np.maximum(counts, 1) / n_classes, 0.0), dtype=torch.float32)
     rng = np.random.default_rng(seed)
-    largest = max(int(np.shape(bags[i])[0]) for i in idx)
     cap = settings["max_tiles"]
     threads = settings.get("threads") or small_threads(min(largest, cap or largest), sizes["dim"])
     with _deterministic(threads):
@@ -267,12 +292,13 @@ def _train(bags: Sequence[Any], y: np.ndarray, idx: np.ndarray, n_classes: int, 
         model.std.copy_(torch.from_numpy(std))
         opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
         model.train()
+        on_epoch(0)
         for epoch in range(settings["epochs"]):
             for i in rng.permutation(idx):
                 x = np.asarray(bags[i])
                 if cap is not None and len(x) > cap:
                     x = x[np.sort(rng.choice(len(x), cap, replace=False))]
-                logits, _ = model(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+                logits, _ = model(_tensor(x))
                 loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([int(y[i])]), weight=weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -285,5 +311,5 @@ def _predict(model: Any, bag: Any) -> np.ndarray:
     from napari_virchow._torch import torch
 
     with torch.inference_mode():
-        logits, _ = model(torch.from_numpy(np.ascontiguousarray(np.asarray(bag), np.float32)))
+        logits, _ = model(_tensor(np.asarray(bag)))
         return torch.softmax(logits.double(), dim=0).numpy()

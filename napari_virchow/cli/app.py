@@ -28,6 +28,7 @@ from napari_virchow.cli import analysis as _analysis
 from napari_virchow.cli import embed as _embed
 from napari_virchow.cli import import_features as _import
 from napari_virchow.cli import index_cmds as _index_cmds
+from napari_virchow.cli import slide_head as _slide_head
 from napari_virchow.cli.common import CONSOLE, PROG, Parser, cohort_parent, common_parent, model_parent, one_line
 from napari_virchow.errors import VirchowError
 
@@ -221,6 +222,11 @@ _COMMANDS: dict[str, Command] = {
                       _args_search, _cmd_search, ("common", "model")),
     "import-features": Command("load features computed elsewhere (our HDF5 export or TRIDENT's) into the cache",
                                _import.args_import_features, _import.cmd_import_features, ("common", "model")),
+    "fit-slide-head": Command("train an attention MIL slide head on a labelled cohort CSV; prints cross-validated "
+                              "AUC with its CI", _slide_head.args_fit_slide_head, _slide_head.cmd_fit_slide_head,
+                              ("common", "model", "cohort")),
+    "predict": Command("slide-level probabilities of a slide head per slide, and its attention maps (TIFF + GeoJSON)",
+                       _slide_head.args_predict, _slide_head.cmd_predict, ("common", "model", "cohort")),
     "cache": Command("list or clear cached embedding stores", _args_cache, _cmd_cache, ()),
 }  # fmt: skip
 

@@ -93,6 +93,18 @@ def test_fold_column_is_used() -> None:
     assert head.metrics["cv_folds"] == 3 and head.metrics["cv_bootstrap"] == 0
 
 
+def test_metrics_match_scikit_learn() -> None:
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    from napari_virchow.analysis.mil_train import _auc, _balanced_accuracy
+
+    rng = np.random.default_rng(0)
+    y, s = np.array([0, 1] * 15), np.round(rng.random(30), 1)  # ties included
+    assert _auc(y == 1, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    y3, p3 = rng.integers(0, 3, 40), rng.integers(0, 3, 40)
+    assert _balanced_accuracy(y3, p3, 3) == pytest.approx(balanced_accuracy_score(y3, p3), abs=1e-12)
+
+
 def test_bootstrap_interval_is_seeded_and_brackets_the_value() -> None:
     y = np.array([0, 1] * 10)
     p = np.stack([1 - np.linspace(0, 1, 20), np.linspace(0, 1, 20)], axis=1)
