@@ -22,10 +22,10 @@ SLIDE_SHIFT = 32
 # shortlist candidates; the order returned is exact cosine on the float16 rows, so a coarse code suffices.
 PQ_BYTES = 64
 # Inverted lists probed per query (measured in benchmarks/bench_search.py --large).
-IVFPQ_NPROBE = 48
+IVFPQ_NPROBE = 64
 # Candidates re-ranked by exact cosine per query (at least; more when suppression needs more). At 2·10^5
 # synthetic tiles (bench_search --large): recall@10 0.67 at 30, 0.71 at 100, 0.91 at 300.
-RERANK = 300
+RERANK = 1000
 TRAIN_MAX = 50_000  # training vectors (k-means and PQ): 0.5 GB at 2560-d; ~39 per list is what faiss asks for
 
 
