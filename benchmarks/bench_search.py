@@ -14,10 +14,13 @@ Usage::
     python benchmarks/bench_search.py --large --large-n 200000   # a smaller on-disk tier
 
 The large tier writes its synthetic cohort (``--large-n`` tiles in slides of 20,000) as real
-embedding stores (float16, zstd, checksums) under ``benchmarks/_data/`` once, in a child process,
+embedding stores (float16, zstd, checksums) under ``benchmarks/_data/`` (deleted after the run
+unless ``--keep-data``; 5.1 GB at 10^6) in a child process,
 then builds an IVF-PQ index from the stores slide by slide in this process (``peak_rss_mb`` is this
 process's peak, i.e. of building and searching), and searches it through ``SlideIndex.search``:
-PQ shortlist, exact cosine re-ranking read from the stores, per-slide suppression off.
+PQ shortlist, exact cosine re-ranking read from the index's re-rank file (checksummed float16 rows
+copied from the stores while filling), per-slide suppression off; ``sweep`` varies nprobe x candidates,
+``rerank_from_stores`` times the same re-ranking read from the zarr stores instead (10 queries).
 ``recall_at_10`` is against exact search over the same float16 rows (streamed from the stores).
 
 The last printed line is ``{"tiers": [{"n", "index", "build_s", "query_ms", "recall_at_10"}]}``

@@ -189,7 +189,8 @@ def build_index(
     try:
         if client is not None and chosen == "ivfpq" and len(jobs) == len(items):
             _pq.fill_on_cluster(client, index, [(s, str(p), idx) for s, p, idx in jobs])
-            vec_start = add_entries(None, chosen, items, sizes, 0, writer)  # the re-rank file: here, one pass
+            # The re-rank file is written here, in one more pass over the stores.
+            vec_start = add_entries(None, chosen, items, sizes, 0, writer) if writer is not None else []
         else:
             vec_start = add_entries(index, chosen, items, sizes, 0, writer)
     finally:

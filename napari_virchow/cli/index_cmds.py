@@ -181,6 +181,8 @@ def args_search(p: argparse.ArgumentParser) -> None:
                    "refused, and a folder of indexes (one per magnification) is searched in the one at UM")  # fmt: skip
     p.add_argument("--nprobe", type=positive_int, metavar="N",
                    help="IVF lists probed per query (default: the index's manifest; more: better recall, slower)")
+    p.add_argument("--rerank", type=positive_int, metavar="N",
+                   help="IVF-PQ candidates re-ranked by exact cosine (default: the index's manifest)")
 
 
 def _encoder_name(args: argparse.Namespace) -> str | None:
@@ -241,7 +243,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         own = {(int(a), int(b)) for a, b in coords}
         # Extra hits: the query tiles themselves are in the index when their slide is, and are dropped.
         hits = index.search(query, args.top_k + len(own), exclude_slide=me if args.other_slides else None,
-                            min_distance_tiles=max(args.min_distance, 0), nprobe=args.nprobe,
+                            min_distance_tiles=max(args.min_distance, 0), nprobe=args.nprobe, rerank=args.rerank,
                             query_mpp=index.mpp)  # fmt: skip
         damage = index.damage_report()
         if damage:
