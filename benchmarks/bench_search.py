@@ -14,10 +14,13 @@ Usage::
     python benchmarks/bench_search.py --large --large-n 200000   # a smaller on-disk tier
 
 The large tier writes its synthetic cohort (``--large-n`` tiles in slides of 20,000) as real
-embedding stores (float16, zstd, checksums) under ``benchmarks/_data/`` once, in a child process,
+embedding stores (float16, zstd, checksums) under ``benchmarks/_data/`` (deleted after the run
+unless ``--keep-data``; 5.1 GB at 10^6) in a child process,
 then builds an IVF-PQ index from the stores slide by slide in this process (``peak_rss_mb`` is this
 process's peak, i.e. of building and searching), and searches it through ``SlideIndex.search``:
-PQ shortlist, exact cosine re-ranking read from the stores, per-slide suppression off.
+PQ shortlist, exact cosine re-ranking read from the index's re-rank file (checksummed float16 rows
+copied from the stores while filling), per-slide suppression off; ``sweep`` varies nprobe x candidates,
+``rerank_from_stores`` times the same re-ranking read from the zarr stores instead (10 queries).
 ``recall_at_10`` is against exact search over the same float16 rows (streamed from the stores).
 
 The last printed line is ``{"tiers": [{"n", "index", "build_s", "query_ms", "recall_at_10"}]}``
@@ -229,7 +232,7 @@ def run_large(n: int, queries: np.ndarray, *, threads: tuple[int, int], k: int =
     faiss.omp_set_num_threads(threads[1])
     by_path = {e.path: s for s, e in enumerate(entries)}
     times, found = [], []
-    index.search(queries[0], k, min_distance_tiles=0)  # opens the stores once, as a viewer session would
+    index.search(queries[0], k, min_distance_tiles=0)  # maps the re-rank file once, as a viewer session would
     for q in queries:
         t0 = time.perf_counter()
         hits = index.search(q, k, min_distance_tiles=0)
@@ -239,19 +242,28 @@ def run_large(n: int, queries: np.ndarray, *, threads: tuple[int, int], k: int =
     truth = exact_from_stores(entries, queries, k)
     recall = float(np.mean([len(f & t) / k for f, t in zip(found, truth, strict=True)]))
     ms = np.array(times) * 1e3
-    sweep = []  # re-ranking depth vs latency and recall, on the same index (50 queries each)
-    for depth in (30, 100, 300):
-        index.meta["rerank"] = depth
+    params = {k_: index.meta[k_] for k_ in ("nlist", "nprobe", "pq_m", "rerank")}
+
+    def measure(qs: np.ndarray, ts: list, **kw: int) -> dict:
         t_d, r_d = [], []
-        for q, t in zip(queries[:50], truth[:50], strict=True):
+        for q, t in zip(qs, ts, strict=True):
             t0 = time.perf_counter()
-            hits = index.search(q, k, min_distance_tiles=0)
+            hits = index.search(q, k, min_distance_tiles=0, **kw)
             t_d.append((time.perf_counter() - t0) * 1e3)
             r_d.append(len({(by_path[str(h.slide)], h.index) for h in hits} & t) / k)
-        sweep.append({"rerank": depth, "p50_ms": round(float(np.median(t_d)), 1),
-                      "p95_ms": round(float(np.percentile(t_d, 95)), 1),
-                      "recall_at_10": round(float(np.mean(r_d)), 4)})  # fmt: skip
+        return {**kw, "p50_ms": round(float(np.median(t_d)), 1), "p95_ms": round(float(np.percentile(t_d, 95)), 1),
+                "recall_at_10": round(float(np.mean(r_d)), 4)}  # fmt: skip
+
+    # Lists probed x candidates re-ranked vs latency and recall, on the same index (50 queries each).
+    sweep = [measure(queries[:50], truth[:50], nprobe=p, rerank=r)
+             for p in (32, 64, 128) for r in (300, 1000, 3000)]  # fmt: skip
+    # The same search re-ranked from the zarr stores instead of the re-rank file (10 queries): the ratio.
+    crc, index.vector_crc = index.vector_crc, None
     index.close()
+    from_stores = measure(queries[:10], truth[:10], rerank=int(params["rerank"]))
+    index.vector_crc = crc
+    index.close()
+    vec_bytes = index.vectors_path().stat().st_size if index.vectors_path() else 0
     return {
         "n": n, "index": index.kind, "build_s": round(build_s, 1), "generate_s": round(gen_s, 1),
         "query_ms": round(float(ms.mean()), 2), "p50_ms": round(float(np.percentile(ms, 50)), 2),
@@ -260,8 +272,8 @@ def run_large(n: int, queries: np.ndarray, *, threads: tuple[int, int], k: int =
         "index_bytes_per_tile": round(index.nbytes() / n, 1), "slides": len(entries),
         "store_bytes_per_tile": round(sum(f.stat().st_size for f in (_large_dir(n) / "cache").rglob("*")
                                           if f.is_file()) / n, 1),  # fmt: skip
-        "params": {k_: index.meta[k_] for k_ in ("nlist", "nprobe", "pq_m", "rerank")},
-        "threads": {"build": threads[0], "query": threads[1]}, "rerank_sweep": sweep,
+        "rerank_file_bytes_per_tile": round(vec_bytes / n, 1), "params": params,
+        "threads": {"build": threads[0], "query": threads[1]}, "sweep": sweep, "rerank_from_stores": from_stores,
     }  # fmt: skip
 
 
@@ -270,6 +282,8 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="add the on-disk IVF-PQ tier (10^6 tiles)")
     parser.add_argument("--large-n", type=int, default=1_000_000, help="tiles in the large tier")
     parser.add_argument("--large-only", action="store_true", help="run only the large tier")
+    parser.add_argument("--keep-data", action="store_true",
+                        help="keep the large tier's stores and index under benchmarks/_data (default: deleted)")
     parser.add_argument("--generate", type=int, help=argparse.SUPPRESS)  # the child that writes the data
     parser.add_argument("--compare", action="store_true", help="also time flat, hnsw and ivf")
     parser.add_argument("--tiers", default="10000,100000", help="comma-separated sizes")
@@ -297,7 +311,13 @@ def main() -> None:
                     row_k = run_tier(n, kind, gen, queries, threads=threads)
                     print(json.dumps({"compare": True, **row_k}), flush=True)
     if args.large or args.large_only:
-        row = run_large(args.large_n, queries, threads=threads)
+        try:
+            row = run_large(args.large_n, queries, threads=threads)
+        finally:
+            if not args.keep_data:
+                import shutil
+
+                shutil.rmtree(_large_dir(args.large_n), ignore_errors=True)
         print(json.dumps(row), flush=True)
         results.append(row)
     keys = ("n", "index", "build_s", "query_ms", "recall_at_10")

@@ -292,24 +292,33 @@ def query_job(session: SlideSession, x: float, y: float, *, k: int = 20, box: Se
 
 @dataclass(frozen=True)
 class IndexHits:
-    """Hits from other slides of a cohort index; ``warning`` names slide files that moved."""
+    """Hits from other slides of a cohort index; ``warning`` names slide files that moved;
+    ``description``: the index's size, kind, encoder and magnification."""
 
     hits: list[Hit]
     thumbnails: list[np.ndarray | None] = field(repr=False)
     warning: str | None = None
+    description: str = ""
 
 
 @cancellable
 def index_search_job(session: SlideSession, index_path: str, *, k: int = 20,
                      cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
-    """Search a cohort index (``napari-virchow index``) with the current query, other slides only."""
-    from napari_virchow.analysis.index import load_index
+    """Search a cohort index (``napari-virchow index``) with the current query, other slides only.
+
+    The query's magnification must be the index's (``index_path`` may be a folder of indexes, one
+    per magnification: the one at the query's is searched).
+    """
+    from napari_virchow.analysis.index import load_index_for
 
     if session.query_vector is None:
         raise VirchowError("pick a query first: press 'Pick query' and click a region of the slide")
     yield Stage("searching the index …")
-    index = load_index(index_path, encoder=session.config.encoder)
-    hits = index.search(session.query_vector, k, exclude_slide=session.slide_path)
+    index = load_index_for(index_path, session.query_mpp, encoder=session.config.encoder, mmap=True)
+    try:
+        hits = index.search(session.query_vector, k, exclude_slide=session.slide_path, query_mpp=session.query_mpp)
+    finally:
+        index.close()
     thumbs: list[np.ndarray | None] = []
     for hit in hits:
         if not hit.exists or hit.slide is None:
@@ -320,7 +329,8 @@ def index_search_job(session: SlideSession, index_path: str, *, k: int = 20,
                 thumbs.append(_tile_picture(other, hit.x, hit.y, session.grid_at(session.query_mpp).tile_size_l0))
         except VirchowError:  # one unreadable slide costs its thumbnail, not the search
             thumbs.append(None)
-    yield IndexHits(hits, thumbs, index.check_slides())
+    notes = " ".join(m for m in (index.check_slides(), index.damage_report()) if m)
+    yield IndexHits(hits, thumbs, notes or None, index.describe())
 
 
 def _tile_picture(slide: Slide, x: int, y: int, tile: int, size: int = 64) -> np.ndarray:

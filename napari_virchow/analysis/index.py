@@ -18,10 +18,13 @@ from typing import Any
 import numpy as np
 
 from napari_virchow.analysis import index_ivfpq as _pq
+from napari_virchow.analysis import index_vectors as _vec
 from napari_virchow.analysis.index_core import IndexEntry, SlideIndex, _entry, _files
+from napari_virchow.analysis.index_manifest import index_for_mpp
 from napari_virchow.analysis.similarity import AnalysisError, l2_normalize
 
-__all__ = ["AUTO_FLAT_MAX", "IndexEntry", "SlideIndex", "add_slides", "build_index", "load_index", "remove_slide"]
+__all__ = ["AUTO_FLAT_MAX", "IndexEntry", "SlideIndex", "add_slides", "build_index", "load_index", "load_index_for",
+           "rebuild_vectors", "remove_slide"]
 
 _FORMAT = "napari-virchow-index"
 _VERSION = 2  # 2: provenance, relative paths, stores, ids slide << 32 | row for "ivfpq"
@@ -91,15 +94,38 @@ def _slide_meta(e: IndexEntry, n: int, cache_root: Path | None) -> dict[str, Any
             "tile_size_l0": int(e.tile_size_l0), "n_tiles": n, "store": store}  # fmt: skip
 
 
-def add_entries(index: Any, kind: str, items: list[IndexEntry], sizes: list[int], first_slide: int) -> None:
-    """Add slide after slide to a trained faiss index, one chunk of rows in memory at a time."""
+def add_entries(index: Any, kind: str, items: list[IndexEntry], sizes: list[int], first_slide: int,
+                writer: _vec.VectorWriter | None = None) -> list[int]:  # fmt: skip
+    """Add slide after slide to a trained faiss index, one chunk of rows in memory at a time.
+
+    With ``writer`` (IVF-PQ), the same rows also go, as read (float16), to the re-rank file; returns
+    the file row where each slide's rows start (empty without a writer).
+    """
+    starts = []
     for s, (e, n_e) in enumerate(zip(items, sizes, strict=True), start=first_slide):
+        if writer is not None:
+            starts.append(writer.rows)
         for start in range(0, n_e, _ADD_CHUNK):
-            x = l2_normalize(np.asarray(e.embeddings[start : start + _ADD_CHUNK]))
+            raw = np.asarray(e.embeddings[start : start + _ADD_CHUNK])
+            if writer is not None:
+                writer.append(raw)
+            if index is None:
+                continue
+            x = l2_normalize(raw)
             if kind == "ivfpq":
                 index.add_with_ids(x, _pq.slide_ids(s, start, start + len(x)))
             else:
                 index.add(x)
+    return starts
+
+
+def _vector_writer(out_path: str | os.PathLike[str] | None, chosen: str, stores: bool, dim: int
+                   ) -> _vec.VectorWriter | None:  # fmt: skip
+    """A writer of a fresh re-rank file beside the index to be saved (IVF-PQ over stores only)."""
+    if out_path is None or chosen != "ivfpq" or not stores:
+        return None
+    index_file = _files(out_path)[0]
+    return _vec.VectorWriter(index_file.parent / _vec.new_name(index_file), dim)
 
 
 def build_index(
@@ -159,10 +185,16 @@ def build_index(
         params["rerank"] = 0  # nothing to re-rank from: scores are the PQ approximations
     jobs = [(s, e.embeddings.store_path, e.embeddings.indices) for s, e in enumerate(items)
             if isinstance(e.embeddings, _pq.StoreRows)]  # fmt: skip
-    if client is not None and chosen == "ivfpq" and len(jobs) == len(items):
-        _pq.fill_on_cluster(client, index, [(s, str(p), idx) for s, p, idx in jobs])
-    else:
-        add_entries(index, chosen, items, sizes, 0)
+    writer = _vector_writer(out_path, chosen, stores, dim)
+    try:
+        if client is not None and chosen == "ivfpq" and len(jobs) == len(items):
+            _pq.fill_on_cluster(client, index, [(s, str(p), idx) for s, p, idx in jobs])
+            # The re-rank file is written here, in one more pass over the stores.
+            vec_start = add_entries(None, chosen, items, sizes, 0, writer) if writer is not None else []
+        else:
+            vec_start = add_entries(index, chosen, items, sizes, 0, writer)
+    finally:
+        crcs = writer.close() if writer is not None else None
     root = Path(cache_root).resolve() if cache_root is not None else None
     meta = {
         "format": _FORMAT, "version": _VERSION, "encoder": encoder, "weights_id": weights_id,
@@ -175,7 +207,12 @@ def build_index(
         np.arange(s, dtype=np.int64) if e.indices is None else np.asarray(e.indices, np.int64)
         for e, s in zip(items, sizes, strict=True)
     ])
-    result = SlideIndex(index, meta, coords, tile_index, row_start)
+    if writer is not None:
+        meta["vectors"] = writer.path.name
+        for s_meta, start in zip(meta["slides"], vec_start, strict=True):
+            s_meta["vec_start"] = int(start)
+    result = SlideIndex(index, meta, coords, tile_index, row_start, vector_crc=crcs,
+                        vectors_at=writer.path if writer is not None else None)  # fmt: skip
     if out_path is not None:
         result.save(out_path)
     return result
@@ -207,6 +244,7 @@ def load_index(
             raise ValueError("no napari-virchow index format marker")
         with np.load(arrays_file, allow_pickle=False) as z:
             coords, tile_index, row_start = z["coords"], z["tile_index"], z["row_start"]
+            vector_crc = z["vector_crc"] if "vector_crc" in z.files else None
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap and meta.get("kind") in ("ivf", "ivfpq") else 0
         index = faiss.read_index(str(index_file), flags)
     except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
@@ -230,7 +268,24 @@ def load_index(
             f"{index_file}: index files disagree ({index.ntotal} vectors, {len(coords)} "
             "coordinates); a write was interrupted. Rebuild it with `napari-virchow index`"
         )
-    return SlideIndex(index, meta, coords, tile_index, row_start, path=index_file, root=root, cache_root=cache_root)
+    return SlideIndex(index, meta, coords, tile_index, row_start, path=index_file, root=root, cache_root=cache_root,
+                      vector_crc=vector_crc)  # fmt: skip
+
+
+def load_index_for(path: str | os.PathLike[str], query_mpp: float | None, encoder: str | None = None,
+                   **kwargs: Any) -> SlideIndex:  # fmt: skip
+    """:func:`load_index` of the index to search for a query at ``query_mpp`` µm/px.
+
+    ``path`` is one index (refused unless built at ``query_mpp``) or a folder of several, one per
+    magnification (the one at ``query_mpp`` is chosen). ``query_mpp`` None: the index's own.
+    """
+    try:
+        chosen = index_for_mpp(path, query_mpp)
+    except ValueError as exc:
+        raise AnalysisError(str(exc)) from None
+    index = load_index(chosen, encoder, **kwargs)
+    index.check_mpp(query_mpp)
+    return index
 
 
 def add_slides(index: SlideIndex, entries: Sequence[IndexEntry | Mapping[str, Any]]) -> list[str]:
@@ -251,11 +306,18 @@ def add_slides(index: SlideIndex, entries: Sequence[IndexEntry | Mapping[str, An
                             "embed them with the index's encoder")  # fmt: skip
     if index.kind == "ivfpq" and index.meta.get("rerank") and any(e.store is None for e in items):
         raise AnalysisError("this IVF-PQ index re-ranks from the embedding stores: give each added slide its store")
-    add_entries(index.index, index.kind, items, sizes, len(index.meta["slides"]))
+    writer = index.vector_writer()
+    try:
+        vec_start = add_entries(index.index, index.kind, items, sizes, len(index.meta["slides"]), writer)
+    finally:
+        if writer is not None:
+            index.vector_crc = writer.close()
     root = index.cache_root.resolve() if index.cache_root is not None else None
     index.meta["slides"] += [_slide_meta(e, n_e, root) for e, n_e in zip(items, sizes, strict=True)]
     for s in index.meta["slides"][-len(items):]:
         s["built_path"] = s["path"]
+    for s, start in zip(index.meta["slides"][-len(items):], vec_start, strict=False):
+        s["vec_start"] = int(start)
     index.coords = np.concatenate([index.coords, *(np.asarray(e.coords, np.int64).reshape(-1, 2) for e in items)])
     index.tile_index = np.concatenate([index.tile_index, *(
         np.arange(n_e, dtype=np.int64) if e.indices is None else np.asarray(e.indices, np.int64)
@@ -293,3 +355,31 @@ def remove_slide(index: SlideIndex, slide: str) -> int:
     index.meta["n"] = len(index)
     index._changed = None
     return removed
+
+
+def rebuild_vectors(index: SlideIndex) -> int:
+    """Rewrite the IVF-PQ re-rank file from the embedding stores (verified), dropping removed slides' rows.
+
+    The stores are the source of truth: this repairs a damaged or lost re-rank file, or creates one
+    for an index built without it. Call :meth:`SlideIndex.save` to keep the result; the rows written.
+    """
+    if index.kind != "ivfpq" or not index.meta.get("rerank"):
+        raise AnalysisError(f"{index.path}: only an IVF-PQ index re-ranked from the stores has a re-rank file")
+    if index.path is None:
+        raise AnalysisError("save the index first: its re-rank file is kept beside it")
+    index.close()
+    writer = _vec.VectorWriter(index.path.parent / _vec.new_name(index.path), index.dim)
+    try:
+        for no, s in enumerate(index.meta["slides"]):
+            if s.get("removed"):
+                s.pop("vec_start", None)
+                continue
+            tiles = index.tile_index[index.row_start[no] : index.row_start[no + 1]]
+            s["vec_start"] = add_entries(None, "ivfpq", [_entry(IndexEntry(
+                s["path"], s["fingerprint"], _pq.StoreRows(index._store_path(no), tiles), np.zeros((len(tiles), 2)),
+                int(s["tile_size_l0"])))], [len(tiles)], no, writer)[0]  # fmt: skip
+    finally:
+        index.vector_crc = writer.close()
+    index.meta["vectors"], index._vectors_at = writer.path.name, writer.path
+    index.damaged_rows = 0
+    return writer.rows

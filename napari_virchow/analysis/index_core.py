@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from napari_virchow.analysis import index_ivfpq as _pq
+from napari_virchow.analysis import index_vectors as _vec
 from napari_virchow.analysis.index_manifest import changed_slides, locate_cache, locate_slide, relative_fields
 from napari_virchow.analysis.similarity import AnalysisError, Hit, query_vector, spatially_distinct
 from napari_virchow.io.files import atomic_write_set
@@ -55,7 +56,7 @@ def _files(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
     return p, p.with_suffix(".json"), p.with_suffix(".npz")
 
 
-class SlideIndex:
+class SlideIndex(_vec.RerankFile):
     """A loaded or freshly built cross-slide index; see :func:`build_index`.
 
     ``root`` (a moved archive's new folder) and ``cache_root`` (where the embedding stores are
@@ -73,6 +74,8 @@ class SlideIndex:
         *,
         root: str | os.PathLike[str] | None = None,
         cache_root: str | os.PathLike[str] | None = None,
+        vector_crc: np.ndarray | None = None,
+        vectors_at: Path | None = None,
     ) -> None:
         self.index = index
         self.meta = meta
@@ -84,6 +87,10 @@ class SlideIndex:
         self._cache_override = Path(cache_root) if cache_root is not None else None
         self._changed: list[str] | None = None
         self._reader: _pq.StoreReader | None = None
+        self.vector_crc = vector_crc  # crc32 per row of the re-rank file (IVF-PQ with a file), else None
+        self._vectors_at = vectors_at  # where the re-rank file is before the index is saved
+        self._vectors: _vec.Vectors | None = None
+        self.damaged_rows = 0  # re-rank rows that failed their checksum (re-read from the stores instead)
         here = path.parent if path is not None else None
         for s in meta["slides"]:
             s.setdefault("built_path", s["path"])
@@ -103,6 +110,23 @@ class SlideIndex:
     def kind(self) -> str:
         """The index type: flat, hnsw, ivf or ivfpq."""
         return str(self.meta["kind"])
+
+    @property
+    def mpp(self) -> float | None:
+        """The magnification (µm/px) of the indexed tiles; None for an index that did not record it."""
+        m = self.meta.get("mpp")
+        return None if m is None else float(m)
+
+    def check_mpp(self, query_mpp: float | None) -> None:
+        """Refuse a query embedded at another magnification than the indexed tiles (not comparable)."""
+        if query_mpp is None or self.mpp is None or abs(query_mpp - self.mpp) <= 1e-6 * self.mpp:
+            return
+        raise AnalysisError(
+            f"{self.path or 'the index'}: holds tiles at {self.mpp:g} µm/px ({10 / self.mpp:.3g}×) but the query "
+            f"is at {query_mpp:g} µm/px ({10 / query_mpp:.3g}×); embeddings of different magnifications are not "
+            f"comparable. Pick the query at {10 / self.mpp:.3g}×, or search an index built at {query_mpp:g} µm/px "
+            f"(`napari-virchow index --mpp {query_mpp:g} --out ...`)"
+        )
 
     @property
     def dim(self) -> int:
@@ -129,8 +153,9 @@ class SlideIndex:
         return int(faiss.serialize_index(self.index).size)
 
     def describe(self) -> str:
-        """One line: size, kind and encoder, for the viewer and the CLI."""
-        return (f"{len(self):,} tiles of {len(self.slides)} slides, {self.kind}, {self.encoder}"
+        """One line: size, kind, encoder and magnification, for the viewer and the CLI."""
+        at = f" at {self.mpp:g} µm/px ({10 / self.mpp:.3g}×)" if self.mpp else ""
+        return (f"{len(self):,} tiles of {len(self.slides)} slides, {self.kind}, {self.encoder}{at}"
                 f" ({self.nbytes() / 1e6:.1f} MB)")  # fmt: skip
 
     def __len__(self) -> int:
@@ -168,7 +193,8 @@ class SlideIndex:
                 return i
         return None
 
-    def _search_params(self, exclude_rows: tuple[int, int] | None, k: int) -> tuple[Any, list]:
+    def _search_params(self, exclude_rows: tuple[int, int] | None, k: int,
+                       nprobe: int | None = None) -> tuple[Any, list]:  # fmt: skip
         """faiss search parameters, plus the selector objects they point to.
 
         faiss keeps raw pointers to selectors: the caller must hold the returned list until the
@@ -187,7 +213,7 @@ class SlideIndex:
             params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]  # not in faiss's stubs
                 efSearch=max(k, self.meta["ef_search"]), **kw)
         elif self.kind in ("ivf", "ivfpq"):
-            params = faiss.SearchParametersIVF(nprobe=self.meta["nprobe"], **kw)  # type: ignore[call-arg]
+            params = faiss.SearchParametersIVF(nprobe=nprobe or self.meta["nprobe"], **kw)  # type: ignore[call-arg]
         else:
             params = faiss.SearchParameters(**kw) if kw else None
         return params, keep
@@ -199,6 +225,9 @@ class SlideIndex:
         *,
         exclude_slide: str | None = None,
         min_distance_tiles: int = 2,
+        nprobe: int | None = None,
+        rerank: int | None = None,
+        query_mpp: float | None = None,
     ) -> list[Hit]:
         """Top ``k`` distinct regions across slides, best first.
 
@@ -206,8 +235,12 @@ class SlideIndex:
         widths of a better hit on the same slide are suppressed. ``exclude_slide`` (a path or
         fingerprint) leaves one slide out, usually the one the query comes from. Hits on slides
         whose files are gone come back with ``exists=False``; slides whose files changed are left
-        out (see :meth:`check_slides`). IVF-PQ scores are exact cosines, re-ranked from the stores.
+        out (see :meth:`check_slides`). IVF-PQ scores are exact cosines of the ``rerank`` best
+        candidates (default: the manifest's) of ``nprobe`` inverted lists (default: the manifest's),
+        read from the re-rank file (each row checksummed) or, without one, from the stores.
+        ``query_mpp``: the query's magnification; another than the index's is refused.
         """
+        self.check_mpp(query_mpp)
         q = query_vector(query, self.dim)[None, :]
         excluded_no = self._slide_no(exclude_slide) if exclude_slide is not None else None
         excluded = None
@@ -223,9 +256,9 @@ class SlideIndex:
         # Suppression throws candidates away; fetch more until k survive or nothing is left.
         fetch = min(len(self), 4 * k + 32 + n_changed)
         if self.kind == "ivfpq":
-            fetch = min(len(self), max(fetch, int(self.meta.get("rerank", _pq.RERANK))))
+            fetch = min(len(self), max(fetch, int(rerank or self.meta.get("rerank", _pq.RERANK))))
         while True:
-            params, _keep = self._search_params(excluded, fetch)
+            params, _keep = self._search_params(excluded, fetch, nprobe)
             scores, ids = self.index.search(q, fetch, params=params)
             rows, scores = self._rows(ids[0], scores[0], q[0], changed)
             hits = self._suppress(scores, rows, k, min_distance_tiles)
@@ -248,7 +281,7 @@ class SlideIndex:
             keep = ~np.isin(slide_no, [i for i, s in enumerate(self.meta["slides"]) if s["path"] in changed])
             rows, scores, slide_no = rows[keep], scores[keep], slide_no[keep]
         if self.kind == "ivfpq" and self.meta.get("rerank") and len(rows):
-            scores = _pq.rerank(q, slide_no, self.tile_index[rows], self._store_reader())
+            scores = self._exact(q, slide_no, rows - self.row_start[slide_no], self.tile_index[rows])
             order = np.argsort(-scores, kind="stable")
             rows, scores = rows[order], scores[order]
         return rows, scores
@@ -275,6 +308,7 @@ class SlideIndex:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        self._vectors = None
 
     def _suppress(self, scores: np.ndarray, rows: np.ndarray, k: int, min_dist: int) -> list[Hit]:
         slides = self.meta["slides"]
@@ -297,9 +331,15 @@ class SlideIndex:
         index_file, meta_file, arrays_file = _files(path)
         index_file.parent.mkdir(parents=True, exist_ok=True)
 
+        vectors = self._place_vectors(index_file)
+        arrays: dict[str, np.ndarray] = {"coords": self.coords, "tile_index": self.tile_index,
+                                         "row_start": self.row_start}  # fmt: skip
+        if self.vector_crc is not None:
+            arrays["vector_crc"] = self.vector_crc
+
         def write_arrays(tmp: str) -> None:
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-                np.savez(f, coords=self.coords, tile_index=self.tile_index, row_start=self.row_start)
+                np.savez(f, allow_pickle=False, **arrays)
 
         relative_fields(self.meta, index_file.parent.resolve(), self.cache_root)
         text = json.dumps(self.meta, indent=1)
@@ -309,7 +349,9 @@ class SlideIndex:
             (index_file, lambda tmp: _write_faiss(self.index, tmp)),
             (meta_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8")),
         ])  # fmt: skip
-        self.path = index_file
+        self.path, self._vectors_at = index_file, None
+        if vectors is not None:
+            _vec.drop_others(index_file, vectors)
         return index_file
 
 

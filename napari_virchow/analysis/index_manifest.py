@@ -8,11 +8,12 @@ from the index's own location, or from a new root given by the user.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["changed_slides", "common_root", "locate_cache", "locate_slide", "relative_fields"]
+__all__ = ["changed_slides", "common_root", "index_for_mpp", "locate_cache", "locate_slide", "relative_fields"]
 
 
 def common_root(paths: list[str]) -> str | None:
@@ -100,3 +101,37 @@ def changed_slides(slides: list[dict[str, Any]]) -> list[str]:
         if now != s["fingerprint"]:
             out.append(s["path"])
     return out
+
+
+def index_for_mpp(path: str | os.PathLike[str], mpp: float | None) -> Path:
+    """The index to search for a query at ``mpp``: ``path`` itself, or, for a folder of several
+    indexes (``NAME.faiss`` + ``NAME.json``, one per magnification), the one built at ``mpp``.
+
+    Raises ValueError naming the magnifications there when none matches (or several do).
+    """
+    p = Path(path)
+    if p.suffix == ".faiss" or (p / "INDEX.json").exists() or not p.is_dir():
+        return p
+    found: dict[Path, float | None] = {}
+    for meta in sorted(p.glob("*.json")):
+        try:
+            doc = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("format") == "napari-virchow-index" \
+                and meta.with_suffix(".faiss").exists():
+            found[meta.with_suffix(".faiss")] = None if doc.get("mpp") is None else float(doc["mpp"])
+    if not found:
+        return p  # load_index reports what is missing
+    if mpp is None:
+        if len(found) == 1:
+            return next(iter(found))
+        match = []
+    else:
+        match = [f for f, m in found.items() if m is not None and abs(m - mpp) <= 1e-6 * m]
+    if len(match) == 1:
+        return match[0]
+    have = ", ".join(f"{f.name} at {m:g} µm/px" if m else f"{f.name} (µm/px not recorded)" for f, m in found.items())
+    want = "give the query's magnification" if mpp is None else f"none is at {mpp:g} µm/px ({10 / mpp:.3g}×)"
+    raise ValueError(f"{p}: holds {len(found)} indexes ({have}); {want}. Pick the query at one of these "
+                     f"magnifications, or build an index at it (`napari-virchow index --mpp UM --out {p}/NAME.faiss`)")

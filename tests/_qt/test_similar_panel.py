@@ -145,3 +145,32 @@ def test_search_indexed_slides_opens_the_other_slide_at_the_hit(qtbot, planted_w
     assert planted_truth(w.session())[w.session().grid.index_at(top[0], top[1])]
     u.click_item("hit_list", 0)
     assert w.model.slide_combo.currentText() == "other" and "other" in w.viewer.layers
+
+
+@pytest.mark.drives("index_edit", "search_index_btn")
+def test_the_searched_index_is_described_and_a_query_at_another_magnification_refused(
+        qtbot, planted_widget, ui, tmp_path: Path, monkeypatch) -> None:  # fmt: skip
+    from napari_virchow.analysis.index import IndexEntry, build_index
+
+    w, u = planted_widget, ui(planted_widget)
+    session = w.session()
+    for _ in session.compute(indices=session.grid.tissue_indices):
+        pass
+    idx, emb = session.store().read_done()
+    entry = IndexEntry("elsewhere.tif", "fp-elsewhere", emb, session.grid.coords[idx], session.grid.tile_size_l0, idx)
+    build_index([entry], tmp_path / "x20.faiss", encoder="virchow2-tiny", provenance={"mpp": 0.5})
+    build_index([entry], tmp_path / "x5" / "INDEX.faiss", encoder="virchow2-tiny", provenance={"mpp": 2.0})
+    w.similar.query_at(600, 600)  # picked at 20× (0.5 µm/px, the default level)
+    wait_idle(qtbot, w)
+    u.type("index_edit", str(tmp_path / "x20.faiss"))
+    u.click("search_index_btn")
+    wait_idle(qtbot, w)
+    info = w.similar.index_info.text()
+    assert f"{len(idx):,} tiles of 1 slides" in info and "virchow2-tiny" in info and "0.5 µm/px (20×)" in info
+    shown: list[str] = []
+    monkeypatch.setattr("napari_virchow._qt.errors.show_error", shown.append)
+    u.type("index_edit", str(tmp_path / "x5"))
+    u.click("search_index_btn")
+    wait_idle(qtbot, w)
+    assert len(shown) == 1 and "2 µm/px (5×)" in shown[0] and "0.5 µm/px (20×)" in shown[0], shown
+    assert "not comparable" in shown[0] and w.similar.index_info.text() == info  # nothing else changed

@@ -52,6 +52,15 @@ def cohort(tmp_path: Path):
     return archive, cache, entries, pattern
 
 
+def flip_byte(path: Path, row: int, dim: int = DIM) -> None:
+    """Flip one byte inside float16 row ``row`` of a re-rank file."""
+    with open(path, "r+b") as fh:
+        fh.seek(row * dim * 2 + 7)
+        b = fh.read(1)
+        fh.seek(row * dim * 2 + 7)
+        fh.write(bytes([b[0] ^ 0x5A]))
+
+
 def _exact(entries: list[IndexEntry], q: np.ndarray) -> np.ndarray:
     return np.concatenate([l2_normalize(np.asarray(e.embeddings[:])) @ q for e in entries])
 
@@ -128,10 +137,16 @@ def test_a_moved_archive_is_found_beside_the_index_or_under_a_new_root(cohort, t
     shutil.copytree(moved / "idx", tmp_path / "lone-idx")
     lone = load_index(tmp_path / "lone-idx", root=moved / "slides", cache_root=moved / "cache")
     assert str(lone.search(pattern, k=1)[0].slide).startswith(str((moved / "slides").resolve()))
+    # Without the stores, the re-rank file copied with the index still gives exact scores ...
     lost = load_index(tmp_path / "lone-idx", cache_root=tmp_path / "nowhere")
     shutil.rmtree(moved / "slides")
+    assert lost.search(pattern, k=1)[0].score > 0.9
+    lost.close()
+    # ... but a row failing its checksum must come from its store, which is not there: one clear error.
+    flip_byte(lost.vectors_path(), 0)
+    lost = load_index(tmp_path / "lone-idx", cache_root=tmp_path / "nowhere")
     with pytest.raises(AnalysisError, match="--cache"):
-        lost.search(pattern, k=1)
+        lost.search(pattern, k=3 * SIDE * SIDE, min_distance_tiles=0, rerank=3 * SIDE * SIDE)
 
 
 def test_a_changed_slide_is_reported_and_its_hits_left_out(cohort) -> None:

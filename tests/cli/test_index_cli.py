@@ -92,3 +92,29 @@ def test_box_query_changed_slide_add_and_remove(archive: Path, capsys: pytest.Ca
 def test_add_or_remove_without_an_index_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = _run(capsys, "index", "--out", tmp_path / "none", "--remove", "x.tif")
     assert rc == 2 and "no index there" in err and "Traceback" not in err
+
+
+@pytest.mark.timeout(180)
+def test_one_index_per_magnification_and_a_mismatched_query_refused(archive: Path, capsys: pytest.CaptureFixture[str]
+                                                                    ) -> None:  # fmt: skip
+    slides, cohort = archive / "slides", archive / "cohort"
+    for name, mpp in (("x10.faiss", 1.0), ("x20.faiss", 0.5)):
+        rc, out, err = _run(capsys, "index", slides / "s0.tif", slides / "s1.tif", *TINY, "--cache", archive / "cache",
+                            "--out", cohort / name, "--mpp", mpp)  # fmt: skip
+        assert rc == 0 and f"at {mpp:g} µm/px" in out, err
+    meta = json.loads((cohort / "x10.json").read_text())
+    assert meta["mpp"] == 1.0 and {s["tile_size_l0"] for s in meta["slides"]} == {448}
+    # A 10x query searches the 10x index of the folder; its tiles are the 10x lattice (448 level-0 px).
+    rc, doc, err = _search(capsys, cohort, slides / "s0.tif", "--mpp", 1, "--other-slides")
+    assert rc == 0 and doc["index"].endswith("x10.faiss") and doc["hits"], err
+    assert all(h["x"] % 448 == 0 and h["y"] % 448 == 0 for h in doc["hits"]) and doc["query"]["x"] % 448 == 0
+    rc, doc, err = _search(capsys, cohort, slides / "s0.tif", "--mpp", 0.5)
+    assert rc == 0 and doc["index"].endswith("x20.faiss"), err
+    # A query at another magnification than the one index given: refused in one line naming both.
+    rc, _, err = _search(capsys, cohort / "x10.faiss", slides / "s0.tif", "--mpp", 0.5)
+    assert rc == 2 and "1 µm/px" in err and "0.5 µm/px" in err and "not comparable" in err and "Traceback" not in err
+    rc, _, err = _search(capsys, cohort, slides / "s0.tif")  # two indexes, no magnification: which one?
+    assert rc == 2 and "x10.faiss at 1 µm/px" in err and "x20.faiss at 0.5 µm/px" in err
+    rc, _, err = _run(capsys, "index", slides / "s2.tif", *TINY, "--cache", archive / "cache",
+                      "--out", cohort / "x10.faiss", "--add", "--mpp", 0.5)  # fmt: skip
+    assert rc == 2 and "holds tiles at 1 µm/px" in err

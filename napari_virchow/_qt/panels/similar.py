@@ -12,6 +12,7 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QGroupBox,
     QHBoxLayout,
+    QLabel,
     QLineEdit,
     QListWidgetItem,
     QPushButton,
@@ -72,6 +73,10 @@ class SimilarPanel(QGroupBox):
         index_row.addWidget(self.index_edit, 1)
         index_row.addWidget(browse)
         lay.addRow(index_row)
+        self.index_info = QLabel("")  # the searched index: size, kind, encoder, magnification
+        self.index_info.setObjectName("index_info_label")
+        self.index_info.setWordWrap(True)
+        lay.addRow(self.index_info)
         self.search_btn = named(QPushButton("Search indexed slides"), "search_index_btn")
         self.search_btn.clicked.connect(self.search_index)
         lay.addRow(self.search_btn)
@@ -173,6 +178,7 @@ class SimilarPanel(QGroupBox):
     def _show_index_hits(self, session: SlideSession, ev: _jobs.IndexHits) -> None:
         if ev.warning:
             show_warning(ev.warning)
+        self.index_info.setText(ev.description)
         t = session.grid.tile_size_l0
         self.hit_list.clear()
         for rank, (hit, thumb) in enumerate(zip(ev.hits, ev.thumbnails, strict=True), start=1):
