@@ -63,3 +63,25 @@ def test_exports_record_provenance(qtbot, planted_widget, ui, tmp_path: Path, mo
     assert (data > 0).any() and (data == 0).any()  # values where tiles are embedded, 0 = no value elsewhere
     for side in data.shape:  # the slide's physical size, to within a heatmap pixel
         assert abs(side * meta["mpp"] - 2048 * 0.5) < meta["mpp"]
+
+
+@pytest.mark.drives("export_geojson_btn", "export_heatmap_btn")
+def test_export_to_an_unwritable_place_says_so_once(qtbot, planted_widget, ui, tmp_path: Path, monkeypatch) -> None:
+    w, u = planted_widget, ui(planted_widget)
+    shown: list[str] = []
+    monkeypatch.setattr("napari_virchow._qt.errors.show_error", shown.append)
+    layer = w.head.new_annotation_layer()
+    w.head._use_class(layer, "tumour")
+    layer.add_polygons([square(448, 448, 896, 896)])
+    w.head._use_class(layer, "normal")
+    layer.add_polygons([square(300, 1100, 1000, 1700)])
+    w.head.train()
+    wait_idle(qtbot, w)
+    blocker = tmp_path / "a file"  # a "folder" that is a file: neither export can write under it
+    blocker.write_text("not a folder")
+    for button, name in (("export_geojson_btn", "a.geojson"), ("export_heatmap_btn", "a.tif")):
+        _save_to(monkeypatch, blocker / name)
+        u.click(button)
+    assert len(shown) == 2 and all("cannot write" in m and "choose another folder" in m for m in shown), shown
+    assert "a.geojson" in shown[0] and "a.tif" in shown[1]
+    assert blocker.is_file() and blocker.read_text() == "not a folder"

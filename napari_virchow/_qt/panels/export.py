@@ -75,11 +75,37 @@ class ExportPanel(QGroupBox):
         self.export_tiff_btn.clicked.connect(self.export_heatmap)
         lay.addWidget(self.export_tiff_btn)
 
-    def export(self) -> None:
+    def _session(self) -> SlideSession | None:
         try:
-            session = self._host.session()
+            return self._host.session()
         except VirchowError as exc:
             report(exc)
+            return None
+
+    def _save(self, session: SlideSession, title: str, suffix: str, file_filter: str,
+              write: Callable[[str], None]) -> str | None:  # fmt: skip
+        """Ask where to save (``<slide stem><suffix>`` proposed), then ``write(path)``: the path
+        written, or ``None`` when the user cancelled or the write failed (reported once)."""
+        name = f"{session.slide.path.stem}{suffix}"
+        path, _ = QFileDialog.getSaveFileName(self, title, name, file_filter)
+        if not path:
+            return None
+        try:
+            write(path)
+        except OSError as exc:
+            report(VirchowError(f"cannot write {path}: {exc.strerror or exc}; choose another folder"))
+            return None
+        except VirchowError as exc:
+            report(exc)
+            return None
+        return path
+
+    def export(self) -> None:
+        """Heatmap regions ≥ 'hide below', clusters and hits as QuPath GeoJSON."""
+        from napari_virchow.io.geojson import write_annotations
+
+        session = self._session()
+        if session is None:
             return
         hits = session.hits(self._n_hits()) if session.similarity is not None else []
         threshold = self._threshold() or 0.5
@@ -87,42 +113,28 @@ class ExportPanel(QGroupBox):
         if not feats:
             report(VirchowError("nothing to export yet: train a probe, cluster, or pick a query first"))
             return
-        name = f"{session.slide.path.stem}.overlays.geojson"
-        path, _ = QFileDialog.getSaveFileName(self, "Export overlays", name, "GeoJSON (*.geojson)")
-        if not path:
-            return
-        from napari_virchow.io.geojson import write_annotations
-
-        try:
-            write_annotations(path, feats, provenance=export_provenance(session))
-        except OSError as exc:
-            report(VirchowError(f"cannot write {path}: {exc.strerror or exc}; choose another folder"))
-            return
-        show_info(f"exported {len(feats)} regions to {path} (heatmap ≥ {threshold:.2f}, clusters, hits)")
+        path = self._save(session, "Export overlays", ".overlays.geojson", "GeoJSON (*.geojson)",
+                          lambda p: write_annotations(p, feats, provenance=export_provenance(session)))
+        if path:
+            show_info(f"exported {len(feats)} regions to {path} (heatmap ≥ {threshold:.2f}, clusters, hits)")
 
     def export_heatmap(self) -> None:
         """The heatmap (finest magnification computed at each place) as a uint8 pyramidal TIFF."""
-        try:
-            session = self._host.session()
-        except VirchowError as exc:
-            report(exc)
+        from napari_virchow.io.export import write_heatmap_tiff
+
+        session = self._session()
+        if session is None:
             return
         raster = session.overlay_raster("probability") if session.head is not None else None
         if raster is None:
             report(VirchowError("no heatmap yet: train a probe or load a head first"))
             return
-        name = f"{session.slide.path.stem}.heatmap.tif"
-        path, _ = QFileDialog.getSaveFileName(self, "Export heatmap", name, "TIFF (*.tif *.tiff)")
-        if not path:
-            return
-        from napari_virchow.io.export import write_heatmap_tiff
-
         slide = session.slide
-        try:
+
+        def write(path: str) -> None:
             write_heatmap_tiff(path, raster.data, mpp_l0=slide.require_mpp(), tile_size_l0=raster.tile_size_l0,
                                slide_dims=slide.dimensions, metadata=export_provenance(session))  # fmt: skip
-        except (VirchowError, OSError) as exc:
-            report(VirchowError(f"cannot write {path}: {exc}; choose another folder")
-                   if isinstance(exc, OSError) else exc)  # fmt: skip
-            return
-        show_info(f"exported the heatmap to {path} ({raster.tile_size_l0 * slide.require_mpp():.4g} µm/px)")
+
+        path = self._save(session, "Export heatmap", ".heatmap.tif", "TIFF (*.tif *.tiff)", write)
+        if path:
+            show_info(f"exported the heatmap to {path} ({raster.tile_size_l0 * slide.require_mpp():.4g} µm/px)")
