@@ -170,6 +170,39 @@ def square(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
     return np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float)  # napari (y, x) in level-0 px
 
 
+def annotate_planted(u: UI, w) -> object:
+    """Two classes drawn through the controls on a new annotation layer: the first planted copy
+    (``tumour``) and plain tissue (``normal``); returns the layer."""
+    u.click("new_annotations_btn")
+    layer = w.head.annotation_layer()
+    u.type("class_combo", "tumour")
+    layer.add_polygons([square(448, 448, 896, 896)])  # first planted copy only
+    u.type("class_combo", "normal")
+    layer.add_polygons([square(300, 1100, 1000, 1700)])  # plain tissue
+    assert list(layer.features["class"]) == ["tumour", "normal"]
+    return layer
+
+
+def train_on_planted(qtbot, u: UI, w, *, compute: bool = True) -> object:
+    """(Embed the whole slide,) annotate it as :func:`annotate_planted` and train the probe."""
+    if compute:
+        compute_whole_slide(qtbot, w, u)
+    layer = annotate_planted(u, w)
+    u.click("train_btn")
+    wait_idle(qtbot, w)
+    return layer
+
+
+def dialogs(monkeypatch, *, save: Path | None = None, open_: Path | None = None) -> None:
+    """Answer the next save / open file dialogs with these paths."""
+    from qtpy.QtWidgets import QFileDialog
+
+    if save is not None:
+        monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(save), "")))
+    if open_ is not None:
+        monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(open_), "")))
+
+
 def planted_truth(session) -> np.ndarray:
     from tests.conftest import PLANTED_PATTERNS
 
@@ -189,6 +222,15 @@ def compute_whole_slide(qtbot, w, u: UI) -> None:
     u.choose("mag_combo", "20× (0.5 µm/px)")  # every tile at 20× (auto would pick a coarser level here)
     u.click("compute_btn")
     wait_idle(qtbot, w)
+
+
+def zoom_to(w, x: float, y: float, width_px: float) -> None:
+    """Centre the camera on level-0 ``(x, y)`` of the slide, showing about ``width_px`` level-0 px across."""
+    from napari_virchow._qt.viewport import camera
+
+    layer = w.slide_layer()
+    camera(w.viewer).center = tuple(layer.data_to_world((y, x)))
+    camera(w.viewer).zoom = w.viewer.canvas.size[1] / (width_px * layer.scale[-1])
 
 
 def canvas_point(viewer, layer, x: float, y: float):

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from napari_virchow import jobs as _jobs
-from napari_virchow._qt.viewport import camera
-from tests._qt.conftest import wait_idle
+from tests._qt.conftest import wait_idle, zoom_to
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -19,17 +18,10 @@ def widget(make_widget, sample_pyramid: Path):
     return make_widget(sample_pyramid)
 
 
-def _zoom_to(w, x: float, y: float, width_px: float) -> None:
-    """Centre the camera on level-0 (x, y) showing about ``width_px`` level-0 pixels across."""
-    layer = w.slide_layer()
-    camera(w.viewer).center = tuple(layer.data_to_world((y, x)))
-    camera(w.viewer).zoom = w.viewer.canvas.size[1] / (width_px * layer.scale[-1])
-
-
 @pytest.mark.drives("compute_btn")
 def test_compute_visible_embeds_tiles_in_view_shows_them_and_revisit_is_free(qtbot, widget, ui) -> None:
     w, u = widget, ui(widget)
-    _zoom_to(w, 1100, 1500, 900)
+    zoom_to(w, 1100, 1500, 900)
     box = w.compute.visible_box()
     assert box is not None and box[2] - box[0] < 1200
     u.choose("mag_combo", "20× (0.5 µm/px)")  # this test is about 20× tiles
@@ -92,7 +84,7 @@ def test_the_question_s_eta_uses_the_speed_measured_here(qtbot, widget, ui) -> N
 
     w, u = widget, ui(widget)
     u.spin("batch_spin", 2)
-    _zoom_to(w, 1100, 1500, 900)
+    zoom_to(w, 1100, 1500, 900)
     u.choose("mag_combo", "20× (0.5 µm/px)")  # this test is about 20× tiles
     u.click("compute_btn")  # a few batches: the speed is measured
     wait_idle(qtbot, w)
@@ -133,7 +125,7 @@ def test_cancel_tells_the_truth_and_keeps_the_store_consistent(qtbot, planted_wi
 @pytest.mark.drives("follow_check")
 def test_follow_view_computes_where_the_camera_goes(qtbot, widget, ui) -> None:
     w, u = widget, ui(widget)
-    _zoom_to(w, 1100, 1500, 700)
+    zoom_to(w, 1100, 1500, 700)
     u.choose("mag_combo", "20× (0.5 µm/px)")  # this test is about 20× tiles
     u.click("follow_check")
     qtbot.waitUntil(lambda: w.runner.busy or isinstance(w.last_event, _jobs.Stage), timeout=10_000)
@@ -141,7 +133,7 @@ def test_follow_view_computes_where_the_camera_goes(qtbot, widget, ui) -> None:
     session = w.session()
     first = session.store().n_done
     assert first > 0
-    _zoom_to(w, 1100, 500, 700)  # pan elsewhere
+    zoom_to(w, 1100, 500, 700)  # pan elsewhere
     qtbot.waitUntil(lambda: session.store().n_done > first, timeout=60_000)
     wait_idle(qtbot, w)
     u.click("follow_check")

@@ -7,16 +7,11 @@ from pathlib import Path
 
 import pytest
 import tifffile
-from qtpy.QtWidgets import QFileDialog
 
 from napari_virchow.io.provenance import PROVENANCE_KEYS
-from tests._qt.conftest import square, wait_idle
+from tests._qt.conftest import dialogs, train_on_planted
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _save_to(monkeypatch, path: Path) -> None:
-    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(path), "")))
 
 
 def _check(meta: dict, session) -> None:
@@ -33,25 +28,19 @@ def _check(meta: dict, session) -> None:
 def test_exports_record_provenance(qtbot, planted_widget, ui, tmp_path: Path, monkeypatch) -> None:
     w, u = planted_widget, ui(planted_widget)
     u.click("export_heatmap_btn")  # nothing to export yet: one message, no file
-    layer = w.head.new_annotation_layer()
-    w.head._use_class(layer, "tumour")
-    layer.add_polygons([square(448, 448, 896, 896)])
-    w.head._use_class(layer, "normal")
-    layer.add_polygons([square(300, 1100, 1000, 1700)])
-    w.head.train()
-    wait_idle(qtbot, w)
+    train_on_planted(qtbot, u, w, compute=False)
     session = w.session()
     assert session.head is not None
 
     gj = tmp_path / "planted.overlays.geojson"
-    _save_to(monkeypatch, gj)
+    dialogs(monkeypatch, save=gj)
     u.click("export_geojson_btn")
     collection = json.loads(gj.read_text())
     assert collection["features"]  # heatmap regions
     _check(collection["napari_virchow"], session)
 
     tif = tmp_path / "planted.heatmap.tif"
-    _save_to(monkeypatch, tif)
+    dialogs(monkeypatch, save=tif)
     u.click("export_heatmap_btn")
     with tifffile.TiffFile(tif) as f:
         meta = json.loads(f.pages[0].description)
@@ -70,17 +59,11 @@ def test_export_to_an_unwritable_place_says_so_once(qtbot, planted_widget, ui, t
     w, u = planted_widget, ui(planted_widget)
     shown: list[str] = []
     monkeypatch.setattr("napari_virchow._qt.errors.show_error", shown.append)
-    layer = w.head.new_annotation_layer()
-    w.head._use_class(layer, "tumour")
-    layer.add_polygons([square(448, 448, 896, 896)])
-    w.head._use_class(layer, "normal")
-    layer.add_polygons([square(300, 1100, 1000, 1700)])
-    w.head.train()
-    wait_idle(qtbot, w)
+    train_on_planted(qtbot, u, w, compute=False)
     blocker = tmp_path / "a file"  # a "folder" that is a file: neither export can write under it
     blocker.write_text("not a folder")
     for button, name in (("export_geojson_btn", "a.geojson"), ("export_heatmap_btn", "a.tif")):
-        _save_to(monkeypatch, blocker / name)
+        dialogs(monkeypatch, save=blocker / name)
         u.click(button)
     assert len(shown) == 2 and all("cannot write" in m and "choose another folder" in m for m in shown), shown
     assert "a.geojson" in shown[0] and "a.tif" in shown[1]

@@ -7,31 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from qtpy.QtWidgets import QFileDialog
 
 from napari_virchow._qt.panels.head import class_color, rgb
-from tests._qt.conftest import click_canvas, compute_whole_slide, planted_truth, square, wait_idle
+from tests._qt.conftest import (
+    annotate_planted,
+    click_canvas,
+    compute_whole_slide,
+    dialogs,
+    planted_truth,
+    square,
+    wait_idle,
+)
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _dialogs(monkeypatch, *, save: Path | None = None, open_: Path | None = None) -> None:
-    if save is not None:
-        monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(save), "")))
-    if open_ is not None:
-        monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(open_), "")))
-
-
-def _annotate(w, u) -> object:
-    """Two classes drawn on a new annotation layer: the first planted copy, and plain tissue."""
-    u.click("new_annotations_btn")
-    layer = w.head.annotation_layer()
-    u.type("class_combo", "tumour")
-    layer.add_polygons([square(448, 448, 896, 896)])  # first planted copy only
-    u.type("class_combo", "normal")
-    layer.add_polygons([square(300, 1100, 1000, 1700)])  # plain tissue
-    assert list(layer.features["class"]) == ["tumour", "normal"]
-    return layer
 
 
 @pytest.mark.drives("new_annotations_btn", "class_combo", "train_btn", "threshold_slider", "smooth_check",
@@ -41,7 +29,7 @@ def test_probe_from_annotations_shows_auc_and_finds_the_other_copy(qtbot, plante
 
     w, u = planted_widget, ui(planted_widget)
     compute_whole_slide(qtbot, w, u)
-    _annotate(w, u)
+    annotate_planted(u, w)
     u.click("train_btn")
     wait_idle(qtbot, w)
     session = w.session()
@@ -98,7 +86,7 @@ def test_annotations_with_one_class_are_refused(qtbot, planted_widget, ui) -> No
 def test_refit_save_and_load(qtbot, planted_widget, ui, tmp_path: Path, monkeypatch) -> None:
     w, u = planted_widget, ui(planted_widget)
     compute_whole_slide(qtbot, w, u)
-    layer = _annotate(w, u)
+    layer = annotate_planted(u, w)
     u.click("refit_check")
     layer.add_polygons([square(1152, 1152, 1600, 1600)])  # an edit re-fits on its own
     qtbot.waitUntil(lambda: w.session().head is not None, timeout=60_000)
@@ -107,17 +95,17 @@ def test_refit_save_and_load(qtbot, planted_widget, ui, tmp_path: Path, monkeypa
     head = w.session().head
     assert head.metrics["n_samples"] > 0
 
-    _dialogs(monkeypatch, save=tmp_path / "probe.safetensors")
+    dialogs(monkeypatch, save=tmp_path / "probe.safetensors")
     u.click("save_head_btn")
     assert (tmp_path / "probe.safetensors").is_file()
     w.session().set_head(None)
-    _dialogs(monkeypatch, open_=tmp_path / "probe.safetensors")
+    dialogs(monkeypatch, open_=tmp_path / "probe.safetensors")
     u.click("load_head_btn")
     wait_idle(qtbot, w)
     assert w.session().head is not None and "head for virchow2-tiny" in w.head.head_label.text()
     np.testing.assert_allclose(w.session().head.weights, head.weights, rtol=1e-6)
 
-    _dialogs(monkeypatch, save=tmp_path / "regions.geojson")
+    dialogs(monkeypatch, save=tmp_path / "regions.geojson")
     u.click("save_geojson_btn")
     saved = json.loads((tmp_path / "regions.geojson").read_text())
     assert len(saved["features"]) == 3
@@ -129,7 +117,7 @@ def test_refit_save_and_load(qtbot, planted_widget, ui, tmp_path: Path, monkeypa
     for shape_color, cls in zip(layer.edge_color, layer.features["class"], strict=True):
         assert [round(c * 255) for c in shape_color[:3]] == colors[cls]
     assert list(layer.text.values) == ["tumour", "normal", "normal"]  # class names on the canvas
-    _dialogs(monkeypatch, open_=tmp_path / "regions.geojson")
+    dialogs(monkeypatch, open_=tmp_path / "regions.geojson")
     u.click("load_geojson_btn")
     loaded = w.head.annotation_layer()
     assert loaded is not layer and len(loaded.data) == 3
@@ -144,10 +132,10 @@ def test_saving_to_a_bad_place_is_one_message(planted_widget, ui, tmp_path: Path
     shown: list[str] = []
     monkeypatch.setattr("napari_virchow._qt.errors.show_error", shown.append)
     w.head.new_annotation_layer().add_polygons([square(448, 448, 896, 896)])
-    _dialogs(monkeypatch, save=tmp_path / "missing" / "a.geojson")
+    dialogs(monkeypatch, save=tmp_path / "missing" / "a.geojson")
     u.click("save_geojson_btn")
     w.session().head = LinearHead(np.zeros((1, 96)), [0.0], ["normal", "tumour"], encoder="virchow2-tiny")
-    _dialogs(monkeypatch, save=tmp_path / "myhead")
+    dialogs(monkeypatch, save=tmp_path / "myhead")
     u.click("save_head_btn")
     assert len(shown) == 2 and "a.geojson" in shown[0] and "myhead" in shown[1], shown
 
@@ -165,7 +153,7 @@ def test_a_head_with_one_probe_per_magnification_shows_each_auc(qtbot, planted_w
         probes.append(fit_head(x, ["normal"] * 20 + ["tumour"] * 20, encoder="virchow2-tiny", cv=3, mpp=mpp))
     head = MultiScaleHead.from_probes(probes)
     path = save_head(head, tmp_path / "levels.safetensors")
-    _dialogs(monkeypatch, open_=path)
+    dialogs(monkeypatch, open_=path)
     u.click("load_head_btn")
     wait_idle(qtbot, w)
     label = w.head.head_label.text()

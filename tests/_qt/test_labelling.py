@@ -10,22 +10,9 @@ from napari_virchow._qt.panels.head import cv_auc
 from napari_virchow._qt.panels.labelling import tile_square
 from napari_virchow._qt.viewport import camera
 from napari_virchow.analysis.suggest import suggest_tiles
-from tests._qt.conftest import compute_whole_slide, square, wait_idle
+from tests._qt.conftest import train_on_planted, wait_idle
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _annotate_and_train(qtbot, w, u) -> object:
-    compute_whole_slide(qtbot, w, u)
-    u.click("new_annotations_btn")
-    layer = w.head.annotation_layer()
-    u.type("class_combo", "tumour")
-    layer.add_polygons([square(448, 448, 896, 896)])  # the first planted copy
-    u.type("class_combo", "normal")
-    layer.add_polygons([square(300, 1100, 1000, 1700)])  # plain tissue
-    u.click("train_btn")
-    wait_idle(qtbot, w)
-    return layer
 
 
 def _centre_l0(w) -> np.ndarray:
@@ -36,7 +23,7 @@ def _centre_l0(w) -> np.ndarray:
                      "suggest_list", "next_suggestion_btn", "prev_suggestion_btn", "refit_probe_btn")
 def test_suggest_jump_label_with_keys_and_refit_shows_the_auc_change(qtbot, planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
-    layer = _annotate_and_train(qtbot, w, u)
+    layer = train_on_planted(qtbot, u, w)
     session = w.session()
     first_auc = cv_auc(session.head)
     assert w.labelling.labelling_label.text() == f"cross-validated AUC {first_auc:.2f}"

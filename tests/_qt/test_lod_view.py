@@ -7,16 +7,9 @@ import numpy as np
 import pytest
 
 from napari_virchow import jobs as _jobs
-from napari_virchow._qt.viewport import camera
-from tests._qt.conftest import wait_idle
+from tests._qt.conftest import wait_idle, zoom_to
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")]
-
-
-def _zoom_to(w, x: float, y: float, width_px: float) -> None:
-    layer = w.slide_layer()
-    camera(w.viewer).center = tuple(layer.data_to_world((y, x)))
-    camera(w.viewer).zoom = w.viewer.canvas.size[1] / (width_px * layer.scale[-1])
 
 
 @pytest.mark.drives("compute_btn")
@@ -35,7 +28,7 @@ def test_the_view_picks_the_finest_level_that_fits_and_zooming_in_refines(qtbot,
     assert s.open_levels() == (whole.mpp,)  # nothing was computed at 20×
     assert f"{whole.mpp:g} µm/px" in u["level_label"].text() and not u["decision_label"].isVisible()
     coarse_done = s.done_at(whole.mpp).copy()
-    _zoom_to(w, 1376, 1376, 500)
+    zoom_to(w, 1376, 1376, 500)
     u.click("compute_btn")
     wait_idle(qtbot, w)
     zoomed = s.plan_view(w.compute.visible_box(), w.compute.canvas_px())
