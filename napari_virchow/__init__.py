@@ -5,7 +5,7 @@ The package root stays free of Qt and napari imports so that the CLI and noteboo
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 from napari_virchow.errors import HeadError, SlideError, StoreError, VirchowError, WeightsError
 
