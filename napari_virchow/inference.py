@@ -19,10 +19,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -38,21 +38,17 @@ from napari_virchow.batching import (
     tile_batches,
     torch_threads,
 )
-from napari_virchow.errors import StoreError
 from napari_virchow.models.encoder import Encoder
-from napari_virchow.models.specs import get_spec
 from napari_virchow.slides.jpeg_batch import decoder_for
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
-from napari_virchow.store.cache import lattice_fingerprint
 from napari_virchow.store.claims import shared_batches
-from napari_virchow.store.embeddings import EmbeddingStore, StoreKey
-from napari_virchow.store.messages import mismatch
-from napari_virchow.store.migrate import adopt_old_lattice
+from napari_virchow.store.embeddings import EmbeddingStore
+from napari_virchow.stores import check_store, open_store, store_key
 
 __all__ = [
     "PREFETCH_PER_READER", "BatchResult", "Plan", "default_batch_size", "embed_slide", "estimate_tiles_per_s",
-    "feed_note", "iter_embed", "leave_one_core", "open_store", "plan", "resolve_readers", "store_key",
+    "feed_note", "iter_embed", "leave_one_core", "plan", "resolve_readers",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -142,56 +138,6 @@ def _default_grid(slide: Slide, encoder: Encoder) -> TileGrid:
     return TileGrid(slide, mpp=encoder.spec.mpp, size=encoder.spec.input_size)
 
 
-def store_key(slide: Slide, encoder: Encoder | str, grid: TileGrid, *, weights_id: str | None = None) -> StoreKey:
-    """Cache key of ``slide`` embedded by ``encoder`` (or an encoder name + ``weights_id``) on ``grid``.
-
-    The lattice step is part of the slide's identity: the same file with another µm/px override
-    is tiled differently, so it gets its own store rather than a "made by another encoder" refusal.
-    """
-    name = encoder if isinstance(encoder, str) else encoder.spec.name
-    wid = weights_id if weights_id is not None else encoder.weights_id  # type: ignore[union-attr]
-    return StoreKey(lattice_fingerprint(slide.fingerprint, grid.tile_size_l0), name, wid, grid.mpp, grid.size)
-
-
-def open_store(
-    slide: Slide,
-    encoder: Encoder | str,
-    grid: TileGrid,
-    *,
-    weights_id: str | None = None,
-    cache_root: str | os.PathLike[str] | None = None,
-    mode: Literal["a", "r", "w"] = "a",
-    extra_attrs: Mapping[str, Any] | None = None,
-) -> EmbeddingStore:
-    """Create or reopen the store of (slide, encoder, grid); one row per lattice tile.
-
-    ``encoder`` is a loaded encoder, or a registered name with ``weights_id`` (no model needed).
-    The store records the grid's lattice (attr ``lattice``: version, ``edges: padded-white``, rows,
-    cols, slide size; checksummed with the rest of its provenance), which flags its partial edge
-    rows; a store recording another lattice is refused (StoreError), never read. A new store adopts
-    the rows of the slide's store from 0.2 (:func:`~napari_virchow.store.migrate.adopt_old_lattice`).
-    """
-    dim = get_spec(encoder).dim if isinstance(encoder, str) else encoder.dim
-    lattice = grid.lattice.as_attrs()
-    store = EmbeddingStore.open(
-        store_key(slide, encoder, grid, weights_id=weights_id), n_tiles=len(grid), dim=dim,
-        root=_root(cache_root), slide_path=str(slide.path.resolve()),
-        coords=grid.coords, tile_size_l0=grid.tile_size_l0, mode=mode,
-        extra_attrs={**(extra_attrs or {}), "lattice": lattice},
-    )  # fmt: skip
-    recorded = store.attrs.get("lattice")
-    if recorded is not None and recorded != lattice:
-        store.close()
-        raise mismatch(store.path, f"its tile lattice {recorded} is not the slide's {lattice}")
-    if store.mode == "a" and store.n_done == 0:  # a new store: keep what 0.2 computed (store/migrate.py)
-        adopt_old_lattice(store, store.path.parent)
-    return store
-
-
-def _root(cache_root: str | os.PathLike[str] | None) -> Path | None:
-    return None if cache_root is None else Path(cache_root)
-
-
 def _requested(grid: TileGrid, bbox: BBox | None, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
     if bbox is not None and indices is not None:
         raise ValueError("pass bbox or indices, not both")
@@ -204,14 +150,6 @@ def _requested(grid: TileGrid, bbox: BBox | None, indices: Sequence[int] | np.nd
         raise IndexError(f"tile index out of range 0..{len(grid) - 1}")
     _, first = np.unique(idx, return_index=True)
     return idx[np.sort(first)]  # de-duplicated, caller's order kept
-
-
-def _check_store(store: EmbeddingStore, grid: TileGrid, encoder: Encoder) -> None:
-    if (store.n_tiles, store.dim) != (len(grid), encoder.dim):
-        raise StoreError(
-            f"store at {store.path} holds {store.n_tiles} tiles × {store.dim} dims, but this "
-            f"grid has {len(grid)} tiles and {encoder.spec.name} {encoder.dim} dims"
-        )
 
 
 def plan(
@@ -229,9 +167,10 @@ def plan(
     """Count what :func:`iter_embed` with the same arguments would compute (nothing is created)."""
     grid = grid if grid is not None else _default_grid(slide, encoder)
     requested = _requested(grid, bbox, indices)
+    root = None if cache_root is None else Path(cache_root)
     if store is not None:
         todo = store.missing(requested)
-    elif EmbeddingStore.find(store_key(slide, encoder, grid), root=_root(cache_root)) is None:
+    elif EmbeddingStore.find(store_key(slide, encoder, grid), root=root) is None:
         todo = requested
     else:
         with open_store(slide, encoder, grid, cache_root=cache_root, mode="r") as found:
@@ -317,7 +256,7 @@ def iter_embed(
     writer: Writer | None = None
     batches: Generator[np.ndarray, None, None] | None = None
     try:
-        _check_store(store, grid, encoder)
+        check_store(store, grid, encoder)
         requested = _requested(grid, bbox, indices)
         todo = store.missing(requested)
         if not todo.size:

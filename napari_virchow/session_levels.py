@@ -109,7 +109,7 @@ class LevelsMixin:
     # --- stores -------------------------------------------------------------------------------
     def store_key(self, mpp: float | None = None) -> StoreKey:
         """The cache key of this slide + encoder + weights + lattice of level ``mpp``."""
-        from napari_virchow.inference import store_key
+        from napari_virchow.stores import store_key
 
         return store_key(self.slide, self.config.encoder, self.grid_at(mpp), weights_id=self.weights_id)
 
@@ -126,7 +126,7 @@ class LevelsMixin:
         have = self._stores.get(m)
         if have is not None and (mode == "r" or have.mode == "a"):
             return have
-        from napari_virchow.inference import open_store
+        from napari_virchow.stores import open_store
 
         extra = None
         if mode == "a":

@@ -34,12 +34,13 @@ import pytest
 
 from napari_virchow import jobs as _jobs
 from napari_virchow.errors import SlideError
-from napari_virchow.inference import iter_embed, open_store
+from napari_virchow.inference import iter_embed
 from napari_virchow.models.encoder import Encoder, load_encoder
 from napari_virchow.session import SessionConfig, SlideSession
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
 from napari_virchow.store.cache import list_stores
+from napari_virchow.stores import open_store
 from tests.conftest import PLANTED_PATTERNS, PLANTED_SIZE
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from napari_virchow.errors import SlideError
-from napari_virchow.inference import store_key
 from napari_virchow.lod import ViewPlan, canvas_tiles, plan_view, usable_mpps, view_box
 from napari_virchow.lod_pyramid import LodPyramid, missing_from_done, missing_from_stores
 from napari_virchow.models.specs import get_spec
@@ -22,6 +21,7 @@ from napari_virchow.slides.lattice import Lattice, SlideGeometry
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
 from napari_virchow.store.embeddings import EmbeddingStore
+from napari_virchow.stores import store_key
 
 V2 = (0.25, 0.5, 1.0, 2.0)
 BIG = SlideGeometry(65536, 65536, 0.25)  # a 16 mm slide scanned at 40×

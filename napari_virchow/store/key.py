@@ -1,7 +1,7 @@
 """The identity of an embedding store: embeddings are never mixed across any of its fields.
 
 The magnification is part of the key (``mpp``, the µm/px tiles were read at), together with the
-lattice step in level-0 px (the ``-step<N>`` suffix :func:`napari_virchow.inference.store_key` puts
+lattice step in level-0 px (the ``-step<N>`` suffix :func:`napari_virchow.stores.store_key` puts
 on the slide fingerprint): one slide embedded at 0.5 and 2.0 µm/px has two stores, an *embedding
 pyramid*. The canonical JSON and its digest are frozen (tests pin a digest). The slide field also
 names the lattice version (``-edges``: partial edge tiles are rows, see

@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_virchow.inference import iter_embed, open_store, store_key
+from napari_virchow.inference import iter_embed
 from napari_virchow.models.encoder import Encoder, load_encoder
 from napari_virchow.slides import fingerprint as fp_mod
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
 from napari_virchow.store.embeddings import EmbeddingStore
+from napari_virchow.stores import open_store, store_key
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
 F16 = {"rtol": 2e-3, "atol": 1e-3}

@@ -27,13 +27,14 @@ import pytest
 import zarr
 
 from napari_virchow.errors import StoreError
-from napari_virchow.inference import iter_embed, open_store, store_key
+from napari_virchow.inference import iter_embed
 from napari_virchow.models.encoder import Encoder, load_encoder
 from napari_virchow.slides import fingerprint as fp_mod
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
 from napari_virchow.store import atomic
 from napari_virchow.store.embeddings import EmbeddingStore
+from napari_virchow.stores import open_store, store_key
 from tests.slides.test_fingerprint import _swap_level0_tiles
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from napari_virchow.errors import StoreError
-from napari_virchow.inference import store_key
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
 from napari_virchow.store.embeddings import EmbeddingStore
 from napari_virchow.store.key import StoreKey, canonical_mpp
+from napari_virchow.stores import store_key
 
 DIM = 8
 

@@ -12,7 +12,6 @@ import pytest
 
 from napari_virchow.cli.app import main
 from napari_virchow.errors import StoreError
-from napari_virchow.inference import open_store, store_key
 from napari_virchow.models.specs import get_spec
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.tiling import TileGrid
@@ -24,6 +23,7 @@ from napari_virchow.store.cache import (
 )
 from napari_virchow.store.embeddings import EmbeddingStore
 from napari_virchow.store.key import StoreKey
+from napari_virchow.stores import open_store, store_key
 
 ENC, WID = "virchow2-tiny", "random:virchow2-tiny"
 #: rows 0.2 computed on the 2048-px slide's 9 × 9 lattice, and where they are on the 10 × 10 one
