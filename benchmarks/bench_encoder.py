@@ -18,15 +18,12 @@ on a CPU with native bf16), batch 8, ``tiles/s × FLOPs per tile`` (:func:`vit_f
 ÷ the FLOP/s of a 4096² bf16 matmul on the same threads, measured interleaved with the encoder
 batches in the same run (the machine may be shared: the ratio is what counts). It also reports
 the bf16-autocast rate over fp32 weights (the path before weights were cast) and the cosine of
-bf16 embeddings to fp32 ones, and ``cpu_blocks_speedup``: tiles/s with the CPU attention and
-SwiGLU of :mod:`napari_virchow.models.cpu_blocks` over timm's own, same weights, interleaved.
-Goal: ≥ 0.7. About 2 min on 2 cores.
+bf16 embeddings to fp32 ones. Goal: ≥ 0.7. About 2 min on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import time
@@ -76,20 +73,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
 
 
-def _with_timm_blocks(enc: Encoder) -> Encoder:
-    """``enc`` with timm's ``Attention`` / ``GluMlp`` back in place of :mod:`~napari_virchow.models.cpu_blocks`'s."""
-    from napari_virchow.models.cpu_blocks import InplaceGluMlp, KeySplitAttention
-
-    model = copy.deepcopy(enc.model)
-    for module in model.modules():
-        if type(module) is KeySplitAttention:
-            module.__class__ = timm.layers.Attention
-        elif type(module) is InplaceGluMlp:
-            module.__class__ = timm.layers.GluMlp
-    return Encoder(enc.spec, model, device=enc.device, dtype=enc.dtype, weights_id=enc.weights_id,
-                   weights_source=enc.weights_source, compile=enc.compiled)  # fmt: skip
-
-
 def mfu_vs_matmul(device: str = "cpu", batch: int = 8, rounds: int = 3, compile: bool = False) -> dict:
     """Virchow 2 bf16 tiles/s × FLOPs per tile ÷ bf16 matmul FLOP/s, measured interleaved.
 
@@ -115,20 +98,14 @@ def mfu_vs_matmul(device: str = "cpu", batch: int = 8, rounds: int = 3, compile:
     t = time.perf_counter()
     enc.embed(tiles)  # warm-up: oneDNN kernel selection (and compiling)
     warmup_s = time.perf_counter() - t
-    # the same weights through timm's own attention and SwiGLU (eager only: compiling twice costs minutes)
-    timm_blocks = None if compile else _with_timm_blocks(enc)
-    if timm_blocks is not None:
-        timm_blocks.embed(tiles)
-    wall, cpu, rates, tflops, timm_rates = [], [], [], [], []
-    for _ in range(rounds):  # interleaved: all see the same load from other processes
+    wall, cpu, rates, tflops = [], [], [], []
+    for _ in range(rounds):  # interleaved: both see the same load from other processes
         mm_flops, mm_wall, mm_cpu = matmul_flops()
         enc_wall, enc_cpu = _timed(lambda: enc.embed(tiles))
         rates.append(batch / enc_wall)
         tflops.append(mm_flops / mm_wall / 1e12)
         wall.append(batch * flops / enc_wall / (mm_flops / mm_wall))
         cpu.append(batch * flops / enc_cpu / (mm_flops / mm_cpu))
-        if timm_blocks is not None:
-            timm_rates.append(batch / _timed(lambda: timm_blocks.embed(tiles))[0])
     peak = float(np.median(tflops)) * 1e12
     out = {
         "encoder": "virchow2",
@@ -151,9 +128,6 @@ def mfu_vs_matmul(device: str = "cpu", batch: int = 8, rounds: int = 3, compile:
         "mfu_vs_matmul_cpu_time": round(float(np.median(cpu)), 3),
         "goal": 0.7,
     }
-    if timm_rates:
-        out["timm_blocks_tiles_per_s"] = round(float(np.median(timm_rates)), 3)
-        out["cpu_blocks_speedup"] = round(float(np.median(np.array(rates) / np.array(timm_rates))), 3)
     # The same weights in fp32: the embeddings' agreement, and the autocast path for comparison.
     few = tiles[:2]
     ref = fp32.embed(few)

@@ -376,10 +376,6 @@ def load_encoder(
         fold_layer_scale(model)  # weights cast once for inference: gamma folded into proj / fc2
     model = model.to(device=dev, dtype=want).eval().requires_grad_(False)
     use_fused_attention(model)
-    if dev.type == "cpu":
-        from napari_virchow.models.cpu_blocks import use_cpu_blocks  # imports timm (after build_model did)
-
-        use_cpu_blocks(model)  # attention at the fused kernel's fast key length, SwiGLU gated in place
     return Encoder(spec, model, device=dev, dtype=compute_dtype, weights_id=weights_id, weights_source=source,
                    compile=compile)  # fmt: skip
 
