@@ -26,7 +26,7 @@ from napari_virchow.analysis.token_levels import (
 )
 from napari_virchow.config import SessionConfig
 from napari_virchow.session import SlideSession
-from napari_virchow.slides.synthetic import PlantedSource, Region, write_pyramid
+from napari_virchow.slides.synthetic import write_planted_blocks
 from napari_virchow.store.cache import list_stores
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
@@ -35,20 +35,9 @@ SIZE = 2240
 BOX = (420, 476, 1764, 1820)  # x0, y0, x1, y1: multiples of 28, not of 224 or 448
 
 
-class SolidSource(PlantedSource):
-    """``"solid"``: dense purple with the smooth noise of the other textures."""
-
-    def _texture(self, kind: str, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
-        if kind != "solid":
-            return super()._texture(kind, gx, gy)
-        n = (np.sin(gx * 0.071 + self.seed) * np.cos(gy * 0.053) + np.sin((gx + gy) * 0.031)) * 0.5
-        return np.array([[110, 50, 150]], np.float32) + n[:, None] * 15
-
-
 @pytest.fixture(scope="module")
 def slide28(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = SolidSource([Region((0, 0, SIZE, SIZE), "tissue"), Region(BOX, "solid")])
-    return write_pyramid(tmp_path_factory.mktemp("slides") / "box28.tif", SIZE, SIZE, source, mpp=0.5, levels=3)
+    return write_planted_blocks(tmp_path_factory.mktemp("slides") / "box28.tif", SIZE, [BOX], "solid")
 
 
 def _session(path: Path, cache: Path) -> SlideSession:
