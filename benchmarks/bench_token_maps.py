@@ -28,7 +28,7 @@
 5. Time to draw a token map for one canvas of tiles (1920 × 1080 at 20×: ``lod.canvas_tiles``):
    recompute path (read + forward + map + raster) and compressed path (codes → map → raster).
 
-6. Where the error comes from (``token_diagnosis``, ``solid_token_diagnosis``: see :func:`diagnose`)
+6. Where the error comes from (``[solid_]token[_attributed]_diagnosis``: see :func:`diagnose`)
    and the floors of this layout (``oracle_tile_error_um`` / ``oracle_token_error_um``: perfectly
    sharp maps of 224-px / 14-px cells, no model; 22.07 / 1.67 µm, so the best possible ratio is 0.08).
 
@@ -44,9 +44,11 @@ along such edges sits 5.8 µm inside the block (``inward_minority_um``; 2.3 µm 
 24 small holes open inside the block there (22 % of the error). The CLS-attributed view removes that
 term's lattice (2.06 µm, ratio 0.095). On the striped texture the patch term itself varies with the
 stripe phase (std 2.5 logits inside the block vs 0.7 in tissue; each token sees only its own 14-px
-patch, ``token_context_share``), so 70 holes carry 59 % of the error (13.2 µm) and attributing the CLS
-term to such tokens doubles that variation (24.9 µm). The exact map on stripes (ratio 0.61) cannot
-reach 1/4 with random weights: a trained encoder's tokens carry context across the stripes.
+patch, ``token_context_share``), so 70 holes carry 59 % of the error (13.2 µm); attributing the CLS
+term to the tokens puts the edge contours at 1.8 µm (``token_attributed_diagnosis``) but doubles that
+variation (89 holes, 95 % of its 24.9 µm). The exact map on stripes (ratio 0.61) cannot reach 1/4 with
+random weights: its tokens see 14 px of an 18-px pattern and nothing around it, and half its evidence
+is tile-level; a trained encoder's tokens carry context across the stripes.
 
 The last line is JSON with ``tile_error_um``, ``token_error_um``, ``ratio``, ``goal_met``
 (token ≤ tile / 4, the exact map on the striped texture), ``attributed_ratio``,
@@ -223,11 +225,12 @@ def maps(path: Path, enc: Encoder, tmp: str, k: int, *, full: bool) -> dict[str,
         out["token_error_um"] = round(contour_error_um(token_map), 2)
         out["token_smoothed_error_um"] = round(contour_error_um(smoothed(token_map)), 2)
         att = fit_cls_attribution(head, emb)  # the second, documented view (token_maps module docstring)
-        out["token_attributed_error_um"] = round(contour_error_um(token_heatmap(grid, enc, head, idx, batch_size=32,
-                                                                               attribution=att)), 2)  # fmt: skip
+        attributed = token_heatmap(grid, enc, head, idx, batch_size=32, attribution=att)
+        out["token_attributed_error_um"] = round(contour_error_um(attributed), 2)
         out["cls_attribution_r2"] = round(att.r2[0], 4)
         out["cls_logit_share"] = cls_logit_share(head, emb)
         out["token_diagnosis"] = diagnose(token_map)
+        out["token_attributed_diagnosis"] = diagnose(attributed)
         if not full:
             return out
         store = TokenStore.create(Path(tmp) / "tokens.zarr", tokens, n_tiles=len(grid), k=k,
@@ -291,7 +294,7 @@ def main() -> None:
                 out.update(result)
             else:
                 out.update({f"solid_{key}": value for key, value in result.items()
-                            if "error" in key or key in ("token_diagnosis", "cls_logit_share")})  # fmt: skip
+                            if "error" in key or "diagnosis" in key or key == "cls_logit_share"})  # fmt: skip
     out["oracle_tile_error_um"] = round(oracle_error_um(224), 2)  # the floors of this layout
     out["oracle_token_error_um"] = round(oracle_error_um(14), 2)
     tile_err, token_err = out["tile_error_um"], out["token_error_um"]
