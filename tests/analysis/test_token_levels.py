@@ -100,14 +100,15 @@ def test_compressed_store_of_a_level_is_created_reopened_and_summarised(slide28:
         head = _head(s, 1.0)
         idx = np.arange(len(s.grid_at(1.0)))
         store = token_store(s, 1.0, sample_tiles=idx, k=16)  # the PCA on the tiles of the first view
-        assert store is not None and store.path == token_store_path(s, 1.0) and store.attrs["mpp"] == 1.0
-        assert token_store_path(s, 0.5) != store.path  # one per lattice
+        assert store is not None and store.path == token_store_path(s, 1.0, 16) and store.attrs["mpp"] == 1.0
+        assert token_store_path(s, 0.5, 16) != store.path  # one per lattice
+        assert token_store(s, 1.0) is None and token_store_path(s, 1.0) != store.path  # and one per k
         exact = token_map(s, head, idx, mpp=1.0)
         via = token_map(s, head, idx, mpp=1.0, store=store)  # fills the store with every tile it computes
         info = summary(store)
         assert info.k == 16 and info.n_stored == len(idx) and 0.5 < info.explained_variance <= 1
         assert "k = 16" in info.text() and "explained variance" in info.text()
-        again = token_store(s, 1.0)  # reopened, not refitted
+        again = token_store(s, 1.0, k=16)  # reopened, not refitted
         assert again is not None and summary(again).n_stored == len(idx)
         np.testing.assert_allclose(via.data, exact.data, atol=1e-6)  # computed tiles: exact tokens
         from_codes = token_map(s, head, idx, mpp=1.0, store=again)  # now from the k = 16 codes

@@ -59,7 +59,7 @@ class TokenPanel(QGroupBox):
     """
 
     def __init__(self, host: Host, threshold: Callable[[], float], parent: QWidget | None = None, *,
-                 compute_follows: Callable[[], bool] = lambda: False, follow_delay_ms: int = 250) -> None:  # fmt: skip
+                 compute_follows: Callable[[], bool] = lambda: False) -> None:  # fmt: skip
         super().__init__("Token resolution", parent)
         self._host, self._threshold, self._compute_follows = host, threshold, compute_follows
         self._raster: Raster | None = None
@@ -92,7 +92,7 @@ class TokenPanel(QGroupBox):
         self.store_label = named(QLabel(RECOMPUTED), "token_store_label")
         self.store_label.setWordWrap(True)
         lay.addRow(self.store_label)
-        self._watcher = ViewportWatcher(host.viewer, host.slide_layer, self._view_moved, delay_ms=follow_delay_ms)
+        self._watcher = ViewportWatcher(host.viewer, host.slide_layer, self._view_moved)
 
     # --- state ---------------------------------------------------------------------------------
     @property
