@@ -73,12 +73,12 @@ class ViewportWatcher(QObject):
         for emitter in self._emitters:
             emitter.connect(self._changed)
 
-    def set_enabled(self, enabled: bool) -> None:
-        """Start or stop following the view (starting fires once right away)."""
+    def set_enabled(self, enabled: bool, *, now: bool = True) -> None:
+        """Start or stop following the view (starting fires once right away unless ``now`` is false)."""
         self._enabled = enabled
-        if enabled:
+        if enabled and now:
             self._timer.start(0)
-        else:
+        elif not enabled:
             self._timer.stop()
 
     @property

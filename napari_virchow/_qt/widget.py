@@ -15,7 +15,8 @@ Controls, by ``objectName`` (stable: tests and scripts find them by it)
   ``save_geojson_btn``, ``load_head_btn``, ``save_head_btn``, ``train_btn``, ``refit_check``,
   ``threshold_slider``, ``smooth_check``
 - Token resolution: ``resolution_combo`` (tile / token / token (CLS attributed), for the tiles in
-  view at the view's magnification), ``compressed_check`` (store compressed tokens)
+  view at the view's magnification; follows the view), ``compressed_check`` (store compressed tokens;
+  Compute visible then stores the tokens of the tiles it embeds too), ``token_k_spin`` (their PCA dims)
 - Labelling: ``suggest_btn``, ``suggest_spin``, ``suggest_list`` (number keys label the current tile),
   ``prev_suggestion_btn``, ``next_suggestion_btn``, ``refit_probe_btn``
 - Slide prediction: ``load_slide_head_btn``, ``predict_slide_btn``
@@ -59,6 +60,7 @@ from napari_virchow._qt.runner import JobRunner
 from napari_virchow._qt.sessions import SessionBook
 from napari_virchow._qt.viewport import ViewportWatcher
 from napari_virchow._reader import prefer_this_reader
+from napari_virchow.analysis.token_jobs import TokensStored
 from napari_virchow.errors import VirchowError
 from napari_virchow.session import SessionConfig, SlideSession
 
@@ -106,7 +108,9 @@ class VirchowWidget(QWidget):
         self.model = ModelPanel(self)
         self.compute = ComputePanel(self)
         self.head = HeadPanel(self)
-        self.tokens = TokenPanel(self, lambda: self.head.threshold_slider.value() / 100)
+        self.tokens = TokenPanel(self, lambda: self.head.threshold_slider.value() / 100,
+                                 compute_follows=self.compute.follow_check.isChecked)
+        self.compute.token_options = self.tokens.view_options
         self.head.threshold_slider.valueChanged.connect(lambda _: self.tokens.draw())
         self.labelling = LabellingPanel(self, self.head)
         self.slide_head = SlideHeadPanel(self)
@@ -221,6 +225,8 @@ class VirchowWidget(QWidget):
         elif isinstance(ev, _jobs.BatchDone):
             self.rates.batch(self._rate_key(session), ev.n_done)
             self.jobbar.on_batch(ev, self.rates.rate(self._rate_key(session)))
+        elif isinstance(ev, TokensStored):
+            self.jobbar.on_progress(ev.n_done, ev.n_total, "storing compressed tokens")
         elif isinstance(ev, _jobs.TooMany):
             rate = self.rates.rate(self._rate_key(session))
             eta = ev.n_todo / rate if rate else ev.eta_s
@@ -261,5 +267,6 @@ class VirchowWidget(QWidget):
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
         self.runner.cancel()
         self._watcher.disconnect_all()
+        self.tokens.disconnect_view()
         self.similar.picker.disconnect()
         super().closeEvent(event)

@@ -7,9 +7,10 @@ cells are ``tile_size_l0 / 16`` level-0 px (7 µm at 0.5 µm/px, 14 µm at 1.0),
 slide exactly like that level's tile overlays (:mod:`~napari_virchow.analysis.token_rasters`).
 
 Compressed tokens: one :class:`~napari_virchow.analysis.token_store.TokenStore` per embedding
-store (slide + encoder + weights + lattice), at ``<cache root>/tokens/<slide>-<mpp>um-<key digest>.zarr`` (the
+store (slide + encoder + weights + lattice), at ``<cache root>/tokens/<slide>-<mpp>um-<key digest>[-k<k>].zarr`` (the
 cache's store listing ignores that folder). It is created when the user enables it, its PCA fitted
-on the first tiles whose tokens are computed, and filled with every tile a token view computes.
+on the first tiles whose tokens are computed, and filled with every tile a token view computes and,
+while it is enabled, with the tiles "Compute visible" embeds (:func:`~napari_virchow.analysis.token_jobs.fill_tokens`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from napari_virchow.errors import VirchowError
 if TYPE_CHECKING:
     from napari_virchow.session import SlideSession
 
-__all__ = ["StoreSummary", "TokenClusters", "level_probe", "token_clusters", "token_map", "token_similarity_at",
-           "token_store", "token_store_path"]  # fmt: skip
+__all__ = ["StoreSummary", "TokenClusters", "create_token_store", "level_probe", "token_clusters", "token_map",
+           "token_similarity_at", "token_store", "token_store_path"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,28 +55,44 @@ def _batch(session: SlideSession) -> int:
     return int(session.config.batch_size or 16)
 
 
-def token_store_path(session: SlideSession, mpp: float | None = None) -> Path:
-    """Where the compressed tokens of level ``mpp``'s lattice live (next to the embedding stores)."""
+def _k(session: SlideSession, k: int) -> int:
+    """``k`` as a store of this encoder keeps it (at most the token width)."""
+    if int(k) < 1:
+        raise VirchowError(f"compressed tokens need k >= 1 PCA dims, got {k}: pick k in the Token resolution panel")
+    return min(int(k), session.config.spec.dim // 2)
+
+
+def token_store_path(session: SlideSession, mpp: float | None = None, k: int = DEFAULT_K) -> Path:
+    """Where the compressed tokens of level ``mpp``'s lattice at ``k`` PCA dims live (next to the
+    embedding stores; one store per k, so a change of k never discards the tokens of another)."""
     from napari_virchow.store.cache import resolve_cache_root
 
     key = session.store_key(mpp)
-    name = f"{session.slide.path.stem[:40]}-{key.mpp:g}um-{key.digest[:24]}.zarr".replace(":", "_")
+    kk = _k(session, k)
+    suffix = "" if kk == min(DEFAULT_K, session.config.spec.dim // 2) else f"-k{kk}"
+    name = f"{session.slide.path.stem[:40]}-{key.mpp:g}um-{key.digest[:24]}{suffix}.zarr".replace(":", "_")
     return resolve_cache_root(session.config.cache_root) / "tokens" / name
 
 
 def token_store(session: SlideSession, mpp: float | None = None, *, sample_tiles: np.ndarray | None = None,
                 k: int = DEFAULT_K) -> TokenStore | None:  # fmt: skip
-    """The writable token store of level ``mpp``: reopened, or created (PCA to ``k`` dims fitted on the
+    """The writable token store of level ``mpp`` at ``k`` dims: reopened, or created (PCA fitted on the
     tokens of ``sample_tiles``) when there is none; None when there is none and no sample is given."""
-    path = token_store_path(session, mpp)
+    path = token_store_path(session, mpp, k)
     if path.exists():
         return TokenStore.open(path, mode="r+")
     if sample_tiles is None or not len(sample_tiles):
         return None
-    grid = session.grid_at(mpp)
-    _, tokens = tile_tokens(grid, session.encoder(), np.asarray(sample_tiles, np.int64),
+    _, tokens = tile_tokens(session.grid_at(mpp), session.encoder(), np.asarray(sample_tiles, np.int64),
                             batch_size=_batch(session))  # fmt: skip
-    return TokenStore.create(path, tokens, n_tiles=len(grid), k=k,
+    return create_token_store(session, mpp, tokens, k=k)
+
+
+def create_token_store(session: SlideSession, mpp: float | None, sample_tokens: np.ndarray, *,
+                       k: int = DEFAULT_K) -> TokenStore:  # fmt: skip
+    """A new token store of level ``mpp`` at ``k`` dims, its PCA fitted on ``(m, g, g, D)`` tokens."""
+    grid = session.grid_at(mpp)
+    return TokenStore.create(token_store_path(session, mpp, k), sample_tokens, n_tiles=len(grid), k=_k(session, k),
                              provenance={"encoder": session.config.encoder, "weights_id": session.weights_id,
                                          "mpp": float(grid.mpp), "slide": session.slide.path.name})  # fmt: skip
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-__all__ = ["PlantedSource", "Region", "SampleSource", "Source", "write_pyramid"]
+__all__ = ["PlantedSource", "Region", "SampleSource", "Source", "write_planted_blocks", "write_pyramid"]
 
 Source = Callable[[int, int, int, int, float], np.ndarray]
 
@@ -138,7 +138,7 @@ class Region:
     """A rectangle of one texture, in level-0 pixels: ``(x0, y0, x1, y1)``."""
 
     box: tuple[int, int, int, int]
-    kind: str = "tissue"  # "tissue" (pink, eosin-like) or "planted" (purple stripes)
+    kind: str = "tissue"  # "tissue" (pink, eosin-like), "planted" (purple stripes) or "solid" (dense purple)
 
 
 @dataclass
@@ -171,5 +171,30 @@ class PlantedSource:
             stripes = (np.sin(gx * 0.35) > 0.2) | (np.sin(gy * 0.35) > 0.6)
             base = np.where(stripes[:, None], [[70, 30, 120]], [[200, 150, 210]])
             return base + n[:, None] * 15
+        if kind == "solid":  # dense purple, homogeneous at 7 µm (a 14-px token anywhere looks the same)
+            return np.array([[110, 50, 150]], np.float32) + n[:, None] * 15
         base = np.array([[225, 150, 185]], np.float32)  # eosin pink
         return base + n[:, None] * np.array([[25, 35, 25]], np.float32)
+
+
+def write_planted_blocks(
+    path: str | Path,
+    size: int,
+    boxes: Sequence[tuple[int, int, int, int]],
+    kind: str = "solid",
+    *,
+    mpp: float = 0.5,
+    levels: int = 3,
+    quality: int = 90,
+) -> Path:
+    """A ``size`` × ``size`` slide of pink tissue everywhere with sharp-edged rectangles of ``kind``.
+
+    The planted-block slide of the token-map tests and ``benchmarks/bench_token_maps.py``: ``boxes``
+    are level-0 ``(x0, y0, x1, y1)`` (pixels ``x0 .. x1 - 1``), ``kind`` ``"solid"`` (homogeneous
+    at 7 µm) or ``"planted"`` (stripes of 18-px period).
+    """
+    if kind not in ("solid", "planted"):
+        raise ValueError(f"kind must be 'solid' or 'planted', got {kind!r}")
+    blocks = [Region((int(x0), int(y0), int(x1), int(y1)), kind) for x0, y0, x1, y1 in boxes]
+    source = PlantedSource([Region((0, 0, size, size), "tissue"), *blocks])
+    return write_pyramid(path, size, size, source, mpp=mpp, levels=levels, quality=quality)

@@ -26,7 +26,7 @@ from napari_virchow.analysis.token_levels import (
 )
 from napari_virchow.config import SessionConfig
 from napari_virchow.session import SlideSession
-from napari_virchow.slides.synthetic import PlantedSource, Region, write_pyramid
+from napari_virchow.slides.synthetic import write_planted_blocks
 from napari_virchow.store.cache import list_stores
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
@@ -35,20 +35,9 @@ SIZE = 2240
 BOX = (420, 476, 1764, 1820)  # x0, y0, x1, y1: multiples of 28, not of 224 or 448
 
 
-class SolidSource(PlantedSource):
-    """``"solid"``: dense purple with the smooth noise of the other textures."""
-
-    def _texture(self, kind: str, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
-        if kind != "solid":
-            return super()._texture(kind, gx, gy)
-        n = (np.sin(gx * 0.071 + self.seed) * np.cos(gy * 0.053) + np.sin((gx + gy) * 0.031)) * 0.5
-        return np.array([[110, 50, 150]], np.float32) + n[:, None] * 15
-
-
 @pytest.fixture(scope="module")
 def slide28(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = SolidSource([Region((0, 0, SIZE, SIZE), "tissue"), Region(BOX, "solid")])
-    return write_pyramid(tmp_path_factory.mktemp("slides") / "box28.tif", SIZE, SIZE, source, mpp=0.5, levels=3)
+    return write_planted_blocks(tmp_path_factory.mktemp("slides") / "box28.tif", SIZE, [BOX], "solid")
 
 
 def _session(path: Path, cache: Path) -> SlideSession:
@@ -111,14 +100,15 @@ def test_compressed_store_of_a_level_is_created_reopened_and_summarised(slide28:
         head = _head(s, 1.0)
         idx = np.arange(len(s.grid_at(1.0)))
         store = token_store(s, 1.0, sample_tiles=idx, k=16)  # the PCA on the tiles of the first view
-        assert store is not None and store.path == token_store_path(s, 1.0) and store.attrs["mpp"] == 1.0
-        assert token_store_path(s, 0.5) != store.path  # one per lattice
+        assert store is not None and store.path == token_store_path(s, 1.0, 16) and store.attrs["mpp"] == 1.0
+        assert token_store_path(s, 0.5, 16) != store.path  # one per lattice
+        assert token_store(s, 1.0) is None and token_store_path(s, 1.0) != store.path  # and one per k
         exact = token_map(s, head, idx, mpp=1.0)
         via = token_map(s, head, idx, mpp=1.0, store=store)  # fills the store with every tile it computes
         info = summary(store)
         assert info.k == 16 and info.n_stored == len(idx) and 0.5 < info.explained_variance <= 1
         assert "k = 16" in info.text() and "explained variance" in info.text()
-        again = token_store(s, 1.0)  # reopened, not refitted
+        again = token_store(s, 1.0, k=16)  # reopened, not refitted
         assert again is not None and summary(again).n_stored == len(idx)
         np.testing.assert_allclose(via.data, exact.data, atol=1e-6)  # computed tiles: exact tokens
         from_codes = token_map(s, head, idx, mpp=1.0, store=again)  # now from the k = 16 codes

@@ -121,6 +121,7 @@ class ClusterPanel(QGroupBox):
         """K-means of the patch tokens of the tiles in view (their own k-means: see token_clusters)."""
         from napari_virchow._qt.panels.tokens import view_tiles
         from napari_virchow.analysis.token_jobs import token_clusters_job
+        from napari_virchow.analysis.token_store import DEFAULT_K
 
         try:
             session = self._host.session()
@@ -129,8 +130,11 @@ class ClusterPanel(QGroupBox):
             return
         view = view_tiles(self._host, session)
         if view is not None:
-            compressed = getattr(getattr(self._host, "tokens", None), "compressed", False)
-            self._host.run(token_clusters_job, view[0], self.k_spin.value(), mpp=view[1], compressed=compressed)
+            tokens = getattr(self._host, "tokens", None)
+            compressed = getattr(tokens, "compressed", False)
+            token_k = getattr(tokens, "k", DEFAULT_K)
+            self._host.run(token_clusters_job, view[0], self.k_spin.value(), mpp=view[1], compressed=compressed,
+                           token_k=token_k)  # fmt: skip
 
     def _draw_tokens(self, ev: TokenClustersReady) -> None:
         name = self._token_layer()

@@ -10,7 +10,7 @@ asks above the tile limit. "Overview" embeds the whole tissue at 5× (2 µm/px).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -91,6 +91,8 @@ class ComputePanel(QGroupBox):
         self.level_label.setWordWrap(True)  # a long read-out must not widen the dock
         rows.addRow(self.level_label)
         self.view_mpp: float | None = None  # the level of the last planned view
+        #: token work a view's compute must also do (the Token resolution panel's view_options), if any
+        self.token_options: Callable[[], dict[str, Any] | None] | None = None
         self.limit_spin = named(QSpinBox(minimum=1, maximum=10_000_000, value=2000, singleStep=500), "limit_spin",
                                 "more tiles than this are computed only after you confirm")  # fmt: skip
         rows.addRow("ask above (tiles)", self.limit_spin)
@@ -120,8 +122,19 @@ class ComputePanel(QGroupBox):
             self._host.set_status("the slide is not on screen" if self._host.slide_layer() else
                                   "no slide layer: open a slide with File ▸ Open (SVS, NDPI, MRXS, TIFF …)")
             return
-        self._host.run(_jobs.view_job, box, self.canvas_px(), pinned=self.pinned(), limit=self.limit_spin.value(),
-                       force=force)  # fmt: skip
+        self._run_view(box, force=force)
+
+    def _run_view(self, box: tuple[float, float, float, float], *, force: bool = False) -> None:
+        """The view's compute job: with token work on (compressed storage, token resolution), the one
+        that also stores the view's tokens and draws its token map."""
+        extra = self.token_options() if self.token_options is not None else None
+        kwargs: dict[str, Any] = {"pinned": self.pinned(), "limit": self.limit_spin.value(), "force": force}
+        if extra is None:
+            self._host.run(_jobs.view_job, box, self.canvas_px(), **kwargs)
+        else:
+            from napari_virchow.analysis.token_jobs import view_tokens_job
+
+            self._host.run(view_tokens_job, box, self.canvas_px(), **kwargs, **extra)
 
     def canvas_px(self) -> tuple[int, int]:
         """The canvas as (width, height) screen px (napari gives (height, width))."""
@@ -139,7 +152,7 @@ class ComputePanel(QGroupBox):
             self._host.run(_jobs.compute_job, box, limit=0, mpp=self.pinned() or self.view_mpp)
 
     def follow(self, box: tuple[float, float, float, float]) -> None:
-        self._host.run(_jobs.view_job, box, self.canvas_px(), pinned=self.pinned(), limit=self.limit_spin.value())
+        self._run_view(box)
 
     def overview(self) -> None:
         """Embed the whole tissue at 5× (the coarsest level when the slide cannot give 5×)."""

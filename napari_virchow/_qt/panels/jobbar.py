@@ -128,6 +128,14 @@ class JobBar(QWidget):
             message = f"{message}\n{self._last_batch.feed}"  # the rates of the run just finished stay in sight
         self.set_status(message, transient=not ev.final)
 
+    def on_progress(self, n_done: int, n_total: int, what: str) -> None:
+        """Progress of a job's other work (not embedding): ``what`` with ``n_done`` of ``n_total`` tiles."""
+        self._last_batch = None  # a cancel now reports the job's own message
+        self.progress.setRange(0, n_total)
+        self.progress.setValue(n_done)
+        self.progress.setFormat("%v / %m tiles")
+        self.set_status(f"{what}: {n_done:,} of {n_total:,} tiles", transient=True)
+
     def on_batch(self, ev: _jobs.BatchDone, rate: float | None) -> None:
         self._last_batch = ev
         self.progress.setRange(0, ev.n_total)
