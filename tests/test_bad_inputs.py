@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 from napari_virchow._reader import slide_layer_data
 from napari_virchow._torch import torch
-from napari_virchow.analysis.heads import LinearHead, load_head, save_head
+from napari_virchow.analysis.head_files import load_head, save_head
+from napari_virchow.analysis.heads import LinearHead
 from napari_virchow.analysis.index import build_index, load_index
 from napari_virchow.analysis.similarity import AnalysisError
 from napari_virchow.cli import main

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_virchow.analysis.heads import LinearHead, save_head
+from napari_virchow.analysis.head_files import save_head
+from napari_virchow.analysis.heads import LinearHead
 from napari_virchow.cli import main
 from napari_virchow.io.export import write_features_h5, write_heatmap_tiff
 from napari_virchow.io.geojson import OutputPathError, safe_output_path, write_annotations

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from napari_virchow import jobs as _jobs
-from napari_virchow.analysis.heads import fit_head, load_head, save_head
+from napari_virchow.analysis.head_files import load_head, save_head
+from napari_virchow.analysis.heads import fit_head
 from napari_virchow.config import SessionConfig
 from napari_virchow.errors import VirchowError
 from napari_virchow.session import SlideSession

@@ -151,7 +151,8 @@ def test_a_head_trained_at_two_magnifications_finds_the_planted_copies_at_each(b
                                                                               tmp_path: Path) -> None:  # fmt: skip
     from sklearn.metrics import roc_auc_score
 
-    from napari_virchow.analysis.heads import MultiScaleHead, load_head, save_head
+    from napari_virchow.analysis.head_files import load_head, save_head
+    from napari_virchow.analysis.heads import MultiScaleHead
     from napari_virchow.errors import HeadError
 
     square = lambda a, b, c, d: np.array([[a, b], [c, b], [c, d], [a, d]], float)  # noqa: E731

@@ -70,7 +70,8 @@ def args_fit_head(p: argparse.ArgumentParser) -> None:
 def cmd_fit_head(args: argparse.Namespace) -> int:
     """``fit-head``: fit one probe per magnification on the tiles under annotations (one head file),
     print each one's cross-validated AUC."""
-    from napari_virchow.analysis.heads import MultiScaleHead, save_head
+    from napari_virchow.analysis.head_files import save_head
+    from napari_virchow.analysis.heads import MultiScaleHead
     from napari_virchow.io.geojson import read_annotations
 
     if len(args.annotations) != len(args.slides):

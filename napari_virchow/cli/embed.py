@@ -48,7 +48,7 @@ def write_file(path: Path, write: Any, *args: Any, **kwargs: Any) -> Any:
 
 def load_cli_head(path: str, config: SessionConfig) -> LinearHead:
     """A head for ``config.encoder`` (a head of another encoder is refused with one line)."""
-    from napari_virchow.analysis.heads import load_head
+    from napari_virchow.analysis.head_files import load_head
     from napari_virchow.errors import HeadError
 
     head = load_head(path, encoder=config.encoder)

@@ -142,7 +142,8 @@ def test_saving_to_a_bad_place_is_one_message(planted_widget, ui, tmp_path: Path
 
 def test_a_head_with_one_probe_per_magnification_shows_each_auc(qtbot, planted_widget, ui, tmp_path: Path,
                                                                 monkeypatch) -> None:  # fmt: skip
-    from napari_virchow.analysis.heads import MultiScaleHead, fit_head, save_head
+    from napari_virchow.analysis.head_files import save_head
+    from napari_virchow.analysis.heads import MultiScaleHead, fit_head
 
     w, u = planted_widget, ui(planted_widget)
     dim = w.session().config.spec.dim

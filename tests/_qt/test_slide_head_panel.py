@@ -38,7 +38,8 @@ def _open_dialog(monkeypatch, path: Path) -> None:
 @pytest.mark.drives("load_slide_head_btn", "predict_slide_btn")
 def test_slide_head_embeds_at_its_magnification_and_shows_probability_and_attention(
         qtbot, planted_widget, ui, tmp_path: Path, monkeypatch) -> None:  # fmt: skip
-    from napari_virchow.analysis.heads import LinearHead, save_head
+    from napari_virchow.analysis.head_files import save_head
+    from napari_virchow.analysis.heads import LinearHead
     from napari_virchow.analysis.mil_io import load_slide_head
 
     w, u = planted_widget, ui(planted_widget)

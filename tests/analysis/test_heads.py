@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from napari_virchow.analysis.heads import LinearHead, MultiScaleHead, fit_head, load_head, save_head
+from napari_virchow.analysis.head_files import load_head, save_head
+from napari_virchow.analysis.heads import LinearHead, MultiScaleHead, fit_head
 from napari_virchow.errors import HeadError
 
 DIM = 64

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_virchow.analysis.heads import fit_head, save_head
+from napari_virchow.analysis.head_files import save_head
+from napari_virchow.analysis.heads import fit_head
 from napari_virchow.analysis.mil import SlideHead
 from napari_virchow.analysis.mil_io import load_slide_head, save_slide_head
 from napari_virchow.analysis.mil_train import cv_metric, fit_slide_head

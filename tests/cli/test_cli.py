@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_virchow.analysis.heads import LinearHead, load_head, save_head
+from napari_virchow.analysis.head_files import load_head, save_head
+from napari_virchow.analysis.heads import LinearHead
 from napari_virchow.cli import app as cli
 from napari_virchow.cli import cluster as _cluster_run
 from napari_virchow.io.geojson import Annotation, read_annotations, write_annotations

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_virchow.analysis.heads import MultiScaleHead, load_head
+from napari_virchow.analysis.head_files import load_head
+from napari_virchow.analysis.heads import MultiScaleHead
 from napari_virchow.cli.analysis import MIN_LEVEL_TILES
 from napari_virchow.config import SessionConfig
 from napari_virchow.io.geojson import Annotation, write_annotations

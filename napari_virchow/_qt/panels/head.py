@@ -264,7 +264,7 @@ class HeadPanel(QGroupBox):
 
     def load_head(self, path: str | Path) -> None:
         """Load a head file (refused when made for another encoder) and draw its heatmap."""
-        from napari_virchow.analysis.heads import load_head
+        from napari_virchow.analysis.head_files import load_head
 
         try:
             head = load_head(path, encoder=self._host.session().config.encoder)
@@ -274,7 +274,7 @@ class HeadPanel(QGroupBox):
         self._host.run(set_head_job, head)
 
     def _save_head(self) -> None:
-        from napari_virchow.analysis.heads import save_head
+        from napari_virchow.analysis.head_files import save_head
 
         try:
             head = self._host.session().head
