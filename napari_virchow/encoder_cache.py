@@ -21,27 +21,32 @@ __all__ = ["MAX_ENCODERS", "clear_encoders", "get_encoder", "loaded_encoders"]
 #: encoders kept loaded at once (switching between two encoders in the viewer keeps both)
 MAX_ENCODERS = 2
 
-_Key = tuple[str, "str | None", "tuple[int, int] | None", str, str]
+_Key = tuple[str, "str | None", "tuple[int, int] | None", str, str, bool]
 _ENCODERS: OrderedDict[_Key, Encoder] = OrderedDict()
 _LOCK = threading.Lock()
 
 
-def _key(encoder: str, weights: str | None, device: str, dtype: str) -> _Key:
+def _key(encoder: str, weights: str | None, device: str, dtype: str, compile: bool) -> _Key:
     stamp = None
     if weights and os.path.isfile(weights):
         st = os.stat(weights)
         stamp = (st.st_size, st.st_mtime_ns)
-    return (encoder, weights, stamp, device, dtype)
+    return (encoder, weights, stamp, device, dtype, compile)
 
 
-def get_encoder(encoder: str, *, weights: str | None = None, device: str = "auto", dtype: str = "auto") -> Encoder:
-    """The loaded encoder for these settings, loaded on first use (slow: call it off the UI thread)."""
-    key = _key(encoder, weights, device, dtype)
+def get_encoder(encoder: str, *, weights: str | None = None, device: str = "auto", dtype: str = "auto",
+                compile: bool = False) -> Encoder:  # fmt: skip
+    """The loaded encoder for these settings, loaded on first use (slow: call it off the UI thread).
+
+    ``compile``: the forward pass through ``torch.compile`` (its first batch compiles, ~45 s for
+    Virchow 2 on a 2-core CPU; see :func:`~napari_virchow.models.encoder.load_encoder`).
+    """
+    key = _key(encoder, weights, device, dtype, compile)
     with _LOCK:  # held while loading: concurrent tasks wait instead of loading twice
         if key not in _ENCODERS:
             from napari_virchow.models.encoder import load_encoder
 
-            _ENCODERS[key] = load_encoder(encoder, weights=weights, device=device, dtype=dtype)
+            _ENCODERS[key] = load_encoder(encoder, weights=weights, device=device, dtype=dtype, compile=compile)
             while len(_ENCODERS) > MAX_ENCODERS:
                 _ENCODERS.popitem(last=False)
         _ENCODERS.move_to_end(key)

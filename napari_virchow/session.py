@@ -129,7 +129,8 @@ class SlideSession(LevelsMixin, OverlaysMixin):
             from napari_virchow.encoder_cache import get_encoder
 
             c = self.config
-            self._encoder = get_encoder(c.encoder, weights=c.weights, device=c.device, dtype=c.dtype)
+            self._encoder = get_encoder(c.encoder, weights=c.weights, device=c.device, dtype=c.dtype,
+                                        compile=c.compile)
         return self._encoder
 
     @property

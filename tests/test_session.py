@@ -5,6 +5,7 @@ Real slides (the planted TIFF), the tiny random Virchow 2 and real zarr stores t
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 from pathlib import Path
@@ -185,3 +186,22 @@ def test_decode_device_reaches_the_pipeline_and_keeps_the_embeddings(sample_pyra
         gpu = _config(tmp_path / "gpu", decode_device="cuda")
         with SlideSession(sample_pyramid, gpu) as session, pytest.raises(VirchowError, match="device .cuda.*CUDA"):
             list(session.compute(indices=session.grid.tissue_indices[:2]))
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(os.environ.get("NAPARI_VIRCHOW_SKIP_COMPILE") == "1", reason="NAPARI_VIRCHOW_SKIP_COMPILE=1")
+def test_compile_reaches_the_encoder_and_keeps_the_embeddings(sample_pyramid: Path, tmp_path: Path) -> None:
+    """config.compile (``--compile``) runs the session's encoder through torch.compile (#16)."""
+    from napari_virchow.cli.app import build_parser
+    from napari_virchow.cli.options import config_from_args
+
+    args = build_parser().parse_args(["embed", str(sample_pyramid), "--compile", "--encoder", "virchow2-tiny"])
+    assert config_from_args(args).compile and not config_from_args(build_parser().parse_args(
+        ["embed", str(sample_pyramid)])).compile  # fmt: skip
+    runs = {}
+    for compiled in (False, True):
+        with SlideSession(sample_pyramid, _config(tmp_path / str(compiled), compile=compiled)) as session:
+            assert session.encoder().compiled is compiled
+            runs[compiled] = np.concatenate([b.embeddings for b in session.compute(
+                indices=session.grid.tissue_indices[:8])])  # fmt: skip
+    np.testing.assert_allclose(runs[True], runs[False], rtol=1e-3, atol=1e-3)

@@ -79,7 +79,8 @@ def load_encoder(config: SessionConfig) -> Encoder:
     """The configured encoder from the process-wide cache every session uses (bad weights fail here)."""
     from napari_virchow.encoder_cache import get_encoder
 
-    return get_encoder(config.encoder, weights=config.weights, device=config.device, dtype=config.dtype)
+    return get_encoder(config.encoder, weights=config.weights, device=config.device, dtype=config.dtype,
+                       compile=config.compile)
 
 
 def open_session(slide: str | os.PathLike[str], config: SessionConfig, *,

@@ -142,6 +142,9 @@ def model_parent() -> Parser:
     g.add_argument("--decode-device", default="auto", metavar="auto|none|cpu|cuda[:N]",
                    help="where JPEG stored tiles are decoded: auto (on the GPU with CUDA, else the CPU), none "
                         "(imagecodecs), or a torch device for torchvision's batch decoder (default auto)")  # fmt: skip
+    g.add_argument("--compile", action="store_true",
+                   help="run the encoder through torch.compile: faster batches (about 1.2x for Virchow 2 on a "
+                        "CPU) after a first batch that compiles for about a minute; for long runs")  # fmt: skip
     g.add_argument("--batch-size", type=positive_int, metavar="N",
                    help="tiles per batch (default: by device; capped to what fits in memory, with a note)")  # fmt: skip
     g.add_argument(
@@ -221,6 +224,7 @@ def config_from_args(args: argparse.Namespace, *, encoder: str | None = None) ->
         cache_root=resolve_cache_root(getattr(args, "cache", None)), mpp_override=mpp,
         allow_untrained_mpp=bool(getattr(args, "allow_untrained_mpp", False)),
         decode_device=_decode_device(getattr(args, "decode_device", "auto")),
+        compile=bool(getattr(args, "compile", False)),
     )  # fmt: skip
 
 
