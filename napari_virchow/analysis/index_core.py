@@ -308,7 +308,7 @@ class SlideIndex(_vec.RerankFile):
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        self._vectors = None
+        self.drop_vectors()
 
     def _suppress(self, scores: np.ndarray, rows: np.ndarray, k: int, min_dist: int) -> list[Hit]:
         slides = self.meta["slides"]
