@@ -21,6 +21,7 @@ SLIDE_SHIFT = 32
 # Bytes of PQ code per tile: 64 sub-quantizers of 8 bits (40 dims each at 2560-d). The codes only
 # shortlist candidates; the order returned is exact cosine on the float16 rows, so a coarse code suffices.
 PQ_BYTES = 64
+PQ_NBITS = 8  # bits per sub-quantizer code (256 centroids each)
 # Inverted lists probed per query. At 10^6 synthetic tiles (bench_search --large, nlist 1,280) recall@10
 # after re-ranking was the same at 32, 64 and 128 lists: the shortlist depth, not the lists, limits it.
 IVFPQ_NPROBE = 32
@@ -53,11 +54,12 @@ def make_ivfpq(dim: int, n: int, sample: Callable[[int], np.ndarray]) -> tuple[A
     if len(train) < 256:  # 2^8 centroids per PQ sub-quantizer
         raise AnalysisError(f"too few tiles ({len(train)}) to train an IVF-PQ index (needs 256); use kind='flat'")
     nlist = min(nlist, max(1, len(train) // 39))
-    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, PQ_NBITS, faiss.METRIC_INNER_PRODUCT)
     index.cp.min_points_per_centroid = 5  # fewer warnings on small cohorts; quality is re-ranked anyway
     index.pq.cp.min_points_per_centroid = 5
     index.train(train)
-    return index, {"nlist": nlist, "nprobe": min(nlist, IVFPQ_NPROBE), "pq_m": m, "rerank": RERANK}
+    return index, {"nlist": nlist, "nprobe": min(nlist, IVFPQ_NPROBE), "pq_m": m, "pq_nbits": PQ_NBITS,
+                   "pq_bytes": int(index.code_size), "train_n": len(train), "rerank": RERANK}
 
 
 def slide_ids(slide_no: int, start: int, stop: int) -> np.ndarray:

@@ -72,9 +72,6 @@ class VectorWriter:
         return np.concatenate(self._crcs).astype(np.uint32)
 
 
-_IOV_MAX = 512
-
-
 class Vectors:
     """Read side: rows of a re-rank file by file row, each checked against its crc32 before use.
 
@@ -103,19 +100,24 @@ class Vectors:
             return out, np.zeros(len(file_rows), bool)
         order = np.flatnonzero(ok)[np.argsort(file_rows[ok], kind="stable")]  # ascending offsets
         rows = file_rows[order]
-        # Runs of consecutive file rows: one preadv each, straight into their output rows.
-        # (at most _IOV_MAX buffers per call, the kernel's limit being 1,024).
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        breaks = np.union1d(breaks, np.arange(_IOV_MAX, len(rows), _IOV_MAX))
-        row_bytes = self.dim * 2
-        for run in np.split(np.arange(len(rows)), breaks):
-            bufs = [out[o] for o in order[run]]
-            want = row_bytes * len(run)
-            got = os.preadv(self._fd, bufs, int(rows[run[0]]) * row_bytes)
-            if got != want:  # the file shrank under us: rows not read whole are not data
-                ok[order[run[got // row_bytes :]]] = False
-        ok[ok] = row_crcs(out[ok]) == self.crcs[file_rows[ok]]
-        out[~ok] = 0
+        buf = np.empty((len(rows), self.dim), np.float16)  # the rows in file order
+        good = np.ones(len(rows), bool)
+        # Runs of consecutive file rows: one read each, straight into their place in ``buf``.
+        ends = [*(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]
+        row_bytes, first, a = self.dim * 2, rows.tolist(), 0
+        for b in ends:
+            view, done = buf[a:b].reshape(-1).view(np.uint8), 0
+            while done < len(view):  # a read may return less than asked (over 2 GB, signals)
+                got = os.preadv(self._fd, [view[done : done + (1 << 30)]], first[a] * row_bytes + done)
+                if got <= 0:
+                    break
+                done += got
+            good[a + done // row_bytes : b] = False  # rows not read whole (the file shrank) are not data
+            a = b
+        good[good] = row_crcs(buf[good]) == self.crcs[rows[good]]
+        buf[~good] = 0
+        out[order] = buf
+        ok[order] = good
         self.damaged += int((~ok).sum())
         return out, ok
 

@@ -9,7 +9,7 @@ import pytest
 
 from napari_virchow.analysis.index import add_slides, build_index, load_index, rebuild_vectors, remove_slide
 from napari_virchow.analysis.index_vectors import Vectors, VectorWriter
-from napari_virchow.analysis.similarity import l2_normalize
+from napari_virchow.analysis.similarity import AnalysisError, l2_normalize
 from tests.analysis.test_index_ivfpq import SIDE, _exact, flip_byte, make_slide
 
 N = SIDE * SIDE
@@ -152,3 +152,22 @@ def test_a_flipped_byte_in_a_row_read_is_detected(tmp_path: Path) -> None:
     got, ok = Vectors(path, 8, crcs).read(np.arange(690, 710))
     assert np.flatnonzero(~ok).tolist() == [11] and not got[11].any()
     np.testing.assert_array_equal(got[ok], rows[690:710][ok])
+
+
+def test_an_older_manifest_loads_a_newer_one_is_one_clear_error(cohort) -> None:
+    import json
+
+    archive, cache, entries, pattern = cohort
+    build_index(entries, archive / "idx", encoder="e", kind="ivfpq", cache_root=cache)
+    meta_file = archive / "idx" / "INDEX.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["version"] == 3 and meta["pq_nbits"] == 8 and meta["pq_m"] * meta["pq_nbits"] // 8 == meta["pq_bytes"]
+    good = load_index(archive / "idx").search(pattern, k=6, min_distance_tiles=0)
+    # As written by 0.2 (format 2): no code size fields; it still loads and answers the same.
+    old = {k: v for k, v in meta.items() if k not in ("pq_nbits", "pq_bytes", "train_n")} | {"version": 2}
+    meta_file.write_text(json.dumps(old))
+    again = load_index(archive / "idx").search(pattern, k=6, min_distance_tiles=0)
+    assert [(h.slide, h.index, h.score) for h in again] == [(h.slide, h.index, h.score) for h in good]
+    meta_file.write_text(json.dumps(meta | {"version": 99}))
+    with pytest.raises(AnalysisError, match="newer napari-virchow.*format 99.*upgrade"):
+        load_index(archive / "idx")
