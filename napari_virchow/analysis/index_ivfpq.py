@@ -15,7 +15,8 @@ import numpy as np
 
 from napari_virchow.analysis.similarity import AnalysisError, l2_normalize
 
-__all__ = ["IVFPQ_NPROBE", "RERANK", "RERANK_PER_HIT", "StoreRows", "make_ivfpq", "slide_ids", "split_ids", "StoreReader"]
+__all__ = ["IVFPQ_NPROBE", "RERANK", "RERANK_PER_HIT", "StoreReader", "StoreRows", "make_ivfpq", "slide_ids",
+           "split_ids"]
 
 SLIDE_SHIFT = 32
 # Bytes of PQ code per tile: 256 sub-quantizers of 8 bits (10 dims each at 2560-d). The codes only

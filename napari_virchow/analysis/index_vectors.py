@@ -35,7 +35,7 @@ def row_crcs(rows: np.ndarray) -> np.ndarray:
     """crc32 of each row's bytes (uint32)."""
     rows = np.ascontiguousarray(rows)
     flat = rows.view(np.uint8).reshape(len(rows), -1)
-    return np.fromiter((zlib.crc32(r) for r in flat), np.uint32, len(rows))
+    return np.fromiter((zlib.crc32(r.data) for r in flat), np.uint32, len(rows))
 
 
 def new_name(index_file: Path) -> str:
@@ -108,7 +108,7 @@ class Vectors:
         for b in ends:
             view, done = buf[a:b].reshape(-1).view(np.uint8), 0
             while done < len(view):  # a read may return less than asked (over 2 GB, signals)
-                got = os.preadv(self._fd, [view[done : done + (1 << 30)]], first[a] * row_bytes + done)
+                got = os.preadv(self._fd, [view[done : done + (1 << 30)].data], first[a] * row_bytes + done)
                 if got <= 0:
                     break
                 done += got
