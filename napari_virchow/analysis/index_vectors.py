@@ -20,6 +20,7 @@ import contextlib
 import os
 import secrets
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,17 @@ class VectorWriter:
         return np.concatenate(self._crcs).astype(np.uint32)
 
 
+READ_THREADS = 8  # parallel reads of one query's candidates (an NVMe disk serves many at once)
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _readers() -> ThreadPoolExecutor:
+    """The threads reading re-rank rows (os.preadv releases the GIL), started on first use."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(READ_THREADS, thread_name_prefix="rerank-read"))
+    return _POOL[0]
+
+
 class Vectors:
     """Read side: rows of a re-rank file by file row, each checked against its crc32 before use.
 
@@ -102,18 +114,31 @@ class Vectors:
         rows = file_rows[order]
         buf = np.empty((len(rows), self.dim), np.float16)  # the rows in file order
         good = np.ones(len(rows), bool)
-        # Runs of consecutive file rows: one read each, straight into their place in ``buf``.
+        # Runs of consecutive file rows: one read each, straight into their place in ``buf``; groups
+        # of runs read in parallel, so a disk that does not hold the rows in the page cache serves
+        # several random reads at once (one at a time, each costs a full device round trip).
         ends = [*(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]
-        row_bytes, first, a = self.dim * 2, rows.tolist(), 0
-        for b in ends:
-            view, done = buf[a:b].reshape(-1).view(np.uint8), 0
-            while done < len(view):  # a read may return less than asked (over 2 GB, signals)
-                got = os.preadv(self._fd, [view[done : done + (1 << 30)].data], first[a] * row_bytes + done)
-                if got <= 0:
-                    break
-                done += got
-            good[a + done // row_bytes : b] = False  # rows not read whole (the file shrank) are not data
-            a = b
+        starts = [0, *ends[:-1]]
+        first, fd = rows.tolist(), self._fd
+        groups = max(1, min(READ_THREADS, len(ends) // 16))
+        spans = [(starts[i], ends[i]) for i in range(len(ends))]
+        parts = [spans[g::groups] for g in range(groups)]
+
+        def read_part(part: list[tuple[int, int]]) -> None:
+            for a, b in part:
+                view, done = buf[a:b].reshape(-1).view(np.uint8), 0
+                while done < len(view):  # a read may return less than asked (over 2 GB, signals)
+                    got = os.preadv(fd, [view[done : done + (1 << 30)].data], first[a] * row_bytes + done)
+                    if got <= 0:
+                        break
+                    done += got
+                good[a + done // row_bytes : b] = False  # rows not read whole (the file shrank) are not data
+
+        row_bytes = self.dim * 2
+        if groups == 1:
+            read_part(parts[0])
+        else:
+            list(_readers().map(read_part, parts))
         good[good] = row_crcs(buf[good]) == self.crcs[rows[good]]
         buf[~good] = 0
         out[order] = buf

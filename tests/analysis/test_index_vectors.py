@@ -149,9 +149,15 @@ def test_a_row_outside_the_file_or_cut_off_is_flagged_never_returned(tmp_path: P
 def test_a_flipped_byte_in_a_row_read_is_detected(tmp_path: Path) -> None:
     path, rows, crcs = _file_with_rows(tmp_path)
     flip_byte(path, 701, dim=8)
-    got, ok = Vectors(path, 8, crcs).read(np.arange(690, 710))
+    got, ok = Vectors(path, 8, crcs).read(np.arange(690, 710))  # one run of consecutive rows
     assert np.flatnonzero(~ok).tolist() == [11] and not got[11].any()
     np.testing.assert_array_equal(got[ok], rows[690:710][ok])
+    # Scattered rows (750 runs, read by several threads), shuffled: the damaged one is still caught.
+    want = np.random.default_rng(1).permutation(np.arange(1, 1500, 2))
+    vectors = Vectors(path, 8, crcs)
+    got, ok = vectors.read(want)
+    assert want[~ok].tolist() == [701] and not got[~ok].any() and vectors.damaged == 1
+    np.testing.assert_array_equal(got[ok], rows[want[ok]])
 
 
 def test_an_older_manifest_loads_a_newer_one_is_one_clear_error(cohort) -> None:
