@@ -15,12 +15,14 @@ Usage::
 
 The large tier writes its synthetic cohort (``--large-n`` tiles in slides of 20,000) as real
 embedding stores (float16, zstd, checksums) under ``benchmarks/_data/`` (deleted after the run
-unless ``--keep-data``; 5.1 GB at 10^6) in a child process,
+unless ``--keep-data``, when a rerun reuses them; 4.7 GB at 10^6, plus the 5.1 GB re-rank file) in a child
+process,
 then builds an IVF-PQ index from the stores slide by slide in this process (``peak_rss_mb`` is this
 process's peak, i.e. of building and searching), and searches it through ``SlideIndex.search``:
 PQ shortlist, exact cosine re-ranking read from the index's re-rank file (checksummed float16 rows
 copied from the stores while filling), per-slide suppression off; ``sweep`` varies nprobe x candidates,
-``rerank_from_stores`` times the same re-ranking read from the zarr stores instead (10 queries).
+``cold_page_cache`` times 20 queries with the re-rank file dropped from the page cache before each
+(as at 10^8 tiles, where it does not fit in RAM), ``rerank_from_stores`` times the same re-ranking read from the zarr stores instead (10 queries).
 ``recall_at_10`` is against exact search over the same float16 rows (streamed from the stores).
 
 The last printed line is ``{"tiers": [{"n", "index", "build_s", "query_ms", "recall_at_10"}]}``
