@@ -22,7 +22,8 @@ process's peak, i.e. of building and searching), and searches it through ``Slide
 PQ shortlist, exact cosine re-ranking read from the index's re-rank file (checksummed float16 rows
 copied from the stores while filling), per-slide suppression off; ``sweep`` varies nprobe x candidates,
 ``cold_page_cache`` times 20 queries with the re-rank file dropped from the page cache before each
-(as at 10^8 tiles, where it does not fit in RAM), ``rerank_from_stores`` times the same re-ranking read from the zarr stores instead (10 queries).
+(as at 10^8 tiles, where it does not fit in RAM), ``rerank_from_stores`` times the same re-ranking
+read from the zarr stores instead (10 queries).
 ``recall_at_10`` is against exact search over the same float16 rows (streamed from the stores).
 
 The last printed line is ``{"tiers": [{"n", "index", "build_s", "query_ms", "recall_at_10"}]}``
