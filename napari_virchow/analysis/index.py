@@ -27,7 +27,10 @@ __all__ = ["AUTO_FLAT_MAX", "IndexEntry", "SlideIndex", "add_slides", "build_ind
            "rebuild_vectors", "remove_slide"]
 
 _FORMAT = "napari-virchow-index"
-_VERSION = 2  # 2: provenance, relative paths, stores, ids slide << 32 | row for "ivfpq"
+# 2: provenance, relative paths, stores, ids slide << 32 | row for "ivfpq"; 3: IVF-PQ code size
+# (pq_nbits, pq_bytes) and training sample (train_n) recorded. Older formats load (missing fields
+# are 0.2's: 8-bit codes); a newer one is refused with one message.
+_VERSION = 3
 # kind="auto" picks exact search up to this many vectors and, beyond, IVF-PQ re-ranked from the
 # stores when every slide has one (else HNSW, all in memory). Measured with
 # benchmarks/bench_search.py (2 cores, 2560-d, one query at a time): exact IndexFlatIP scans
@@ -242,11 +245,19 @@ def load_index(
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         if meta.get("format") != _FORMAT:
             raise ValueError("no napari-virchow index format marker")
+        if int(meta.get("version", 1)) > _VERSION:
+            raise AnalysisError(
+                f"{index_file}: written by a newer napari-virchow (index format {meta['version']}; this "
+                f"version reads formats up to {_VERSION}); upgrade napari-virchow, or rebuild the index with "
+                "this one (`napari-virchow index`)"
+            )
         with np.load(arrays_file, allow_pickle=False) as z:
             coords, tile_index, row_start = z["coords"], z["tile_index"], z["row_start"]
             vector_crc = z["vector_crc"] if "vector_crc" in z.files else None
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap and meta.get("kind") in ("ivf", "ivfpq") else 0
         index = faiss.read_index(str(index_file), flags)
+    except AnalysisError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
         raise AnalysisError(
             f"{index_file}: cannot read the similarity index ({type(exc).__name__}: {exc}); "

@@ -236,7 +236,8 @@ class SlideIndex(_vec.RerankFile):
         fingerprint) leaves one slide out, usually the one the query comes from. Hits on slides
         whose files are gone come back with ``exists=False``; slides whose files changed are left
         out (see :meth:`check_slides`). IVF-PQ scores are exact cosines of the ``rerank`` best
-        candidates (default: the manifest's) of ``nprobe`` inverted lists (default: the manifest's),
+        candidates (default: the manifest's, at least 30 per hit asked) of ``nprobe`` inverted lists
+        (default: the manifest's),
         read from the re-rank file (each row checksummed) or, without one, from the stores.
         ``query_mpp``: the query's magnification; another than the index's is refused.
         """
@@ -256,7 +257,8 @@ class SlideIndex(_vec.RerankFile):
         # Suppression throws candidates away; fetch more until k survive or nothing is left.
         fetch = min(len(self), 4 * k + 32 + n_changed)
         if self.kind == "ivfpq":
-            fetch = min(len(self), max(fetch, int(rerank or self.meta.get("rerank", _pq.RERANK))))
+            depth = rerank or max(int(self.meta.get("rerank", _pq.RERANK)), _pq.RERANK_PER_HIT * k)
+            fetch = min(len(self), max(fetch, int(depth)))
         while True:
             params, _keep = self._search_params(excluded, fetch, nprobe)
             scores, ids = self.index.search(q, fetch, params=params)
@@ -308,7 +310,7 @@ class SlideIndex(_vec.RerankFile):
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        self._vectors = None
+        self.drop_vectors()
 
     def _suppress(self, scores: np.ndarray, rows: np.ndarray, k: int, min_dist: int) -> list[Hit]:
         slides = self.meta["slides"]

@@ -15,19 +15,26 @@ import numpy as np
 
 from napari_virchow.analysis.similarity import AnalysisError, l2_normalize
 
-__all__ = ["IVFPQ_NPROBE", "RERANK", "StoreRows", "make_ivfpq", "slide_ids", "split_ids", "StoreReader"]
+__all__ = ["IVFPQ_NPROBE", "RERANK", "RERANK_PER_HIT", "StoreReader", "StoreRows", "make_ivfpq", "slide_ids",
+           "split_ids"]
 
 SLIDE_SHIFT = 32
-# Bytes of PQ code per tile: 64 sub-quantizers of 8 bits (40 dims each at 2560-d). The codes only
-# shortlist candidates; the order returned is exact cosine on the float16 rows, so a coarse code suffices.
-PQ_BYTES = 64
-# Inverted lists probed per query. At 10^6 synthetic tiles (bench_search --large, nlist 1,280) recall@10
-# after re-ranking was the same at 32, 64 and 128 lists: the shortlist depth, not the lists, limits it.
+# Bytes of PQ code per tile: 256 sub-quantizers of 8 bits (10 dims each at 2560-d). The codes only
+# shortlist candidates (the order returned is exact cosine on the float16 rows), but the shortlist a
+# recall needs, and so the rows read per query, shrinks with finer codes. At 10^6 synthetic tiles
+# (bench_search --large, exact re-rank, nprobe 32), recall@10 by candidates re-ranked:
+#   64 B codes:  0.79 at 300, 0.94 at 1,000, 1.0 at 3,000
+#   256 B codes: 0.96 at 100, 0.99 at 200, 0.997 at 300, 1.0 at 1,000
+# so 256 B codes with 300 candidates read 10x fewer rows than 64 B with 3,000, at 4x the code bytes.
+PQ_BYTES = 256
+PQ_NBITS = 8  # bits per sub-quantizer code (256 centroids each)
+# Inverted lists probed per query. At 10^6 synthetic tiles (nlist 1,280) every true top-10 tile was in
+# the 16 lists nearest the query; 32 keeps a margin for real embeddings (the PQ scan: ~7 ms).
 IVFPQ_NPROBE = 32
-# Candidates re-ranked by exact cosine per query (at least; more when suppression needs more), read from
-# the re-rank file. At 10^6 synthetic tiles (bench_search --large): recall@10 0.786 at 300, 0.94 at 1,000,
-# 1.0 at 3,000 candidates (2·10^5 from the stores: 0.67 at 30, 0.71 at 100, 0.91 at 300).
-RERANK = 3000
+# Candidates re-ranked by exact cosine per query (at least; 30 per hit asked when more, and more when
+# suppression needs more), read from the re-rank file: see PQ_BYTES for the recall they give.
+RERANK = 300
+RERANK_PER_HIT = 30
 TRAIN_MAX = 50_000  # training vectors (k-means and PQ): 0.5 GB at 2560-d; ~39 per list is what faiss asks for
 
 
@@ -37,7 +44,7 @@ def ivfpq_nlist(n: int) -> int:
 
 
 def _pq_m(dim: int) -> int:
-    m = min(PQ_BYTES, dim)
+    m = min(PQ_BYTES, max(1, dim // 8))  # sub-vectors of >= 8 dims (2560-d: 256 of 10)
     while dim % m:
         m -= 1
     return m
@@ -53,11 +60,12 @@ def make_ivfpq(dim: int, n: int, sample: Callable[[int], np.ndarray]) -> tuple[A
     if len(train) < 256:  # 2^8 centroids per PQ sub-quantizer
         raise AnalysisError(f"too few tiles ({len(train)}) to train an IVF-PQ index (needs 256); use kind='flat'")
     nlist = min(nlist, max(1, len(train) // 39))
-    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, PQ_NBITS, faiss.METRIC_INNER_PRODUCT)
     index.cp.min_points_per_centroid = 5  # fewer warnings on small cohorts; quality is re-ranked anyway
     index.pq.cp.min_points_per_centroid = 5
     index.train(train)
-    return index, {"nlist": nlist, "nprobe": min(nlist, IVFPQ_NPROBE), "pq_m": m, "rerank": RERANK}
+    return index, {"nlist": nlist, "nprobe": min(nlist, IVFPQ_NPROBE), "pq_m": m, "pq_nbits": PQ_NBITS,
+                   "pq_bytes": int(index.code_size), "train_n": len(train), "rerank": RERANK}
 
 
 def slide_ids(slide_no: int, start: int, stop: int) -> np.ndarray:

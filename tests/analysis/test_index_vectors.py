@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from napari_virchow.analysis.index import add_slides, build_index, load_index, rebuild_vectors, remove_slide
-from napari_virchow.analysis.similarity import l2_normalize
+from napari_virchow.analysis.index_vectors import Vectors, VectorWriter
+from napari_virchow.analysis.similarity import AnalysisError, l2_normalize
 from tests.analysis.test_index_ivfpq import SIDE, _exact, flip_byte, make_slide
 
 N = SIDE * SIDE
@@ -112,3 +113,67 @@ def test_nprobe_and_rerank_overrides_and_manifest(cohort) -> None:
     wide = index.search(pattern, k=6, min_distance_tiles=0, nprobe=index.meta["nlist"], rerank=3 * N)
     exact = _exact(entries, l2_normalize(pattern[None])[0])
     assert [h.score for h in wide] == pytest.approx(np.sort(exact)[::-1][:6].tolist(), abs=1e-5)
+
+
+def _file_with_rows(tmp_path: Path, n: int = 1500, dim: int = 8):
+    rows = np.random.default_rng(3).normal(size=(n, dim)).astype(np.float16)
+    writer = VectorWriter(tmp_path / "x.f16", dim)
+    writer.append(rows[:700])
+    writer.append(rows[700:])
+    return tmp_path / "x.f16", rows, writer.close()
+
+
+def test_rows_read_in_any_order_are_the_rows_written_each_verified(tmp_path: Path) -> None:
+    path, rows, crcs = _file_with_rows(tmp_path)
+    vectors = Vectors(path, 8, crcs)
+    # Scattered rows, a run of consecutive ones longer than one preadv call takes, unsorted, repeated.
+    want = np.concatenate([[1499, 3, 0, 42, 41], np.arange(100, 1300), [3]])
+    got, ok = vectors.read(want)
+    assert ok.all() and vectors.damaged == 0
+    np.testing.assert_array_equal(got, rows[want])
+
+
+def test_a_row_outside_the_file_or_cut_off_is_flagged_never_returned(tmp_path: Path) -> None:
+    path, rows, crcs = _file_with_rows(tmp_path)
+    vectors = Vectors(path, 8, crcs)
+    got, ok = vectors.read(np.array([-1, 5, 1500]))  # e.g. a slide without a vec_start
+    assert ok.tolist() == [False, True, False] and not got[[0, 2]].any()
+    np.testing.assert_array_equal(got[1], rows[5])
+    with open(path, "r+b") as fh:  # truncated after it was opened (another process rewrote it)
+        fh.truncate(1000 * 8 * 2)
+    got, ok = vectors.read(np.array([10, 999, 1000, 1400]))
+    assert ok.tolist() == [True, True, False, False] and not got[2:].any()
+    assert vectors.damaged == 2 + 2
+
+
+def test_a_flipped_byte_in_a_row_read_is_detected(tmp_path: Path) -> None:
+    path, rows, crcs = _file_with_rows(tmp_path)
+    flip_byte(path, 701, dim=8)
+    got, ok = Vectors(path, 8, crcs).read(np.arange(690, 710))  # one run of consecutive rows
+    assert np.flatnonzero(~ok).tolist() == [11] and not got[11].any()
+    np.testing.assert_array_equal(got[ok], rows[690:710][ok])
+    # Scattered rows (750 runs, read by several threads), shuffled: the damaged one is still caught.
+    want = np.random.default_rng(1).permutation(np.arange(1, 1500, 2))
+    vectors = Vectors(path, 8, crcs)
+    got, ok = vectors.read(want)
+    assert want[~ok].tolist() == [701] and not got[~ok].any() and vectors.damaged == 1
+    np.testing.assert_array_equal(got[ok], rows[want[ok]])
+
+
+def test_an_older_manifest_loads_a_newer_one_is_one_clear_error(cohort) -> None:
+    import json
+
+    archive, cache, entries, pattern = cohort
+    build_index(entries, archive / "idx", encoder="e", kind="ivfpq", cache_root=cache)
+    meta_file = archive / "idx" / "INDEX.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["version"] == 3 and meta["pq_nbits"] == 8 and meta["pq_m"] * meta["pq_nbits"] // 8 == meta["pq_bytes"]
+    good = load_index(archive / "idx").search(pattern, k=6, min_distance_tiles=0)
+    # As written by 0.2 (format 2): no code size fields; it still loads and answers the same.
+    old = {k: v for k, v in meta.items() if k not in ("pq_nbits", "pq_bytes", "train_n")} | {"version": 2}
+    meta_file.write_text(json.dumps(old))
+    again = load_index(archive / "idx").search(pattern, k=6, min_distance_tiles=0)
+    assert [(h.slide, h.index, h.score) for h in again] == [(h.slide, h.index, h.score) for h in good]
+    meta_file.write_text(json.dumps(meta | {"version": 99}))
+    with pytest.raises(AnalysisError, match="newer napari-virchow.*format 99.*upgrade"):
+        load_index(archive / "idx")
