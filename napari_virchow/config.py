@@ -40,7 +40,7 @@ class SessionConfig:
     #: decoder), or None (imagecodecs on the CPU)
     decode_device: str | None = "auto"
     #: run the encoder through ``torch.compile`` (inductor; on a CPU with freezing): faster per batch
-    #: (Virchow 2 bf16 on a CPU: ~1.2x), but its first batch compiles for about a minute
+    #: (Virchow 2 bf16 on a CPU: ~1.15x), but its first batch compiles for about a minute
     compile: bool = False
 
     @property
