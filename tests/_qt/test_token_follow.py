@@ -11,28 +11,11 @@ from napari_virchow.analysis.token_jobs import TokenMapReady
 from napari_virchow.analysis.token_levels import token_store_path
 from napari_virchow.analysis.token_store import TokenStore
 from napari_virchow.analysis.token_views import token_heatmap
-from tests._qt.conftest import compute_whole_slide, square, wait_idle
+from tests._qt.conftest import compute_whole_slide, train_on_planted, wait_idle, zoom_to
 
 pytestmark = pytest.mark.timeout(400)
 
 TOKEN_LAYER = "token probability · planted"
-
-
-def _train(qtbot, w, u) -> None:
-    u.click("new_annotations_btn")
-    layer = w.head.annotation_layer()
-    u.type("class_combo", "tumour")
-    layer.add_polygons([square(448, 448, 896, 896)])
-    u.type("class_combo", "normal")
-    layer.add_polygons([square(300, 1100, 1000, 1700)])
-    u.click("train_btn")
-    wait_idle(qtbot, w)
-
-
-def _zoom_to(w, x: float, y: float, width_px: float) -> None:
-    layer = w.slide_layer()
-    camera(w.viewer).center = tuple(layer.data_to_world((y, x)))
-    camera(w.viewer).zoom = w.viewer.canvas.size[1] / (width_px * layer.scale[-1])
 
 
 @pytest.mark.drives("token_k_spin", "compressed_check", "compute_btn")
@@ -58,7 +41,7 @@ def test_compute_visible_fills_the_store_at_the_chosen_k(qtbot, planted_widget, 
     assert filling and filling[-1] == (len(tissue), len(tissue))  # progress in the job bar, batch by batch
     assert [v for v, _ in filling] == sorted(v for v, _ in filling) and len(filling) > 1
 
-    _train(qtbot, w, u)  # (its Compute is a revisit: nothing embedded, nothing stored)
+    train_on_planted(qtbot, u, w, compute=False)  # (its Compute is a revisit: nothing embedded, nothing stored)
     u.choose("resolution_combo", "token")
     qtbot.waitUntil(lambda: w.tokens._raster is not None, timeout=120_000)
     wait_idle(qtbot, w)
@@ -90,7 +73,7 @@ def test_compute_visible_fills_the_store_at_the_chosen_k(qtbot, planted_widget, 
 def test_token_overlay_follows_the_view(qtbot, planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
     compute_whole_slide(qtbot, w, u)
-    _train(qtbot, w, u)
+    train_on_planted(qtbot, u, w, compute=False)
     maps: list[TokenMapReady] = []
     w.runner.event.connect(lambda _s, ev: maps.append(ev) if isinstance(ev, TokenMapReady) else None)
     u.choose("resolution_combo", "token")
@@ -101,7 +84,7 @@ def test_token_overlay_follows_the_view(qtbot, planted_widget, ui) -> None:
 
     # a burst of camera moves ends on the lower-right planted copy: one redraw, once it is still
     for step in range(10):
-        _zoom_to(w, 1000 + 40 * step, 1000 + 40 * step, 700)
+        zoom_to(w, 1000 + 40 * step, 1000 + 40 * step, 700)
     qtbot.waitUntil(lambda: len(maps) == 2, timeout=120_000)
     wait_idle(qtbot, w)
     qtbot.wait(600)  # longer than the debounce: no late redraw follows
@@ -125,7 +108,7 @@ def test_token_overlay_follows_the_view(qtbot, planted_widget, ui) -> None:
     wait_idle(qtbot, w)
     assert len(maps) == 2
     u.choose("resolution_combo", "tile")
-    _zoom_to(w, 500, 500, 700)
+    zoom_to(w, 500, 500, 700)
     qtbot.wait(600)
     wait_idle(qtbot, w)
     assert TOKEN_LAYER not in w.viewer.layers and len(maps) == 2

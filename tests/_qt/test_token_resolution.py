@@ -9,7 +9,7 @@ import pytest
 from napari_virchow.analysis.token_jobs import TOKEN_VIEW_TILES
 from napari_virchow.analysis.token_levels import token_store_path
 from napari_virchow.analysis.token_views import token_heatmap
-from tests._qt.conftest import click_canvas, compute_whole_slide, square, wait_idle
+from tests._qt.conftest import click_canvas, compute_whole_slide, train_on_planted, wait_idle
 from tests.conftest import PLANTED_PATTERNS
 
 pytestmark = pytest.mark.timeout(300)
@@ -29,22 +29,10 @@ def _planted_cells(raster) -> np.ndarray:
     return inside
 
 
-def _train(qtbot, w, u) -> None:
-    compute_whole_slide(qtbot, w, u)
-    u.click("new_annotations_btn")
-    layer = w.head.annotation_layer()
-    u.type("class_combo", "tumour")
-    layer.add_polygons([square(448, 448, 896, 896)])
-    u.type("class_combo", "normal")
-    layer.add_polygons([square(300, 1100, 1000, 1700)])
-    u.click("train_btn")
-    wait_idle(qtbot, w)
-
-
 @pytest.mark.drives("resolution_combo", "compressed_check")
 def test_token_resolution_draws_a_finer_aligned_overlay(qtbot, planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
-    _train(qtbot, w, u)
+    train_on_planted(qtbot, u, w)
     session = w.session()
     tile_layer = w.viewer.layers["probability · planted"]
 
