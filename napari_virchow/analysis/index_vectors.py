@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_virchow.analysis import index_ivfpq as _pq
-from napari_virchow.analysis.similarity import AnalysisError
+from napari_virchow.analysis.similarity import AnalysisError, l2_normalize
 
-__all__ = ["RerankFile", "Vectors", "VectorWriter", "copy_rows", "cosines", "drop_others", "new_name", "row_crcs"]
+__all__ = ["RerankFile", "Vectors", "VectorWriter", "copy_rows", "drop_others", "new_name", "row_crcs"]
 
 
 def row_crcs(rows: np.ndarray) -> np.ndarray:
@@ -157,14 +157,6 @@ class Vectors:
             self.close()
 
 
-def cosines(x: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Cosine of each row of ``x`` (any float dtype) with the unit vector ``q``; all-zero rows score 0."""
-    y = np.asarray(x, np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", y, y))
-    dots = y @ np.asarray(q, np.float32)
-    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
-
-
 def copy_rows(src: Path, dst: Path, nbytes: int) -> None:
     """Copy the first ``nbytes`` of a re-rank file (an index saved to another folder), fsync'ed."""
     import shutil
@@ -218,7 +210,7 @@ class RerankFile:
             return _pq.rerank(q, slide_no, tiles, self._store_reader())
         start = np.array([s.get("vec_start", -1) for s in self.meta["slides"]], np.int64)
         x, ok = vectors.read(start[slide_no] + j)
-        scores = cosines(x, q)
+        scores = l2_normalize(x) @ q
         if not ok.all():  # never used: re-read, verified, from the source of truth, and reported
             bad = np.flatnonzero(~ok)
             self.damaged_rows += len(bad)
