@@ -12,9 +12,11 @@ slide reads 448² of level 0 per tile, resized) are delivered, in row-major batc
 - ``per_tile_before``: the read path before batching (``Slide.read_region`` per tile, PIL resize);
 - ``openslide``: a single-thread ``OpenSlide.read_region`` loop per tile (+ PIL bicubic resize at 40×);
 - ``decode_limit``: ``os.pread`` + ``imagecodecs.jpeg_decode`` of each stored tile the tiles cover,
-  once, single thread: what one core can decode, with nothing else done; ``decode_limit_2t`` the
-  same split over 2 threads (``ratio_2t_vs_decode_limit_2t``: 2 readers against what 2 cores decode;
-  on a 2-core machine the second core also runs the main thread and the OS).
+  once, single thread, into one reused buffer at the alignment libjpeg-turbo fills fastest
+  (:func:`~napari_virchow.slides.tiff.segment_buffer`), kept hot in cache: what one core can decode,
+  with nothing else done (a strict bound: a reader must keep each decoded tile in its own memory);
+  ``decode_limit_2t`` the same split over 2 threads (``ratio_2t_vs_decode_limit_2t``: 2 readers
+  against what 2 cores decode; on a 2-core machine the second core also runs the main thread and the OS).
 
 Each repeat opens the slide afresh (no decoded tile carries over); the median of ``--repeats``
 is reported. torch runs single-threaded so "per thread" means one core. The CPU may be shared:
@@ -47,6 +49,7 @@ from make_pyramid import sample_pixels  # noqa: E402
 
 from napari_virchow.slides.slide import Slide  # noqa: E402
 from napari_virchow.slides.synthetic import SampleSource, write_pyramid  # noqa: E402
+from napari_virchow.slides.tiff import segment_buffer  # noqa: E402
 from napari_virchow.slides.tiling import TileGrid  # noqa: E402
 
 SLIDES = {"20x": (0.5, 8192), "40x": (0.25, 16384)}  # level-0 µm/px, side
@@ -143,8 +146,11 @@ def decode_limit(path: Path, coords: np.ndarray, read: int, threads: int = 1) ->
     fd = os.open(path, os.O_RDONLY)
 
     def decode(run: list[int]) -> None:
+        # one reused output buffer per thread, placed where libjpeg-turbo writes fastest: a fresh
+        # array per decode lands on a malloc-dependent alignment that is up to 1.4× slower
+        buf = segment_buffer((tile, tile, 3))
         for i in run:
-            imagecodecs.jpeg_decode(os.pread(fd, counts[i], offsets[i]), tables=tables)
+            imagecodecs.jpeg_decode(os.pread(fd, counts[i], offsets[i]), tables=tables, out=buf)
 
     t, cpu = time.perf_counter(), time.thread_time()
     if threads == 1:

@@ -205,3 +205,22 @@ def test_decoded_pixels_go_with_the_slide(planted20: Path) -> None:
     del grid, slide, level
     gc.collect()
     assert cache() is None  # no reference cycle keeps a closed slide's pixels alive
+
+
+def test_jpeg_segments_decode_into_buffers_at_the_fast_offset(planted20: Path) -> None:
+    """A segment decoded without ``out`` lands in a :func:`segment_buffer` (16 bytes into a 64-byte line,
+    where libjpeg-turbo writes 256-px tiles fastest), with the pixels tifffile decodes."""
+    from napari_virchow.slides.tiff import DECODE_OFFSET, segment_buffer
+
+    buf = segment_buffer((256, 256, 3))
+    assert buf.shape == (256, 256, 3) and buf.dtype == np.uint8 and buf.ctypes.data % 64 == DECODE_OFFSET
+    with Slide(planted20) as slide:
+        level = slide._tiff.levels[0]
+        lay = level.layout
+        whole = tifffile.imread(planted20, level=0)
+        for index in (0, 7, lay.rows * lay.cols - 1):
+            got = level.decode_segment(index)
+            assert got is not None and got.ctypes.data % 64 == DECODE_OFFSET
+            r, c = divmod(index, lay.cols)
+            want = whole[r * lay.seg_height : (r + 1) * lay.seg_height, c * lay.seg_width : (c + 1) * lay.seg_width]
+            np.testing.assert_array_equal(got[: want.shape[0], : want.shape[1]], want)
