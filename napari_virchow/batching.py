@@ -218,19 +218,44 @@ class Embedder:
         self.stats = stats
 
     def __call__(self, tiles: np.ndarray | torch.Tensor) -> np.ndarray:
+        return self._timed(tiles, False)[0]
+
+    def with_tokens(self, tiles: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Embeddings, CLS and patch tokens (:func:`~napari_virchow.models.tokens.split_tokens`) of
+        ``tiles`` from one forward pass each: the embeddings are those ``self(tiles)`` returns."""
+        emb, cls, tok = self._timed(tiles, True)
+        assert cls is not None and tok is not None  # asked for
+        return emb, cls, tok
+
+    def _timed(self, tiles: np.ndarray | torch.Tensor,
+               tokens: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:  # fmt: skip
         t0 = time.perf_counter()
-        out = self._embed(self.stager(tiles))
+        out = self._embed(self.stager(tiles), tokens)
         if self.stats is not None:
             self.stats.add_embed(len(tiles), time.perf_counter() - t0)  # embed() returned host arrays: synced
         return out
 
-    def _embed(self, tiles: np.ndarray | torch.Tensor) -> np.ndarray:
+    def _forward(self, tiles: np.ndarray | torch.Tensor,
+                 tokens: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:  # fmt: skip
+        if not tokens:
+            return self.encoder.embed(tiles), None, None
+        from napari_virchow.models.tokens import embed_with_tokens
+
+        return embed_with_tokens(self.encoder, tiles)
+
+    def _embed(self, tiles: np.ndarray | torch.Tensor,
+               tokens: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:  # fmt: skip
         out = np.empty((len(tiles), self.encoder.dim), np.float32)
+        cls_parts: list[np.ndarray] = []
+        tok_parts: list[np.ndarray] = []
         i = 0
         while i < len(tiles):
             n = min(self.batch_size, len(tiles) - i)
             try:
-                out[i : i + n] = self.encoder.embed(tiles[i : i + n])
+                out[i : i + n], cls, tok = self._forward(tiles[i : i + n], tokens)
+                if cls is not None and tok is not None:
+                    cls_parts.append(cls)
+                    tok_parts.append(tok)
                 i += n
                 continue
             except torch.cuda.OutOfMemoryError as exc:
@@ -243,7 +268,9 @@ class Embedder:
             log.warning("CUDA out of memory: continuing with batches of %d", self.batch_size)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        return out
+        if not tokens:
+            return out, None, None
+        return out, np.concatenate(cls_parts), np.concatenate(tok_parts)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -206,6 +206,7 @@ def iter_embed(
     cache_root: str | os.PathLike[str] | None = None,
     threads: int | None = None,
     decode_device: str | None = None,
+    token_sink: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
 ) -> Iterator[BatchResult]:
     """Embed the requested tiles not yet in the store, yielding after each stored batch.
 
@@ -233,6 +234,11 @@ def iter_embed(
     decode_device : str, optional
         Decode JPEG stored tiles in batches on this torch device (``"cuda"``: nvJPEG), as
         ``TileGrid(decode_device=...)`` does; default: the grid's own setting.
+    token_sink : callable, optional
+        Called with ``(indices, cls, patch_tokens)`` of each batch once its embeddings are
+        stored, from the same forward pass (:func:`~napari_virchow.models.tokens.embed_with_tokens`):
+        token maps and the compressed token store need no second pass. Encoders without patch
+        tokens raise :class:`~napari_virchow.errors.WeightsError` before any tile is read.
 
     Yields
     ------
@@ -265,6 +271,10 @@ def iter_embed(
         if size < 1:
             raise ValueError(f"batch_size must be >= 1, got {size}")
         n_cached, n_computed = len(requested) - len(todo), 0
+        if token_sink is not None:
+            from napari_virchow.models.tokens import token_grid_side
+
+            token_grid_side(encoder)  # an encoder without patch tokens fails here, before any batch
         n_readers = resolve_readers(readers, encoder.device)
         stats = FeedStats(n_readers)
         embed = Embedder(encoder, size, stats)
@@ -279,7 +289,12 @@ def iter_embed(
             stats.wait_s += time.perf_counter() - t_wait
             while batch is not None and not (cancel is not None and cancel.is_set()):
                 idx, tiles = batch
-                emb = embed(tiles)
+                tokens: tuple[np.ndarray, np.ndarray] | None = None
+                if token_sink is None:
+                    emb = embed(tiles)
+                else:
+                    emb, cls, tok = embed.with_tokens(tiles)
+                    tokens = (cls, tok)
                 # The next batch is read while this one is written (the write waits on fsync for
                 # half its time). The writer thread lives for one batch only: no thread outlives
                 # a yield, so a generator abandoned by its consumer leaks nothing, and a batch is
@@ -294,6 +309,8 @@ def iter_embed(
                 stats.wait_s += time.perf_counter() - t_wait
                 writer.join()
                 writer = None
+                if token_sink is not None and tokens is not None:
+                    token_sink(idx, *tokens)  # the embeddings are stored: their tokens follow
                 n_computed += len(idx)
                 elapsed = time.perf_counter() - t0
                 yield BatchResult(idx, emb, n_cached + n_computed, len(requested), n_computed,

@@ -21,8 +21,12 @@ from napari_virchow.slides.slide import Slide
 
 __all__ = [
     "BatchDone", "Clustered", "IndexHits", "Planned", "Queried", "Stage", "TooMany", "Trained",
-    "cluster_job", "compute_job", "index_search_job", "overview_job", "query_job", "train_job", "view_job",
+    "TokenSink", "cluster_job", "compute_job", "index_search_job", "overview_job", "query_job", "train_job",
+    "view_job",
 ]  # fmt: skip
+
+#: receives ``(mpp, indices, cls, patch_tokens)`` of each batch a job embeds, from the same forward pass
+TokenSink = Callable[[float, np.ndarray, np.ndarray, np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -127,9 +131,10 @@ def _load(session: SlideSession, cancel: threading.Event | None = None) -> Itera
 
 
 def _embed(session: SlideSession, todo: np.ndarray, cancel: threading.Event | None,
-           mpp: float | None = None) -> Iterator[BatchDone]:  # fmt: skip
+           mpp: float | None = None, token_sink: TokenSink | None = None) -> Iterator[BatchDone]:  # fmt: skip
     m = session.default_mpp if mpp is None else mpp
-    for batch in session.compute(indices=todo, cancel=cancel, mpp=m):
+    sink = None if token_sink is None else functools.partial(token_sink, m)
+    for batch in session.compute(indices=todo, cancel=cancel, mpp=m, token_sink=sink):
         changed = session.absorb(batch.indices, batch.embeddings, mpp=m)
         yield BatchDone(batch.n_done, batch.n_total, batch.tiles_per_s, batch.indices, tuple(changed), m,
                         batch.feed_note)  # fmt: skip
@@ -150,13 +155,15 @@ def _load_levels(session: SlideSession, cancel: threading.Event | None, mpps: Se
 @cancellable
 def view_job(session: SlideSession, box: Sequence[float], canvas_px: tuple[int, int], *,
              pinned: float | None = None, limit: int = 2000, force: bool = False,
-             cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
+             cancel: threading.Event | None = None,
+             token_sink: TokenSink | None = None) -> Iterator[object]:  # fmt: skip
     """Embed a view at the magnification the screen shows (level of detail, :mod:`napari_virchow.lod`).
 
     Unpinned, the finest trained level whose tiles in view fit the canvas budget is chosen and at
     most one budget of its missing tiles is computed, centre-out: no question asked. A ``pinned``
     level computes every missing tile in view, asking (:class:`TooMany`) above ``limit``.
-    Yields :class:`Planned` first; a view seen before never calls the encoder.
+    Yields :class:`Planned` first; a view seen before never calls the encoder. ``token_sink``
+    receives ``(mpp, indices, cls, patch_tokens)`` of each batch embedded, from the same forward pass.
     """
     yield from _load_levels(session, cancel, () if pinned is None else (pinned,))
     plan = session.plan_view(box, canvas_px, pinned=pinned)
@@ -173,7 +180,7 @@ def view_job(session: SlideSession, box: Sequence[float], canvas_px: tuple[int, 
         yield Stage(f"{len(plan.in_view)} tissue tiles in view, all cached ({name})", final=True)
         return
     t0 = time.perf_counter()
-    yield from _embed(session, todo, cancel, plan.mpp)
+    yield from _embed(session, todo, cancel, plan.mpp, token_sink)
     more = len(missing) - len(todo)
     rest = f"; {more} more in view (move or press again)" if more > 0 else ""
     yield Stage(f"done: {len(todo)} tiles at {name} in {time.perf_counter() - t0:.1f} s{rest}", final=True)

@@ -12,7 +12,7 @@ recorded in the store's provenance attrs (``mpp_trained: false``).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
@@ -192,10 +192,11 @@ class LevelsMixin:
         return self.last_tiles_per_s
 
     def compute(self, bbox: BBox | None = None, *, indices: Indices | None = None, mpp: float | None = None,
-                allow_untrained: bool = False,
-                cancel: threading.Event | None = None) -> Iterator[BatchResult]:  # fmt: skip
+                allow_untrained: bool = False, cancel: threading.Event | None = None,
+                token_sink: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+                ) -> Iterator[BatchResult]:  # fmt: skip
         """Embed what is requested at level ``mpp`` (default: every tissue tile of the default level)
-        and not stored, yielding per batch.
+        and not stored, yielding per batch (``token_sink``: as :func:`~napari_virchow.inference.iter_embed`'s).
 
         Nothing is opened for writing when everything requested is stored already. A magnification
         outside the encoder's trained ones raises UntrainedMagnificationError without the opt-in.
@@ -210,7 +211,7 @@ class LevelsMixin:
             store = self.store("a", mpp=m, allow_untrained=allow_untrained)
             for batch in iter_embed(self.slide, self.encoder(), self.grid_at(m), store, bbox, indices=indices,
                                     batch_size=self.config.batch_size, cancel=cancel, threads=self.config.threads,
-                                    decode_device=self.decode_device):  # fmt: skip
+                                    decode_device=self.decode_device, token_sink=token_sink):  # fmt: skip
                 self.last_tiles_per_s = batch.tiles_per_s
                 yield batch
 

@@ -118,6 +118,40 @@ def test_end_to_end_equals_encoder_on_read_tiles(
 
 
 @pytest.mark.timeout(60)
+def test_a_token_sink_gets_each_batchs_tokens_from_the_pass_that_embeds_it(
+    slide: Slide, grid: TileGrid, encoder: Encoder, reference: np.ndarray, tmp_path: Path
+) -> None:
+    from napari_virchow.models.tokens import embedding_from_tokens, encode_tokens
+
+    got: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    results = list(iter_embed(slide, encoder, grid, cache_root=tmp_path, batch_size=4,
+                              token_sink=lambda i, c, t: got.append((i.copy(), c, t))))  # fmt: skip
+    assert [len(g[0]) for g in got] == [len(r.indices) for r in results]
+    for (idx, cls, tok), r in zip(got, results, strict=True):
+        np.testing.assert_array_equal(idx, r.indices)
+        assert cls.shape == (len(idx), encoder.dim // 2) and tok.shape == (len(idx), 16, 16, encoder.dim // 2)
+        np.testing.assert_allclose(embedding_from_tokens(cls, tok), r.embeddings, rtol=1e-5, atol=1e-6)
+        want_cls, want_tok = encode_tokens(encoder, grid.read_tiles(idx))  # a pass of their own: the same
+        np.testing.assert_allclose(tok, want_tok, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(cls, want_cls, rtol=1e-4, atol=1e-5)
+    emb = np.concatenate([r.embeddings for r in results])
+    np.testing.assert_allclose(emb, reference, rtol=1e-4, atol=1e-5)  # the embeddings do not change
+
+
+def test_a_token_sink_needs_an_encoder_with_patch_tokens(slide: Slide, tmp_path: Path) -> None:
+    from napari_virchow.errors import WeightsError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        vit = load_encoder("timm:vit_tiny_patch16_224", weights="random", device="cpu", dtype="fp32")
+    vit_grid = TileGrid(slide, mpp=vit.spec.mpp, size=vit.spec.input_size)
+    with pytest.raises(WeightsError, match="pools its own features"):
+        next(iter_embed(slide, vit, vit_grid, cache_root=tmp_path, token_sink=lambda *a: None))
+    with open_store(slide, vit, vit_grid, cache_root=tmp_path, mode="r") as store:
+        assert len(store.missing(vit_grid.tissue_indices)) == vit_grid.n_tissue  # nothing was stored
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("readers", [0, 2])
 def test_batches_report_feed_and_encoder_rates(
     slide: Slide, grid: TileGrid, encoder: Encoder, readers: int, tmp_path: Path

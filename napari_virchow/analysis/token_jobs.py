@@ -4,7 +4,8 @@ Each takes the tiles in view of one level (``mpp``) and, with ``compressed``, re
 level's compressed token store at ``k`` PCA dims (created on first use, its PCA fitted on the tiles
 of that view). :func:`view_tokens_job` is "Compute visible" when token work is on: the view is
 embedded (:func:`napari_virchow.jobs.view_job`), then the tokens of its embedded tiles are stored
-(compressed storage on) and the token map of the view drawn (token resolution on).
+(compressed storage on: the tokens of tiles the view embeds come from that same forward pass; tiles
+embedded before get a pass of their own) and the token map of the view drawn (token resolution on).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ if TYPE_CHECKING:
     from napari_virchow.analysis.token_store import TokenStore
     from napari_virchow.session import SlideSession
 
-__all__ = ["TOKEN_VIEW_TILES", "TokenClustersReady", "TokenMapReady", "TokenSimilarityReady", "TokensStored",
-           "fill_tokens", "query_tokens_job", "token_clusters_job", "token_map_job", "view_tokens_job"]  # fmt: skip
+__all__ = ["TOKEN_VIEW_TILES", "TokenClustersReady", "TokenFiller", "TokenMapReady", "TokenSimilarityReady",
+           "TokensStored", "fill_tokens", "query_tokens_job", "token_clusters_job", "token_map_job",
+           "view_tokens_job"]  # fmt: skip
 
 #: tiles whose tokens one token view computes: about two canvases of 224-px tiles, centre-out
 TOKEN_VIEW_TILES = 64
@@ -140,50 +142,83 @@ def query_tokens_job(session: SlideSession, x: float, y: float, view: Sequence[f
     yield _jobs.Stage("token similarity drawn", final=True)
 
 
-def fill_tokens(session: SlideSession, indices: np.ndarray, *, mpp: float, k: int = DEFAULT_K,
-                cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
-    """Store the compressed tokens of tiles ``indices`` of level ``mpp`` that the store lacks, a
-    batch at a time (:class:`TokensStored` after each; a cancel between batches keeps every token computed).
+class TokenFiller:
+    """Writes tiles' compressed tokens into the store of level ``mpp`` at ``k`` PCA dims.
 
-    A store not yet there is created once :data:`TOKEN_VIEW_TILES` tiles' tokens (or all, or those
-    computed when cancelled) are in hand, its PCA fitted on them, so they need no second forward pass.
+    A store not there yet is created once :data:`TOKEN_VIEW_TILES` tiles' tokens are in hand (or at
+    :meth:`finish`, with fewer), its PCA fitted on them: they need no second forward pass. Tokens come
+    from :func:`fill_tokens` (a forward pass of tiles embedded before) or straight from the pass that
+    embeds tiles (:meth:`add` as ``iter_embed``'s ``token_sink``).
     """
+
+    def __init__(self, session: SlideSession, mpp: float, k: int = DEFAULT_K) -> None:
+        self.session, self.mpp, self.k = session, mpp, k
+        self.store: TokenStore | None = token_store(session, mpp, k=k)
+        self.n_added = 0
+        self._held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # before the store exists
+
+    def missing(self, indices: np.ndarray) -> np.ndarray:
+        """Those of ``indices`` whose tokens are neither stored nor held."""
+        idx = np.asarray(indices, np.int64)
+        if self.store is not None:
+            return self.store.missing(idx)
+        held = np.concatenate([h[0] for h in self._held]) if self._held else np.empty(0, np.int64)
+        return idx[~np.isin(idx, held)]
+
+    def add(self, indices: np.ndarray, cls: np.ndarray, tokens: np.ndarray) -> None:
+        """Store (or, before the store exists, hold) the tokens of tiles ``indices``."""
+        self.n_added += len(indices)
+        if self.store is not None:
+            self.store.write(np.asarray(indices, np.int64), cls, tokens)
+            return
+        self._held.append((np.asarray(indices, np.int64), cls, tokens))
+        if sum(len(h[0]) for h in self._held) >= TOKEN_VIEW_TILES:
+            self.finish()
+
+    def finish(self) -> None:
+        """Create the store from the tokens held, if any (a cancel keeps what was computed)."""
+        if self.store is not None or not self._held:
+            return
+        made = create_token_store(self.session, self.mpp, np.concatenate([h[2] for h in self._held]), k=self.k)
+        for rows, c, t in self._held:
+            made.write(rows, c, t)
+        self._held.clear()
+        self.store = made
+
+    def event(self, n_done: int, n_total: int) -> TokensStored:
+        """Progress as a :class:`TokensStored` (the store's summary once it exists)."""
+        return TokensStored(n_done, n_total, summary(self.store) if self.store is not None else None, self.mpp)
+
+
+def fill_tokens(session: SlideSession, indices: np.ndarray, *, mpp: float, k: int = DEFAULT_K,
+                cancel: threading.Event | None = None,
+                filler: TokenFiller | None = None) -> Iterator[object]:  # fmt: skip
+    """Store the compressed tokens of tiles ``indices`` of level ``mpp`` that the store (or ``filler``)
+    lacks, a forward pass per batch (:class:`TokensStored` after each; a cancel between batches keeps
+    every token computed). See :class:`TokenFiller` for when the store is created."""
     from napari_virchow.models.tokens import encode_tokens
 
-    grid, encoder = session.grid_at(mpp), session.encoder()
-    store = token_store(session, mpp, k=k)
-    idx = np.asarray(indices, np.int64)
-    todo = idx if store is None else store.missing(idx)
+    filler = filler if filler is not None else TokenFiller(session, mpp, k)
+    todo = filler.missing(np.asarray(indices, np.int64))
     if not len(todo):
+        filler.finish()
         return
+    grid, encoder = session.grid_at(mpp), session.encoder()
     yield _jobs.Stage(f"compressed tokens: {len(todo)} tiles in view at {mpp:g} µm/px …")
     step = int(session.config.batch_size or 16)
-    held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # before the store exists: its PCA sample
-
-    def flush() -> TokenStore:
-        made = create_token_store(session, mpp, np.concatenate([h[2] for h in held]), k=k)
-        for rows, c, t in held:
-            made.write(rows, c, t)
-        held.clear()
-        return made
-
     n_done = 0
-    for start in range(0, len(todo), step):
-        if cancel is not None and cancel.is_set() and held:
-            flush()  # what was computed is kept
-        _stop(cancel)
-        chunk = todo[start : start + step]
-        cls, tok = encode_tokens(encoder, grid.read_tiles(chunk), batch_size=step)
-        n_done += len(chunk)
-        if store is None:
-            held.append((chunk, cls, tok))
-            if n_done < min(TOKEN_VIEW_TILES, len(todo)):
-                yield TokensStored(n_done, len(todo), None, mpp)
-                continue
-            store = flush()
-        else:
-            store.write(chunk, cls, tok)
-        yield TokensStored(n_done, len(todo), summary(store), mpp)
+    try:
+        for start in range(0, len(todo), step):
+            _stop(cancel)
+            chunk = todo[start : start + step]
+            cls, tok = encode_tokens(encoder, grid.read_tiles(chunk), batch_size=step)
+            filler.add(chunk, cls, tok)
+            n_done += len(chunk)
+            if n_done == len(todo):
+                filler.finish()  # the last batch: the store exists when its event says so
+            yield filler.event(n_done, len(todo))
+    finally:
+        filler.finish()  # what was computed is kept, also when cancelled
 
 
 @_jobs.cancellable
@@ -192,13 +227,26 @@ def view_tokens_job(session: SlideSession, box: Sequence[float], canvas_px: tupl
                     k: int = DEFAULT_K, token_map: bool = False, attributed: bool = False,
                     cancel: threading.Event | None = None) -> Iterator[object]:  # fmt: skip
     """:func:`napari_virchow.jobs.view_job`, then (``compressed``) the compressed tokens of the view's
-    embedded tissue tiles and (``token_map``, with a head) the token map of the view, at the view's level."""
+    embedded tissue tiles (those the view embeds from the same forward pass) and (``token_map``, with a
+    head) the token map of the view, at the view's level."""
     planned: _jobs.Planned | None = None
     asked = False
-    for ev in _jobs.view_job(session, box, canvas_px, pinned=pinned, limit=limit, force=force, cancel=cancel):
-        planned = ev if isinstance(ev, _jobs.Planned) else planned
-        asked = asked or isinstance(ev, _jobs.TooMany)
-        yield ev
+    fillers: dict[float, TokenFiller] = {}
+
+    def sink(level: float, indices: np.ndarray, cls: np.ndarray, tokens: np.ndarray) -> None:
+        if level not in fillers:
+            fillers[level] = TokenFiller(session, level, k)
+        fillers[level].add(indices, cls, tokens)
+
+    try:
+        for ev in _jobs.view_job(session, box, canvas_px, pinned=pinned, limit=limit, force=force, cancel=cancel,
+                                 token_sink=sink if compressed else None):  # fmt: skip
+            planned = ev if isinstance(ev, _jobs.Planned) else planned
+            asked = asked or isinstance(ev, _jobs.TooMany)
+            yield ev
+    finally:
+        for filler in fillers.values():
+            filler.finish()  # the tokens of every tile embedded are kept, also when cancelled
     _stop(cancel)  # view_job ends quietly when cancelled: so must the rest
     if planned is None or asked:
         return
@@ -206,7 +254,10 @@ def view_tokens_job(session: SlideSession, box: Sequence[float], canvas_px: tupl
     if compressed:
         in_view = grid.tiles_in(box)
         embedded = in_view[session.done_at(m)[in_view]]
-        yield from fill_tokens(session, embedded, mpp=m, k=k, cancel=cancel)
+        filler = fillers.get(m) or TokenFiller(session, m, k)
+        if filler.n_added:
+            yield filler.event(filler.n_added, filler.n_added)  # stored from the embedding pass
+        yield from fill_tokens(session, embedded, mpp=m, k=k, cancel=cancel, filler=filler)
         _stop(cancel)
     if token_map and session.head is not None:
         indices = grid.tiles_in(box, tissue_only=False)[:TOKEN_VIEW_TILES]

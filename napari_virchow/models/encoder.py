@@ -249,13 +249,26 @@ class Encoder:
         torch.Tensor
             float32 ``(N, dim)`` on ``self.device``.
         """
+        return self.pool(self.forward_features(x))
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """The embedding of a :meth:`forward_features` output: CLS ⊕ mean(patch tokens), registers
+        excluded, for ``cls+mean`` pooling; the output itself otherwise."""
+        if self.spec.pooling == "cls+mean":
+            patches = features[:, self.spec.num_prefix_tokens :]  # registers excluded
+            return torch.cat([features[:, 0], patches.mean(dim=1)], dim=1)
+        return features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for preprocessed ``(N, 3, S, S)`` input, float32 on ``self.device``:
+        ``(N, tokens, D)`` (CLS, registers, patches) for ``cls+mean`` pooling, else ``(N, dim)``.
+
+        The one forward pass :meth:`embed_tensor` pools and :mod:`napari_virchow.models.tokens`
+        reads patch tokens from, under this encoder's precision (and compiled graph, if any).
+        """
         x = x.to(self.device, self.input_dtype, non_blocking=True)
         with self._autocast():
-            out = self._forward(x).float()
-        if self.spec.pooling == "cls+mean":
-            patches = out[:, self.spec.num_prefix_tokens :]  # registers excluded
-            return torch.cat([out[:, 0], patches.mean(dim=1)], dim=1)
-        return out
+            return self._forward(x).float()
 
     def embed(self, tiles: np.ndarray | torch.Tensor, *, batch_size: int | None = None) -> np.ndarray:
         """Embed uint8 RGB tiles ``(N, H, W, 3)``.

@@ -5,14 +5,12 @@ also yields each 14-px patch's token (16 × 16 per 224-px tile). :func:`encode_t
 register tokens excluded, under the encoder's own precision, so that
 ``embedding_from_tokens(*encode_tokens(enc, tiles))`` is what ``enc.embed(tiles)`` returns.
 
-Only the encoder's public attributes are used (``model``, ``spec``, ``device``, ``dtype``) and its
-:func:`~napari_virchow.models.encoder.preprocess`.
+Tokens come from :meth:`Encoder.forward_features <napari_virchow.models.encoder.Encoder.forward_features>`,
+the forward pass the embeddings are pooled from (same precision, same compiled graph), so the
+pipeline can keep a batch's tokens from the pass that embeds it (``iter_embed(token_sink=...)``).
 """
 
 from __future__ import annotations
-
-import contextlib
-from typing import Any
 
 import numpy as np
 
@@ -20,7 +18,8 @@ from napari_virchow._torch import torch
 from napari_virchow.errors import WeightsError
 from napari_virchow.models.encoder import Encoder, preprocess
 
-__all__ = ["embedding_from_tokens", "encode_tokens", "patch_px", "token_grid_side"]
+__all__ = ["embed_with_tokens", "embedding_from_tokens", "encode_tokens", "patch_px", "split_tokens",
+           "token_grid_side"]
 
 
 def patch_px(encoder: Encoder) -> int:
@@ -50,12 +49,6 @@ def token_grid_side(encoder: Encoder) -> int:
     return side
 
 
-def _autocast(encoder: Encoder) -> contextlib.AbstractContextManager[Any]:
-    if encoder.dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=encoder.device.type, dtype=encoder.dtype)
-
-
 def encode_tokens(
     encoder: Encoder, tiles: np.ndarray, *, batch_size: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -73,23 +66,42 @@ def encode_tokens(
     arr = np.asarray(tiles)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    n_prefix = encoder.spec.num_prefix_tokens
     width = encoder.spec.dim // 2
     cls = np.empty((len(arr), width), np.float32)
     tokens = np.empty((len(arr), side, side, width), np.float32)
     step = batch_size or max(len(arr), 1)
     for i in range(0, len(arr), step):
         x = preprocess(arr[i : i + step], encoder.spec, device=encoder.device)
-        with torch.inference_mode(), _autocast(encoder):
-            out = encoder.model.forward_features(x.to(encoder.device, torch.float32))  # type: ignore[operator]  # timm API
-        out = out.float()
-        if out.shape[1] != n_prefix + side * side:
-            raise WeightsError(
-                f"encoder {encoder.spec.name!r} returned {out.shape[1]} tokens, expected "
-                f"{n_prefix} prefix + {side}×{side} patch tokens"
-            )
-        cls[i : i + step] = out[:, 0].cpu().numpy()
-        tokens[i : i + step] = out[:, n_prefix:].reshape(-1, side, side, width).cpu().numpy()
+        with torch.inference_mode():
+            out = encoder.forward_features(x)
+        cls[i : i + step], tokens[i : i + step] = split_tokens(encoder, out)
+    return cls, tokens
+
+
+def embed_with_tokens(encoder: Encoder, tiles: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Embeddings ``(N, dim)``, CLS and patch tokens (as :func:`encode_tokens`) of uint8 tiles from
+    one forward pass: the embeddings are exactly those :meth:`Encoder.embed` returns for the same batch."""
+    token_grid_side(encoder)  # a clear error for encoders without patch tokens, before the forward pass
+    x = preprocess(tiles, encoder.spec, device=encoder.device)
+    with torch.inference_mode():
+        features = encoder.forward_features(x)
+        emb = encoder.pool(features).cpu().numpy()
+    cls, tokens = split_tokens(encoder, features)
+    return emb, cls, tokens
+
+
+def split_tokens(encoder: Encoder, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """CLS ``(N, D)`` and patch tokens ``(N, g, g, D)``, float32 numpy, of one
+    :meth:`Encoder.forward_features <napari_virchow.models.encoder.Encoder.forward_features>` output."""
+    side = token_grid_side(encoder)
+    n_prefix = encoder.spec.num_prefix_tokens
+    if features.ndim != 3 or features.shape[1] != n_prefix + side * side:
+        raise WeightsError(
+            f"encoder {encoder.spec.name!r} returned features of shape {tuple(features.shape)}, expected "
+            f"{n_prefix} prefix + {side}×{side} patch tokens per tile"
+        )
+    cls = features[:, 0].cpu().numpy()
+    tokens = features[:, n_prefix:].reshape(len(features), side, side, -1).cpu().numpy()
     return cls, tokens
 
 
