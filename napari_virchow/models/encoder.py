@@ -39,6 +39,7 @@ from napari_virchow._torch import torch
 from napari_virchow.errors import WeightsError
 from napari_virchow.models import weights as _weights
 from napari_virchow.models.key_padding import pad_attention_keys
+from napari_virchow.models.onednn import fuse_linears
 from napari_virchow.models.precision import (
     cpu_has_native_bf16,
     describe_dtype,
@@ -225,6 +226,7 @@ class Encoder:
                 fold_layer_scale(model)  # weights cast once for inference: gamma folded in, in fp32 first
             model = model.to(dtype=want)
             pad_attention_keys(model)  # whether padding pays depends on the dtype: timed again
+            fuse_linears(model)
         return Encoder(
             self.spec,
             model,
@@ -392,6 +394,7 @@ def load_encoder(
     model = model.to(device=dev, dtype=want).eval().requires_grad_(False)
     use_fused_attention(model)
     pad_attention_keys(model)  # on a CPU, where the fused kernel measured faster with padded keys
+    fuse_linears(model)  # bf16 weights on a CPU: bias and SwiGLU fused into oneDNN's matmuls
     return Encoder(spec, model, device=dev, dtype=compute_dtype, weights_id=weights_id, weights_source=source,
                    compile=compile)  # fmt: skip
 
