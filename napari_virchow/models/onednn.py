@@ -45,12 +45,22 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _plain(module: torch.nn.Module) -> bool:
+    """Whether to run the module's own forward: under ``torch.compile`` (inductor fuses by itself),
+    in training (dropout, gradients: the fused op has no backward) or with gradients on its weights."""
+    return (
+        torch.compiler.is_compiling()
+        or module.training
+        or (torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
+    )
+
+
 class OneDnnLinear(torch.nn.Linear):
     """:class:`torch.nn.Linear` with the bias added inside oneDNN's matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight.T + bias`` in one oneDNN call (PyTorch's own under ``torch.compile``, which fuses itself)."""
-        if torch.compiler.is_compiling():
+        if _plain(self):
             return super().forward(x)
         out = _pointwise()(_rows(x), self.weight, self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -62,7 +72,7 @@ class OneDnnGluMlp(GluMlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``fc2(silu(fc1_a(x)) * fc1_b(x))``, as :class:`GluMlp` computes it (timm's own under ``torch.compile``)."""
-        if torch.compiler.is_compiling():
+        if _plain(self):
             return super().forward(x)
         op = _pointwise()
         rows, hidden = _rows(x), self.fc2.in_features

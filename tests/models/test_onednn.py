@@ -79,3 +79,19 @@ def test_only_swiglu_mlps_of_timms_layout_are_fused() -> None:
     assert type(gate_last) is GluMlp and type(gelu) is GluMlp and type(gate_last.fc1) is OneDnnLinear
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
     assert fuse_linears(torch.nn.Sequential(torch.nn.ReLU())) == 0
+
+
+def test_training_and_gradients_take_the_plain_path() -> None:
+    mlp = GluMlp(16, 32, act_layer=torch.nn.SiLU, gate_last=False)
+    fuse_linears(mlp, force=True)
+    assert type(mlp) is OneDnnGluMlp
+    x = torch.randn(4, 16, requires_grad=True)
+    mlp.train()
+    mlp(x).sum().backward()  # the fused op has no backward: training runs timm's forward
+    assert x.grad is not None and mlp.fc1.weight.grad is not None
+    mlp.eval()
+    with torch.no_grad():
+        fused = mlp(x)
+    mlp.__class__ = GluMlp
+    with torch.no_grad():
+        torch.testing.assert_close(fused, mlp(x), rtol=1e-5, atol=1e-5)
