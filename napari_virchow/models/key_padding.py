@@ -67,7 +67,11 @@ def padded_attention(qkv: torch.Tensor, heads: int, key_length: int) -> torch.Te
     width = three_width // 3
     head_dim = width // heads
     q = qkv[..., :width].reshape(batch, n, heads, head_dim).transpose(1, 2)
-    kv = torch.nn.functional.pad(qkv[..., width:], (0, 0, 0, key_length - n))  # contiguous copy, zeros appended
+    # a contiguous copy of k | v with zero rows appended (zeros, not garbage: 0 · NaN would be NaN); only
+    # the appended rows are filled, where F.pad would zero the whole buffer first
+    kv = qkv.new_empty(batch, key_length, 2 * width)
+    kv[:, :n] = qkv[..., width:]
+    kv[:, n:] = 0
     k, v = kv.reshape(batch, key_length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=_mask(n, key_length, q))
 
