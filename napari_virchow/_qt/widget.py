@@ -226,7 +226,8 @@ class VirchowWidget(QWidget):
             self.rates.batch(self._rate_key(session), ev.n_done)
             self.jobbar.on_batch(ev, self.rates.rate(self._rate_key(session)))
         elif isinstance(ev, TokensStored):
-            self.jobbar.on_progress(ev.n_done, ev.n_total, "storing compressed tokens")
+            what = "compressed tokens stored with the embeddings" if ev.with_embeddings else "storing compressed tokens"
+            self.jobbar.on_progress(ev.n_done, ev.n_total, what)
         elif isinstance(ev, _jobs.TooMany):
             rate = self.rates.rate(self._rate_key(session))
             eta = ev.n_todo / rate if rate else ev.eta_s

@@ -74,12 +74,14 @@ class TokenSimilarityReady:
 @dataclass(frozen=True)
 class TokensStored:
     """``n_done`` of ``n_total`` tiles' tokens are computed for the compressed store (``store``: its
-    summary once created; the first tiles' tokens are its PCA sample, written when it is)."""
+    summary once created; the first tiles' tokens are its PCA sample, written when it is).
+    ``with_embeddings``: they came from the forward pass that embedded the tiles (no pass of their own)."""
 
     n_done: int
     n_total: int
     store: StoreSummary | None
     mpp: float
+    with_embeddings: bool = False
 
 
 def _store(session: SlideSession, mpp: float, indices: np.ndarray, compressed: bool, k: int) -> TokenStore | None:
@@ -185,9 +187,10 @@ class TokenFiller:
         self._held.clear()
         self.store = made
 
-    def event(self, n_done: int, n_total: int) -> TokensStored:
+    def event(self, n_done: int, n_total: int, *, with_embeddings: bool = False) -> TokensStored:
         """Progress as a :class:`TokensStored` (the store's summary once it exists)."""
-        return TokensStored(n_done, n_total, summary(self.store) if self.store is not None else None, self.mpp)
+        return TokensStored(n_done, n_total, summary(self.store) if self.store is not None else None, self.mpp,
+                            with_embeddings)  # fmt: skip
 
 
 def fill_tokens(session: SlideSession, indices: np.ndarray, *, mpp: float, k: int = DEFAULT_K,
@@ -256,7 +259,7 @@ def view_tokens_job(session: SlideSession, box: Sequence[float], canvas_px: tupl
         embedded = in_view[session.done_at(m)[in_view]]
         filler = fillers.get(m) or TokenFiller(session, m, k)
         if filler.n_added:
-            yield filler.event(filler.n_added, filler.n_added)  # stored from the embedding pass
+            yield filler.event(filler.n_added, filler.n_added, with_embeddings=True)
         yield from fill_tokens(session, embedded, mpp=m, k=k, cancel=cancel, filler=filler)
         _stop(cancel)
     if token_map and session.head is not None:

@@ -37,10 +37,11 @@ def test_compute_visible_fills_the_store_at_the_chosen_k(qtbot, planted_widget, 
     label = u["token_store_label"].text()  # what the user reads: k, explained variance, KB/tile, tiles
     assert f"k = 8, explained variance {store.explained_variance:.3f}" in label
     assert f"{store.kb_per_tile:.1f} KB/tile" in label and f"{len(tissue):,} tiles stored" in label
-    filling = [(v, m) for v, m, text in seen if text.startswith("storing compressed tokens")]
+    filling = [(v, m) for v, m, text in seen if text.startswith("compressed tokens stored with the embeddings")]
+    assert not any(text.startswith("storing compressed tokens") for _, _, text in seen)  # no pass of their own
     # the tokens came with the pass that embedded the tiles: one line for them, after the embedding's own
     assert filling == [(len(tissue), len(tissue))]
-    first = next(i for i, (_, _, text) in enumerate(seen) if text.startswith("storing compressed tokens"))
+    first = next(i for i, (_, _, text) in enumerate(seen) if text.startswith("compressed tokens stored"))
     embedding = [v for v, _, text in seen[:first] if text.startswith("embedding")]
     assert len(embedding) > 1 and embedding == sorted(embedding)  # the embedding's progress, batch by batch
 

@@ -74,7 +74,7 @@ def test_compute_visible_stores_the_tokens_of_the_pass_that_embeds(slide: Path, 
         assert sum(len(e.indices) for e in embedded) == len(tiles)  # the view was embedded ...
         assert sum(forward_tiles) == len(tiles)  # ... and its tokens kept from that one pass
         stored = [e for e in events if isinstance(e, TokensStored)]
-        assert len(stored) == 1 and stored[0].n_done == stored[0].n_total == len(tiles)
+        assert len(stored) == 1 and stored[0].n_done == stored[0].n_total == len(tiles) and stored[0].with_embeddings
         assert stored[0].store is not None and stored[0].store.k == 8 and stored[0].store.n_stored == len(tiles)
         path = token_store_path(s, 0.5, 8)
         assert path.exists() and not token_store_path(s, 0.5).exists()  # k = 8 has its own store
@@ -116,6 +116,7 @@ def test_tiles_embedded_before_get_a_token_pass_per_batch(slide: Path, tmp_path:
         stored = [e for e in events if isinstance(e, TokensStored)]
         assert [e.n_done for e in stored] == sorted({min(n, len(tiles)) for n in range(8, len(tiles) + 8, 8)})
         assert stored[-1].n_total == len(tiles) and stored[-1].store is not None
+        assert not any(e.with_embeddings for e in stored)  # a pass of their own
         assert len(TokenStore.open(token_store_path(s, 0.5, 8)).missing(tiles)) == 0
 
 
