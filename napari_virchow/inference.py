@@ -48,12 +48,14 @@ from napari_virchow.stores import check_store, open_store, store_key
 
 __all__ = [
     "PREFETCH_PER_READER", "BatchResult", "Plan", "default_batch_size", "embed_slide", "estimate_tiles_per_s",
-    "feed_note", "iter_embed", "leave_one_core", "plan", "resolve_readers",
+    "TokenSink", "feed_note", "iter_embed", "leave_one_core", "plan", "resolve_readers",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 BBox = Sequence[float]
+#: receives ``(indices, cls, patch_tokens)`` of each stored batch (:func:`iter_embed`'s ``token_sink``)
+TokenSink = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ def iter_embed(
     cache_root: str | os.PathLike[str] | None = None,
     threads: int | None = None,
     decode_device: str | None = None,
-    token_sink: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+    token_sink: TokenSink | None = None,
 ) -> Iterator[BatchResult]:
     """Embed the requested tiles not yet in the store, yielding after each stored batch.
 

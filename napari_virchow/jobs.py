@@ -21,12 +21,12 @@ from napari_virchow.slides.slide import Slide
 
 __all__ = [
     "BatchDone", "Clustered", "IndexHits", "Planned", "Queried", "Stage", "TooMany", "Trained",
-    "TokenSink", "cluster_job", "compute_job", "index_search_job", "overview_job", "query_job", "train_job",
+    "LevelTokenSink", "cluster_job", "compute_job", "index_search_job", "overview_job", "query_job", "train_job",
     "view_job",
 ]  # fmt: skip
 
 #: receives ``(mpp, indices, cls, patch_tokens)`` of each batch a job embeds, from the same forward pass
-TokenSink = Callable[[float, np.ndarray, np.ndarray, np.ndarray], None]
+LevelTokenSink = Callable[[float, np.ndarray, np.ndarray, np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def _load(session: SlideSession, cancel: threading.Event | None = None) -> Itera
 
 
 def _embed(session: SlideSession, todo: np.ndarray, cancel: threading.Event | None,
-           mpp: float | None = None, token_sink: TokenSink | None = None) -> Iterator[BatchDone]:  # fmt: skip
+           mpp: float | None = None, token_sink: LevelTokenSink | None = None) -> Iterator[BatchDone]:  # fmt: skip
     m = session.default_mpp if mpp is None else mpp
     sink = None if token_sink is None else functools.partial(token_sink, m)
     for batch in session.compute(indices=todo, cancel=cancel, mpp=m, token_sink=sink):
@@ -156,7 +156,7 @@ def _load_levels(session: SlideSession, cancel: threading.Event | None, mpps: Se
 def view_job(session: SlideSession, box: Sequence[float], canvas_px: tuple[int, int], *,
              pinned: float | None = None, limit: int = 2000, force: bool = False,
              cancel: threading.Event | None = None,
-             token_sink: TokenSink | None = None) -> Iterator[object]:  # fmt: skip
+             token_sink: LevelTokenSink | None = None) -> Iterator[object]:  # fmt: skip
     """Embed a view at the magnification the screen shows (level of detail, :mod:`napari_virchow.lod`).
 
     Unpinned, the finest trained level whose tiles in view fit the canvas budget is chosen and at

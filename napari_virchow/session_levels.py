@@ -12,7 +12,7 @@ recorded in the store's provenance attrs (``mpp_trained: false``).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
@@ -25,7 +25,7 @@ from napari_virchow.store.key import canonical_mpp
 
 if TYPE_CHECKING:
     from napari_virchow.config import SessionConfig
-    from napari_virchow.inference import BatchResult, Plan
+    from napari_virchow.inference import BatchResult, Plan, TokenSink
     from napari_virchow.models.encoder import Encoder
     from napari_virchow.slides.slide import Slide
     from napari_virchow.slides.tiling import TileGrid
@@ -193,7 +193,7 @@ class LevelsMixin:
 
     def compute(self, bbox: BBox | None = None, *, indices: Indices | None = None, mpp: float | None = None,
                 allow_untrained: bool = False, cancel: threading.Event | None = None,
-                token_sink: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+                token_sink: TokenSink | None = None,
                 ) -> Iterator[BatchResult]:  # fmt: skip
         """Embed what is requested at level ``mpp`` (default: every tissue tile of the default level)
         and not stored, yielding per batch (``token_sink``: as :func:`~napari_virchow.inference.iter_embed`'s).

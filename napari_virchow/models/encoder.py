@@ -221,12 +221,7 @@ class Encoder:
         want = weights_dtype(new, self.device)
         model = self.model
         if want != self.input_dtype:
-            model = copy.deepcopy(model)
-            if want != torch.float32:
-                fold_layer_scale(model)  # weights cast once for inference: gamma folded in, in fp32 first
-            model = model.to(dtype=want)
-            pad_attention_keys(model)  # whether padding pays depends on the dtype: timed again
-            fuse_linears(model)
+            model = _for_inference(copy.deepcopy(model), want, self.device)  # padding and fusion decided again
         return Encoder(
             self.spec,
             model,
@@ -388,15 +383,23 @@ def load_encoder(
             model.load_state_dict(sd, strict=True)
         weights_id = _weights.file_digest(path)
         logger.info("%s: loaded weights %s (%s)", spec.name, source, weights_id)
-    want = weights_dtype(compute_dtype, dev)
-    if want != torch.float32:
-        fold_layer_scale(model)  # weights cast once for inference: gamma folded into proj / fc2
-    model = model.to(device=dev, dtype=want).eval().requires_grad_(False)
-    use_fused_attention(model)
-    pad_attention_keys(model)  # on a CPU, where the fused kernel measured faster with padded keys
-    fuse_linears(model)  # bf16 weights on a CPU: bias and SwiGLU fused into oneDNN's matmuls
+    model = _for_inference(model, weights_dtype(compute_dtype, dev), dev)
     return Encoder(spec, model, device=dev, dtype=compute_dtype, weights_id=weights_id, weights_source=source,
                    compile=compile)  # fmt: skip
+
+
+def _for_inference(model: torch.nn.Module, weights: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """``model`` as an :class:`Encoder` runs it: layer scale folded into the weights before a cast to
+    reduced-precision ``weights`` (in the weights' current dtype, fp32 first), on ``device`` in eval
+    mode without gradients, attention through fused SDPA, and on a CPU the attention keys padded and
+    the linears fused with their bias and activation where that measured faster for this dtype."""
+    if weights != torch.float32:
+        fold_layer_scale(model)  # gamma folded into proj / fc2 (a no-op once folded)
+    model = model.to(device=device, dtype=weights).eval().requires_grad_(False)
+    use_fused_attention(model)
+    pad_attention_keys(model)  # timed on this dtype: it pays in bf16 at 261 keys, not in fp32
+    fuse_linears(model)  # bf16 weights on a CPU: bias and SwiGLU fused into oneDNN's matmuls
+    return model
 
 
 def weights_status(spec: EncoderSpec | str) -> dict[str, Any]:
