@@ -8,11 +8,14 @@ zero weight: the output is that of the unpadded attention (up to the kernel's ro
 are not padded, so no FLOPs are spent on rows that are thrown away.
 
 Because the gain depends on the kernel, :func:`pad_attention_keys` times both on the model's own
-shape once, at load, and pads only where padding measured faster (:func:`padding_pays`).
+shape, and pads only where padding measured faster (:func:`padding_pays`). The decision is timed
+once per shape and dtype in a process and kept: every encoder loaded from the same weights then
+computes the same embeddings, bit for bit. fp32 weights are never padded (measured: no gain).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -101,13 +104,15 @@ def _eligible(module: torch.nn.Module) -> bool:
     )
 
 
+@functools.cache
 def padding_pays(tokens: int, heads: int, head_dim: int, dtype: torch.dtype, *, batch: int = 4,
                  repeats: int = 3) -> bool:  # fmt: skip
     """Whether :func:`padded_attention` (keys padded to :func:`padded_length`) ran clearly faster
     (by 10 %) than :func:`plain_attention` on a random ``(batch, tokens, 3·heads·head_dim)``
-    projection in ``dtype`` on this CPU, best of ``repeats`` each."""
+    projection in ``dtype`` on this CPU, best of ``repeats`` each; timed once per arguments in a
+    process (the answer is kept, so encoders loaded alike run alike). Never for fp32."""
     length = padded_length(tokens)
-    if length == tokens:
+    if length == tokens or dtype == torch.float32:
         return False
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(batch, tokens, 3 * heads * head_dim, generator=gen).to(dtype)
