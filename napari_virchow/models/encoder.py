@@ -197,7 +197,7 @@ class Encoder:
         options: dict[str, str | int | bool | Callable[..., Any]] | None = (
             {"freezing": True} if device.type == "cpu" else None
         )
-        self._forward = torch.compile(forward, dynamic=False, options=options) if compile else forward
+        self._forward = _one_graph_per_shape(torch.compile(forward, options=options)) if compile else forward
 
     @property
     def dim(self) -> int:
@@ -294,6 +294,24 @@ class Encoder:
         return out
 
 
+def _one_graph_per_shape(compiled: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``compiled`` with the batch dimension marked dynamic: one graph serves every batch size.
+
+    A graph compiled for one batch size is compiled again (about 30 s for Virchow 2 on a CPU) for
+    each new size: the last partial batch of a run, every view with another number of tiles. A
+    batch of one, which dynamo would give a graph of its own, runs as a batch of two (itself twice).
+    Inputs are made inference tensors first: a graph's guards also tell those from other tensors.
+    """
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            batch = torch.cat([x, x]) if x.shape[0] == 1 else x.clone()
+            torch._dynamo.mark_dynamic(batch, 0)
+            return compiled(batch)[: x.shape[0]]
+
+    return forward
+
+
 def _seed(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
 
@@ -347,8 +365,8 @@ def load_encoder(
         Precision: ``"auto"`` (fp16 autocast on CUDA, bf16 weights on a CPU with native bf16,
         else fp32), ``"fp32"``, ``"bf16"``, ``"fp16"``; see :mod:`napari_virchow.models.precision`.
     compile : bool
-        Run the forward pass through ``torch.compile`` (the first batch of each shape compiles:
-        seconds to minutes, about 5 min for Virchow 2 on 2 busy cores; later ones may be
+        Run the forward pass through ``torch.compile`` (the first batch compiles, once for every batch size:
+        about 30 s for Virchow 2 on 2 quiet CPU cores; inductor's cache makes later loads
         faster). On a CPU with inductor's ``freezing`` (weights become prepacked constants of
         the compiled graph, which holds a copy of them). Off by default.
 

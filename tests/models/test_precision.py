@@ -162,3 +162,9 @@ def test_compile_flag_runs_the_compiled_forward(fp32: np.ndarray) -> None:
     np.testing.assert_allclose(out, fp32, rtol=1e-3, atol=1e-3)
     assert _cosine(out, fp32).min() >= 0.9999
     assert enc.with_dtype("fp16").compiled  # the flag is kept across precisions
+    # every other batch size (a last partial batch, a view of another size, one tile) reuses the graph
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for size in (2, 1):
+        out = enc.embed(TILES, batch_size=size)
+        np.testing.assert_allclose(out, fp32, rtol=1e-3, atol=1e-3)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
