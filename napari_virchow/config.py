@@ -39,8 +39,9 @@ class SessionConfig:
     #: decoder agrees with imagecodecs, else the CPU), a torch device ("cuda", "cpu": torchvision's
     #: decoder), or None (imagecodecs on the CPU)
     decode_device: str | None = "auto"
-    #: run the encoder through ``torch.compile`` (inductor; on a CPU with freezing): faster per batch
-    #: (Virchow 2 bf16 on a CPU: ~1.15x), but its first batch compiles for about a minute
+    #: run the encoder through ``torch.compile`` (inductor; on a CPU with freezing): fuses what the eager
+    #: path does not (fp32, CUDA; a bf16 CPU already runs fused linears eagerly and gains nothing); one
+    #: graph for every batch size, compiled on the first batch (~30 s for Virchow 2 on 2 CPU cores)
     compile: bool = False
 
     @property

@@ -38,8 +38,8 @@ def get_encoder(encoder: str, *, weights: str | None = None, device: str = "auto
                 compile: bool = False) -> Encoder:  # fmt: skip
     """The loaded encoder for these settings, loaded on first use (slow: call it off the UI thread).
 
-    ``compile``: the forward pass through ``torch.compile`` (its first batch compiles, ~45 s for
-    Virchow 2 on a 2-core CPU; see :func:`~napari_virchow.models.encoder.load_encoder`).
+    ``compile``: the forward pass through ``torch.compile`` (its first batch compiles, ~30 s for
+    Virchow 2 on a 2-core CPU, one graph for every batch size; see :func:`~napari_virchow.models.encoder.load_encoder`).
     """
     key = _key(encoder, weights, device, dtype, compile)
     with _LOCK:  # held while loading: concurrent tasks wait instead of loading twice
