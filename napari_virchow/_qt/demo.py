@@ -63,6 +63,16 @@ def demo_job(session: SlideSession, polygons: list[np.ndarray], classes: list[st
                       "(click their eye icons)", final=True)
 
 
+def _drawn_edges_um(layer: Any, drawn: np.ndarray) -> list[float]:
+    """``[x0, y0, x1, y1]`` world µm the layer's drawn pixels (``drawn``) cover."""
+    rows, cols = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
+    if not len(rows):
+        return []
+    (sy, sx), (ty, tx) = np.asarray(layer.scale)[-2:], np.asarray(layer.translate)[-2:]
+    return [round(float(v), 2) for v in (tx + (cols[0] - 0.5) * sx, ty + (rows[0] - 0.5) * sy,
+                                         tx + (cols[-1] + 0.5) * sx, ty + (rows[-1] + 0.5) * sy)]  # fmt: skip
+
+
 def _edges_um(layer: Any) -> list[float]:
     """``[x0, y0, x1, y1]`` world µm the layer's pixels cover (napari's extent is pixel centres)."""
     (y0, x0), (y1, x1) = np.asarray(layer.extent.world)[:, -2:]
@@ -81,8 +91,9 @@ def _summary(viewer: Any, widget: Any, encoder: str, seconds: float) -> dict[str
             continue
         layer = viewer.layers[name]
         data = np.asarray(layer.data)
-        nonempty = int(np.count_nonzero(data)) if kind == "clusters" else int(np.count_nonzero(np.isfinite(data)))
-        layers.append({"name": name, "kind": kind, "extent_um": _edges_um(layer), "nonempty_tiles": nonempty,
+        drawn = data != 0 if kind == "clusters" else np.isfinite(data)
+        layers.append({"name": name, "kind": kind, "extent_um": _edges_um(layer),
+                       "drawn_extent_um": _drawn_edges_um(layer, drawn), "drawn_px": int(drawn.sum()),
                        "visible": bool(layer.visible)})  # fmt: skip
     session = widget.session()
     levels = {f"{m:g}": int(session.done_at(m).sum()) for m in session.open_levels()}  # µm/px → tiles embedded
@@ -170,7 +181,7 @@ def run_demo(*, weights: str | None = None, block: bool = True, timeout_s: float
         return 0
     wait_for(widget, timeout_s)
     summary = _summary(viewer, widget, encoder, time.perf_counter() - t0)
-    ok = len(summary["layers"]) == 3 and all(layer["nonempty_tiles"] > 0 for layer in summary["layers"])
+    ok = len(summary["layers"]) == 3 and all(layer["drawn_px"] > 0 for layer in summary["layers"])
     viewer.close()
     print(json.dumps(summary))
     return 0 if ok else 1

@@ -9,7 +9,7 @@ import numpy as np
 from napari.layers import Image, Labels, Layer, Shapes
 from napari.utils.colormaps import Colormap
 
-from napari_virchow.analysis.rasters import Raster
+from napari_virchow.analysis.rasters import Raster, clip_to_slide
 
 __all__ = [
     "HEAT", "SIMILARITY", "layer_named", "overlay_kind", "overlay_name", "show_boxes", "show_colorbar_on_top",
@@ -56,8 +56,11 @@ def show_raster(viewer: napari.Viewer, name: str, raster: Raster, *, kind: str =
                 **kwargs: Any) -> Layer:  # fmt: skip
     """Put ``raster`` in the layer called ``name``, creating it (with ``kwargs``) if needed.
 
-    Updating in place keeps the user's colormap, opacity and visibility choices.
+    Updating in place keeps the user's colormap, opacity and visibility choices. Nothing is drawn
+    past the slide's edges (:func:`~napari_virchow.analysis.rasters.clip_to_slide`): the cells of
+    partial edge tiles are split and cut there.
     """
+    raster = clip_to_slide(raster)
     geometry = raster.layer_kwargs()
     index = None
     if name in viewer.layers:

@@ -169,7 +169,7 @@ def token_clusters(session: SlideSession, indices: np.ndarray, k: int, *, mpp: f
     labels = model.predict(flat).astype(np.int32).reshape(tokens.shape[:3])
     counts = tile_counts(labels.reshape(-1), model.k)
     raster = token_raster(labels.astype(np.float32), grid.coords[idx], grid.tile_size_l0,
-                          mpp=session.slide.require_mpp(), fill=0)  # fmt: skip
+                          mpp=session.slide.require_mpp(), fill=0, slide_l0=session.slide.dimensions)  # fmt: skip
     from dataclasses import replace
 
     return TokenClusters(replace(raster, data=raster.data.astype(np.int32)), counts, m)

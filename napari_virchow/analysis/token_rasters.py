@@ -25,6 +25,7 @@ def token_raster(
     *,
     mpp: float,
     fill: float = np.nan,
+    slide_l0: tuple[int, int] | None = None,
 ) -> Raster:
     """``(n, g, g)`` token values of ``n`` tiles → one float32 raster covering just those tiles.
 
@@ -40,6 +41,8 @@ def token_raster(
         Level-0 µm/px of the slide.
     fill : float
         Value of cells of tiles not given (NaN: transparent in napari).
+    slide_l0 : (width, height), optional
+        Level-0 size of the slide, recorded for :func:`~napari_virchow.analysis.rasters.clip_to_slide`.
 
     Returns
     -------
@@ -56,7 +59,7 @@ def token_raster(
     t, g = int(tile_size_l0), int(vals.shape[1])
     if not len(xy):
         return Raster(np.zeros((0, 0), np.float32), t / max(g, 1) * mpp, (0.0, 0.0), (0, 0),
-                      t / max(g, 1), float(mpp))  # fmt: skip
+                      t / max(g, 1), float(mpp), slide_l0)  # fmt: skip
     rows, cols, _ = grid_indices(xy, t)
     r0, c0 = int(rows.min()), int(cols.min())
     rows, cols = rows - r0, cols - c0
@@ -67,4 +70,4 @@ def token_raster(
     cell = t / g
     return Raster(data=data, scale_um=cell * mpp,
                   translate_um=((oy + (cell - 1) / 2) * mpp, (ox + (cell - 1) / 2) * mpp),
-                  origin_l0=(ox, oy), tile_size_l0=cell, mpp=float(mpp))  # fmt: skip
+                  origin_l0=(ox, oy), tile_size_l0=cell, mpp=float(mpp), slide_l0=slide_l0)  # fmt: skip

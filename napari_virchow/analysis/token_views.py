@@ -91,7 +91,7 @@ def token_heatmap(
             logits_by.update(zip(held.tolist(), store.token_logits(head, held, attribution=attribution), strict=True))
         logits = np.stack([logits_by[i] for i in idx.tolist()]) if len(idx) else np.zeros((0, 1, 1, 1), np.float32)
     return token_raster(token_probability(head, logits), grid.coords[idx], grid.tile_size_l0,
-                        mpp=grid.slide.require_mpp())  # fmt: skip
+                        mpp=grid.slide.require_mpp(), slide_l0=grid.slide.dimensions)  # fmt: skip
 
 
 def query_token(tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -125,4 +125,5 @@ def token_similarity_map(
     _, q_tokens = tile_tokens(grid, encoder, [int(query_index)], store=store, batch_size=batch_size)
     _, tokens = tile_tokens(grid, encoder, idx, store=store, batch_size=batch_size)
     sim = token_similarity(tokens, query_token(q_tokens, query_mask)) if len(idx) else np.zeros((0, 1, 1), np.float32)
-    return token_raster(sim, grid.coords[idx], grid.tile_size_l0, mpp=grid.slide.require_mpp())
+    return token_raster(sim, grid.coords[idx], grid.tile_size_l0, mpp=grid.slide.require_mpp(),
+                        slide_l0=grid.slide.dimensions)

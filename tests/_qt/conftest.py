@@ -203,6 +203,27 @@ def dialogs(monkeypatch, *, save: Path | None = None, open_: Path | None = None)
         monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(open_), "")))
 
 
+def cells(layer, cell_um: float) -> np.ndarray:
+    """One value per raster cell (tile or token) of an overlay layer, as the user sees it inside the
+    slide: the first sub-cell of each (a cell a slide edge cuts is split, see ``clip_to_slide``)."""
+    split = cell_um / float(layer.scale[-1])
+    assert abs(split - round(split)) < 1e-6, (cell_um, tuple(layer.scale))
+    return np.asarray(layer.data)[:: round(split), :: round(split)]
+
+
+def drawn_past_slide(layer, slide_layer) -> int:
+    """How many of ``layer``'s pixels that lie wholly past the slide's edges are drawn (not NaN/0/alpha 0)."""
+    data = np.asarray(layer.data)
+    shown = data[..., 3] > 0 if data.ndim == 3 else (np.isfinite(data) if data.dtype.kind == "f" else data != 0)
+    (sy, sx), (ty, tx) = layer.scale, layer.translate
+    h, w = slide_layer.level_shapes[0][:2] if slide_layer.multiscale else slide_layer.data.shape[:2]
+    mpp = float(slide_layer.scale[-1])
+    # a pixel's near edge (centre - scale/2) at or beyond the slide's far edge ((n - 0.5) mpp)
+    past_y = ty + np.arange(data.shape[0]) * sy - sy / 2 >= (h - 0.5) * mpp - 1e-6
+    past_x = tx + np.arange(data.shape[1]) * sx - sx / 2 >= (w - 0.5) * mpp - 1e-6
+    return int(shown[past_y].sum() + shown[:, past_x].sum())
+
+
 def planted_truth(session) -> np.ndarray:
     from tests.conftest import PLANTED_PATTERNS
 

@@ -7,7 +7,7 @@ import pytest
 from napari.layers import Points
 
 from napari_virchow._qt.panels.clusters import cluster_color
-from tests._qt.conftest import compute_whole_slide, wait_idle
+from tests._qt.conftest import cells, compute_whole_slide, drawn_past_slide, wait_idle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,8 +31,11 @@ def test_cluster_draws_labels_legend_and_embedding_colours(qtbot, planted_widget
     session = w.session()
     rows, cols = session.grid.grid_shape
     not_embedded = ~session.store().done
-    alpha = rgb.data[:rows, :cols, 3].ravel()
+    tile_um = session.grid.tile_size_l0 * 0.5
+    alpha = cells(rgb, tile_um)[:rows, :cols, 3].ravel()
     assert np.all(alpha[not_embedded] == 0) and np.all(alpha[~not_embedded] == 1)  # see-through, not grey
+    slide = w.viewer.layers["planted"]
+    assert drawn_past_slide(rgb, slide) == 0 and drawn_past_slide(labels, slide) == 0  # nothing off the slide
     assert w.jobbar.status.text() == "3 clusters of the embedded tiles"
 
 

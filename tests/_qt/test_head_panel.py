@@ -11,9 +11,11 @@ import pytest
 from napari_virchow._qt.panels.head import class_color, rgb
 from tests._qt.conftest import (
     annotate_planted,
+    cells,
     click_canvas,
     compute_whole_slide,
     dialogs,
+    drawn_past_slide,
     planted_truth,
     square,
     wait_idle,
@@ -39,7 +41,10 @@ def test_probe_from_annotations_shows_auc_and_finds_the_other_copy(qtbot, plante
     assert "fewer than 10 tiles of tumour" in label  # 4 tiles: the figures are not to be trusted
     assert not w.jobbar.status.text().startswith("fitting")  # no stale stage line
     heat = w.viewer.layers["probability · planted"]
-    assert tuple(heat.scale) == pytest.approx((session.grid.tile_size_l0 * 0.5,) * 2)
+    tile_um = session.grid.tile_size_l0 * 0.5
+    # one cell per tile; the last column and row (32 px of the slide) split 7× to end at its edge
+    assert tuple(heat.scale) == pytest.approx((tile_um / 7,) * 2)
+    assert drawn_past_slide(heat, w.viewer.layers["planted"]) == 0
     # transparent at 0, opaque at 1: low probabilities do not darken the tissue
     assert heat.colormap.map(np.array([0.0]))[0, 3] == 0 and heat.colormap.map(np.array([1.0]))[0, 3] == 1
     assert heat.colorbar.visible
@@ -47,16 +52,17 @@ def test_probe_from_annotations_shows_auc_and_finds_the_other_copy(qtbot, plante
     auc = roc_auc_score(planted_truth(session)[done], session.probability[done])
     assert auc >= 0.9, auc  # the second, never annotated copy is found too
     rows, cols = session.grid.grid_shape
-    np.testing.assert_allclose(heat.data[:rows, :cols].ravel()[done], session.probability[done], rtol=1e-6)
+    np.testing.assert_allclose(cells(heat, tile_um)[:rows, :cols].ravel()[done], session.probability[done], rtol=1e-6)
 
     u.slide_keys("threshold_slider", 50)
     assert w.head.threshold_label.text() == "0.50"
-    shown = heat.data[:rows, :cols].ravel()
+    shown = cells(heat, tile_um)[:rows, :cols].ravel()
     assert np.all(np.isnan(shown[session.probability < 0.5]))
     assert np.all(np.isfinite(shown[done & (session.probability >= 0.5)]))
     u.click("smooth_check")
     heat = w.viewer.layers["probability · planted"]
     assert heat.data.shape[0] > rows  # upsampled, smoothed
+    assert drawn_past_slide(heat, w.viewer.layers["planted"]) == 0
     assert w.viewer.canvas.overlays.text.text == "colour bar: P(tumour)"
 
     # a similarity overlay on top: its bar (and title) is the one shown

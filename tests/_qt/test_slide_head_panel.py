@@ -9,7 +9,7 @@ import pytest
 from qtpy.QtWidgets import QFileDialog
 
 from napari_virchow import jobs as _jobs
-from tests._qt.conftest import wait_idle
+from tests._qt.conftest import cells, drawn_past_slide, wait_idle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -67,9 +67,11 @@ def test_slide_head_embeds_at_its_magnification_and_shows_probability_and_attent
 
     attention = w.viewer.layers["attention · planted"]
     t = grid.tile_size_l0
-    assert t == 448 and tuple(attention.scale) == pytest.approx((t * 0.5, t * 0.5))  # one pixel per 224-µm tile
+    # one cell per 224-µm tile, split 7× where the slide's edge (256 px into the last tiles) cuts them
+    assert t == 448 and tuple(attention.scale) == pytest.approx((t * 0.5 / 7, t * 0.5 / 7))
+    assert drawn_past_slide(attention, w.viewer.layers["planted"]) == 0
     rows, cols = grid.grid_shape
-    shown = attention.data[:rows, :cols].ravel()
+    shown = cells(attention, t * 0.5)[:rows, :cols].ravel()
     np.testing.assert_allclose(shown[idx], expected.attention / expected.attention.max(), rtol=1e-5)
     assert np.nanmax(shown) == pytest.approx(1.0) and np.all(np.isnan(np.delete(shown, idx)))
     assert attention.colorbar.visible and w.viewer.canvas.overlays.text.text == "colour bar: attention"
