@@ -177,11 +177,29 @@ class LevelsMixin:
 
     # --- computing ----------------------------------------------------------------------------
     def plan(self, bbox: BBox | None = None, *, indices: Indices | None = None, mpp: float | None = None) -> Plan:
-        """What :meth:`compute` with these arguments would do: tiles requested, cached, to compute."""
+        """What :meth:`compute` with these arguments would do: tiles requested, cached, to compute.
+
+        Where only the slide's store from 0.2 is cached, the new store is made first (call it off
+        the UI thread): it adopts the old rows (:mod:`~napari_virchow.store.migrate`), so they count
+        as cached, and every later read finds them. In a read-only cache they count as to compute.
+        """
         from napari_virchow.inference import plan
 
-        return plan(self.slide, self.encoder(), self.grid_at(mpp), bbox, indices=indices, store=self._stored(mpp),
+        store = self._stored(mpp)
+        store = self._adopting(mpp) if store is None else store
+        return plan(self.slide, self.encoder(), self.grid_at(mpp), bbox, indices=indices, store=store,
                     batch_size=self.config.batch_size, cache_root=self.config.cache_root)  # fmt: skip
+
+    def _adopting(self, mpp: float | None) -> EmbeddingStore | None:
+        """The new store of level ``mpp``, made now, where the cache holds its 0.2 store (else None)."""
+        from napari_virchow.store.cache import old_lattice_store, resolve_cache_root
+
+        if old_lattice_store(resolve_cache_root(self.config.cache_root), self.store_key(mpp)) is None:
+            return None
+        try:
+            return self.store("a", mpp=mpp)
+        except (VirchowError, OSError):  # a read-only cache, an untrained level: computed when asked
+            return None
 
     def tiles_per_s(self) -> float:
         """Throughput of the last run, else of one timed batch of random tiles (for ETAs)."""
