@@ -186,6 +186,8 @@ def upsample(
 
 #: most sub-cells one raster cell is split into along each axis where a slide edge cuts it
 CLIP_SPLIT = 8
+#: sub-cells this small (µm) are fine enough: an edge is then drawn within half of one (7 µm, a token)
+CLIP_CELL_UM = 14.0
 #: pixels a clipped raster may hold (fewer splits on larger rasters: 40,000 tiles split 5×, in ~2 ms;
 #: 4 M would take ~30 ms of the UI thread per update)
 CLIP_MAX_PIXELS = 1_000_000
@@ -200,10 +202,11 @@ def _edge_fraction(origin: int, cell: float, n: int, extent: int) -> float | Non
 def clip_to_slide(raster: Raster, *, split: int = CLIP_SPLIT, max_pixels: int = CLIP_MAX_PIXELS) -> Raster:
     """``raster`` with nothing drawn past the slide's right and bottom edges.
 
-    A partial edge tile is one raster cell that reaches up to a tile past the slide. The cells an
-    edge cuts are split into ``split`` × ``split`` sub-cells (fewer where the edge falls on a
-    coarser sub-cell boundary, or where more would exceed ``max_pixels``) and the sub-cells whose
-    centre lies past the edge become transparent: NaN for float rasters, 0 (background) for
+    A partial edge tile is one raster cell that reaches up to a tile past the slide. Cells are
+    split into ``f`` × ``f`` sub-cells, ``f`` the smallest on whose boundaries both edges fall or
+    whose sub-cells are at most :data:`CLIP_CELL_UM` (at most ``split``, and fewer where more would
+    exceed ``max_pixels``; 1 for cells already that fine, such as token cells), and the sub-cells
+    whose centre lies past an edge become transparent: NaN for float rasters, 0 (background) for
     labels, alpha 0 for RGBA. Rasters within the slide, or with no ``slide_l0``, come back as is.
     """
     if raster.slide_l0 is None or raster.data.ndim < 2:
@@ -215,8 +218,10 @@ def clip_to_slide(raster: Raster, *, split: int = CLIP_SPLIT, max_pixels: int = 
     if cuts == [None, None]:
         return raster
     f = 1
-    for f in range(1, max(int(split), 1) + 1):  # the coarsest split on whose boundaries both edges fall
+    for f in range(1, max(int(split), 1) + 1):  # the coarsest split that is exact, or fine enough
         if all(cut is None or abs(cut * f - round(cut * f)) < 1e-6 for cut in cuts):
+            break
+        if c * raster.mpp / f <= CLIP_CELL_UM + 1e-9:
             break
     while f > 1 and rows * cols * f * f > max_pixels:
         f -= 1

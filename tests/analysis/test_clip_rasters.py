@@ -79,9 +79,11 @@ def test_labels_become_background_and_rgba_transparent_past_the_edge() -> None:
 def test_upsampled_and_large_rasters_split_less() -> None:
     width = 3 * T + 42
     r = tile_raster(np.ones(8), grid(4, 2), T, (width, 2 * T), mpp=MPP)
-    up = clip_to_slide(upsample(r, 4, smooth=None))  # cells of 56 px: the 42-px edge cuts at 3/4 of one
-    assert up.data.shape == (8 * 4, 16 * 4)  # 4 more per cell: 14-px sub-cells, on which 42 px falls
-    assert drawn_edge_um(up.data, up.translate_um[1], up.scale_um, 1) == pytest.approx((width - 0.5) * MPP)
+    up = clip_to_slide(upsample(r, 4, smooth=None))  # cells of 56 px (28 µm): the 42-px edge cuts at 3/4 of one
+    assert up.data.shape == (8 * 2, 16 * 2)  # split 2×: 14-µm sub-cells are fine enough
+    assert abs(drawn_edge_um(up.data, up.translate_um[1], up.scale_um, 1) - (width - 0.5) * MPP) <= up.scale_um / 2
+    fine = upsample(r, 8, smooth=None)  # cells of 28 px = 14 µm (the viewer's embedded outlines): not split
+    assert clip_to_slide(fine).data.shape == fine.data.shape
     capped = clip_to_slide(r, max_pixels=8 * 9)
     assert capped.data.shape == (6, 12)  # 3 × 3 split: the most that fits 72 pixels
     assert abs(drawn_edge_um(capped.data, capped.translate_um[1], capped.scale_um, 1)
