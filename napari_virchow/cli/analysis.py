@@ -276,7 +276,7 @@ def _write_heatmap(session: SlideSession, head: LinearHead, out: Path, args: arg
     write_file(tif, write_heatmap_tiff, raster.data, mpp_l0=slide.require_mpp(), tile_size_l0=raster.tile_size_l0,
                slide_dims=slide.dimensions, dtype=args.tiff_dtype, metadata=meta)  # fmt: skip
     feats = threshold_features(values[idx], g.coords[idx], g.tile_size_l0, args.threshold,
-                               class_name=str(head.positive_class))  # fmt: skip
+                               class_name=str(head.positive_class), bounds=slide.dimensions)  # fmt: skip
     gj = safe_output_path(out, f"{stem}.heatmap.geojson")
     write_file(gj, write_annotations, feats, provenance=provenance(session))
     w, h = slide.dimensions

@@ -147,7 +147,8 @@ class _GeoJsonWork:
         if self.args.clusters:
             result = session.fit_clusters(self.args.clusters, tissue_only=True)
             idx = np.flatnonzero(result.labels)
-            feats = cluster_features(result.labels[idx], g.coords[idx], g.tile_size_l0)
+            feats = cluster_features(result.labels[idx], g.coords[idx], g.tile_size_l0,
+                                     bounds=session.slide.dimensions)
             notes.append(self._write(f"{stem}.clusters.geojson", feats, f"{len(feats)} cluster regions", session))
         if self.args.query:
             feats = query_features(session, self.args.query, k=self.args.top_k, progress=show_progress(self.args))
@@ -158,7 +159,8 @@ class _GeoJsonWork:
             values = session.apply_head(self.head, tissue_only=True)
             idx = np.flatnonzero(~np.isnan(values))
             feats = threshold_features(values[idx], g.coords[idx], g.tile_size_l0, t,
-                                       class_name=str(self.head.positive_class))  # fmt: skip
+                                       class_name=str(self.head.positive_class),
+                                       bounds=session.slide.dimensions)  # fmt: skip
             notes.append(self._write(f"{stem}.heatmap.geojson", feats, f"{self.head.positive_class} >= {t:g}",
                                      session))
         return "\n".join(notes)
@@ -183,6 +185,8 @@ def query_features(session: SlideSession, xy: tuple[float, float], *, k: int,
     hits = session.hits(k)
     x0, y0 = (int(v) for v in session.grid.coords[query[0]])
     t = session.grid.tile_size_l0
-    box = np.array([[x0, y0], [x0 + t, y0], [x0 + t, y0 + t], [x0, y0 + t]])
+    w, h = session.slide.dimensions
+    x1, y1 = min(x0 + t, w), min(y0 + t, h)  # a partial edge tile is cut at the slide's edge
+    box = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
     feature = annotation_to_feature(Annotation(box, "Query", (0, 200, 255), name="Query"))
-    return [feature, *hits_to_features(hits, t, class_name="Similar")]
+    return [feature, *hits_to_features(hits, t, class_name="Similar", bounds=(w, h))]

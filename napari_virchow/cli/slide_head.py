@@ -202,7 +202,7 @@ def _write_attention(session: SlideSession, head: SlideHead, result: SlideResult
                slide_dims=slide.dimensions, metadata=meta)  # fmt: skip
     top = result.top_tiles(args.top)
     feats = tiles_to_features(grid.coords[top], grid.tile_size_l0, np.ones(len(top), np.int64),
-                              {1: "Attention"}, {1: (255, 127, 14)})  # fmt: skip
+                              {1: "Attention"}, {1: (255, 127, 14)}, bounds=slide.dimensions)  # fmt: skip
     gj = safe_output_path(out, f"{stem}.attention.geojson")
     write_file(gj, write_annotations, feats, provenance={**prov, "slide_head": meta["slide_head"],
                                                          "probabilities": result.probabilities})  # fmt: skip

@@ -334,24 +334,29 @@ def threshold_features(
     *,
     class_name: str,
     color: Color = (214, 39, 40),
+    bounds: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One QuPath annotation (polygon or multipolygon on tile borders) of tiles with value ≥ threshold.
 
     ``values`` has one entry per row of ``coords``; NaN (not computed) is never above. Returns an
-    empty list when no tile reaches the threshold.
+    empty list when no tile reaches the threshold. ``bounds``: the slide's level-0 ``(width, height)``,
+    where partial edge tiles are cut (:func:`~napari_virchow.io.geojson.tiles_to_features`).
     """
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     with np.errstate(invalid="ignore"):
         above = np.isfinite(v) & (v >= threshold)
     if not above.any():
         return []
-    return tiles_to_features(coords, tile_size_l0, above.astype(np.int64), {1: class_name}, {1: color})
+    return tiles_to_features(coords, tile_size_l0, above.astype(np.int64), {1: class_name}, {1: color},
+                             bounds=bounds)
 
 
-def cluster_features(labels: np.ndarray, coords: np.ndarray, tile_size_l0: int) -> list[dict[str, Any]]:
-    """One QuPath annotation per cluster id (1..k), classes ``Cluster i``; label 0 is skipped."""
+def cluster_features(labels: np.ndarray, coords: np.ndarray, tile_size_l0: int, *,
+                     bounds: tuple[int, int] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """One QuPath annotation per cluster id (1..k), classes ``Cluster i``; label 0 is skipped
+    (``bounds``: as for :func:`threshold_features`)."""
     lab = np.asarray(labels, dtype=np.int64).reshape(-1)
     ids = sorted(int(i) for i in np.unique(lab) if i > 0)
     names = {i: f"Cluster {i}" for i in ids}
     colors = {i: PALETTE[(i - 1) % len(PALETTE)] for i in ids}
-    return tiles_to_features(coords, tile_size_l0, lab, names, colors)
+    return tiles_to_features(coords, tile_size_l0, lab, names, colors, bounds=bounds)

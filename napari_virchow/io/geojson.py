@@ -295,17 +295,30 @@ def _trace(mask: np.ndarray) -> list[list[np.ndarray]]:
     return regions
 
 
+def _within(ring: np.ndarray, bounds: tuple[int, int] | None) -> np.ndarray:
+    """``ring``'s vertices clamped to ``[0, width] × [0, height]``. For rings on the tile lattice whose
+    last row and column the slide edge cuts, that is exactly the ring cut at the edge: the clamp keeps
+    the order of every vertex coordinate, so the outline stays simple."""
+    if bounds is None:
+        return ring
+    return np.minimum(np.maximum(ring, 0), np.asarray(bounds, dtype=ring.dtype))
+
+
 def tiles_to_features(
     coords: np.ndarray,
     tile_size_l0: int,
     labels: np.ndarray,
     class_names: Sequence[str] | Mapping[int, str],
     colors: Sequence[Color] | Mapping[int, Color] | None = None,
+    *,
+    bounds: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One QuPath annotation per class: the union of its tiles, traced on tile borders.
 
     ``labels[i]`` is looked up in ``class_names`` (a sequence indexed from 0, or a mapping such as
     ``{1: "Cluster 1", ...}`` for cluster ids); labels without a name (e.g. -1 or 0) are skipped.
+    ``bounds``: the slide's level-0 ``(width, height)``; partial edge tiles, which reach past it, are
+    cut there (QuPath, and :func:`check_inside` on reading them back, expect annotations on the slide).
     """
     names = dict(class_names) if isinstance(class_names, Mapping) else dict(enumerate(class_names))
     cols_map = (dict(colors) if isinstance(colors, Mapping)
@@ -321,7 +334,7 @@ def tiles_to_features(
         sel = lab == value
         mask = np.zeros((int(rows.max()) + 1, int(cols.max()) + 1), dtype=bool)
         mask[rows[sel], cols[sel]] = True
-        polys = [[ring * t + (ox, oy) for ring in region] for region in _trace(mask)]
+        polys = [[_within(ring * t + (ox, oy), bounds) for ring in region] for region in _trace(mask)]
         color = cols_map.get(value, PALETTE[order.index(value) % len(PALETTE)])
         feats.append(_feature(polys, names[value], color, n_tiles=int(sel.sum())))
     return feats
@@ -333,15 +346,17 @@ def hits_to_features(
     *,
     class_name: str | None = "Similar",
     color: Color = (255, 0, 255),
+    bounds: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One square annotation per hit, named ``Hit 1..k`` with ``score`` (and ``slide``) properties.
 
     With ``class_name=None`` each hit is its own class ``Hit i`` instead of one shared class.
+    ``bounds``: the level-0 ``(width, height)`` of the slide the hits are on, as for :func:`tiles_to_features`.
     """
     t = int(tile_size_l0)
     feats = []
     for rank, h in enumerate(hits, start=1):
-        box = np.asarray([[h.x, h.y], [h.x + t, h.y], [h.x + t, h.y + t], [h.x, h.y + t]])
+        box = _within(np.asarray([[h.x, h.y], [h.x + t, h.y], [h.x + t, h.y + t], [h.x, h.y + t]]), bounds)
         feats.append(_feature([[box]], class_name or f"Hit {rank}", color, name=f"Hit {rank}",
                               score=float(h.score), rank=rank, tile_index=int(h.index),
                               slide=h.slide))

@@ -12,6 +12,7 @@ from napari_virchow.io.geojson import (
     Annotation,
     AnnotationError,
     OutputPathError,
+    check_inside,
     hits_to_features,
     read_annotations,
     safe_output_path,
@@ -157,3 +158,25 @@ def test_symlink_target_refused(tmp_path) -> None:
 def test_plain_name_accepted(tmp_path) -> None:
     assert safe_output_path(tmp_path / "new", "slide..v2.geojson") == (
         tmp_path / "new" / "slide..v2.geojson")
+
+
+def test_edge_tiles_are_cut_at_the_slide_edge_and_read_back(tmp_path) -> None:
+    """Partial edge tiles reach past the slide; exported regions stop at its edge, so QuPath shows
+    them on the slide and Load GeoJSON (check_inside) takes them back."""
+    width, height = 2 * T + 100, 2 * T + 30  # a 3 × 3 lattice, its last column and row partial
+    coords = tile_coords(3, 3)
+    labels = np.array([-1, 0, 0, -1, 0, 0, 0, 0, 0])  # an L of 7 tiles reaching both far edges
+    uncut = tiles_to_features(coords, T, labels, ["Tumour"])
+    with pytest.raises(VirchowError, match="outside the"):
+        check_inside(read_annotations(write_annotations(safe_output_path(tmp_path, "uncut.geojson"), uncut)),
+                     (width, height), "edge.tif")  # fmt: skip
+    (feat,) = tiles_to_features(coords, T, labels, ["Tumour"], bounds=(width, height))
+    ring = np.array(feat["geometry"]["coordinates"][0])
+    assert ring[:, 0].max() == width and ring[:, 1].max() == height and ring.min() >= 0
+    # the same outline, with the far edges moved in: the corners at T and 2T stay where they were
+    assert set(map(tuple, ring.tolist())) == {(T, 0), (width, 0), (width, height), (0, height), (0, 2 * T),
+                                              (T, 2 * T)}  # fmt: skip
+    back = read_annotations(write_annotations(safe_output_path(tmp_path, "cut.geojson"), [feat]))
+    check_inside(back, (width, height), "edge.tif")  # no error
+    (hit,) = hits_to_features([Hit(8, 2 * T, 2 * T, 0.9)], T, bounds=(width, height))
+    assert np.array(hit["geometry"]["coordinates"][0]).max(axis=0).tolist() == [width, height]

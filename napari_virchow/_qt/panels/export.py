@@ -30,18 +30,19 @@ def overlay_features(session: SlideSession, threshold: float, hits: list[Any]) -
     from napari_virchow.io.export import threshold_features
     from napari_virchow.io.geojson import hits_to_features, tiles_to_features
 
-    g = session.grid
+    g, bounds = session.grid, session.slide.dimensions
     feats: list[dict[str, Any]] = []
     if session.probability is not None and session.head is not None:
         done = np.isfinite(session.probability)
         feats += threshold_features(session.probability[done], g.coords[done], g.tile_size_l0, threshold,
-                                    class_name=str(session.head.positive_class))  # fmt: skip
+                                    class_name=str(session.head.positive_class), bounds=bounds)  # fmt: skip
     if session.cluster_labels is not None:
         ids = sorted(int(i) for i in np.unique(session.cluster_labels) if i > 0)
         feats += tiles_to_features(g.coords, g.tile_size_l0, session.cluster_labels,
-                                   {i: f"Cluster {i}" for i in ids}, {i: _rgb(cluster_color(i)) for i in ids})
+                                   {i: f"Cluster {i}" for i in ids}, {i: _rgb(cluster_color(i)) for i in ids},
+                                   bounds=bounds)  # fmt: skip
     if hits:
-        feats += hits_to_features(hits, g.tile_size_l0)
+        feats += hits_to_features(hits, g.tile_size_l0, bounds=bounds)
     return feats
 
 
