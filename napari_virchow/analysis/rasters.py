@@ -219,9 +219,8 @@ def clip_to_slide(raster: Raster, *, split: int = CLIP_SPLIT, max_pixels: int = 
         return raster
     f = 1
     for f in range(1, max(int(split), 1) + 1):  # the coarsest split that is exact, or fine enough
-        if all(cut is None or abs(cut * f - round(cut * f)) < 1e-6 for cut in cuts):
-            break
-        if c * raster.mpp / f <= CLIP_CELL_UM + 1e-9:
+        exact = all(cut is None or abs(cut * f - round(cut * f)) < 1e-6 for cut in cuts)
+        if exact or c * raster.mpp / f <= CLIP_CELL_UM + 1e-9:
             break
     while f > 1 and rows * cols * f * f > max_pixels:
         f -= 1

@@ -177,16 +177,13 @@ class _GeoJsonWork:
 def query_features(session: SlideSession, xy: tuple[float, float], *, k: int,
                    progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
     """The query tile (class ``Query``) and its ``k`` most similar distinct tissue tiles (``Similar``)."""
-    from napari_virchow.io.geojson import Annotation, annotation_to_feature, hits_to_features
+    from napari_virchow.io.geojson import Annotation, annotation_to_feature, hits_to_features, tile_box
 
     query = session.query_indices(*xy)
     embed_missing(session, query, progress=progress)  # a background tile is embedded on demand
     session.set_query(query, tissue_only=True)
     hits = session.hits(k)
     x0, y0 = (int(v) for v in session.grid.coords[query[0]])
-    t = session.grid.tile_size_l0
-    w, h = session.slide.dimensions
-    x1, y1 = min(x0 + t, w), min(y0 + t, h)  # a partial edge tile is cut at the slide's edge
-    box = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
-    feature = annotation_to_feature(Annotation(box, "Query", (0, 200, 255), name="Query"))
-    return [feature, *hits_to_features(hits, t, class_name="Similar", bounds=(w, h))]
+    t, bounds = session.grid.tile_size_l0, session.slide.dimensions
+    feature = annotation_to_feature(Annotation(tile_box(x0, y0, t, bounds), "Query", (0, 200, 255), name="Query"))
+    return [feature, *hits_to_features(hits, t, class_name="Similar", bounds=bounds)]

@@ -304,6 +304,13 @@ def _within(ring: np.ndarray, bounds: tuple[int, int] | None) -> np.ndarray:
     return np.minimum(np.maximum(ring, 0), np.asarray(bounds, dtype=ring.dtype))
 
 
+def tile_box(x: int, y: int, tile_size_l0: int, bounds: tuple[int, int] | None = None) -> np.ndarray:
+    """The (4, 2) level-0 corners of the tile at ``(x, y)``, cut at ``bounds`` (the slide's
+    ``(width, height)``) where a partial edge tile reaches past it."""
+    t = int(tile_size_l0)
+    return _within(np.asarray([[x, y], [x + t, y], [x + t, y + t], [x, y + t]]), bounds)
+
+
 def tiles_to_features(
     coords: np.ndarray,
     tile_size_l0: int,
@@ -353,10 +360,9 @@ def hits_to_features(
     With ``class_name=None`` each hit is its own class ``Hit i`` instead of one shared class.
     ``bounds``: the level-0 ``(width, height)`` of the slide the hits are on, as for :func:`tiles_to_features`.
     """
-    t = int(tile_size_l0)
     feats = []
     for rank, h in enumerate(hits, start=1):
-        box = _within(np.asarray([[h.x, h.y], [h.x + t, h.y], [h.x + t, h.y + t], [h.x, h.y + t]]), bounds)
+        box = tile_box(h.x, h.y, tile_size_l0, bounds)
         feats.append(_feature([[box]], class_name or f"Hit {rank}", color, name=f"Hit {rank}",
                               score=float(h.score), rank=rank, tile_index=int(h.index),
                               slide=h.slide))

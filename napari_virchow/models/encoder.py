@@ -305,7 +305,7 @@ def _one_graph_per_shape(compiled: Callable[[torch.Tensor], torch.Tensor]) -> Ca
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            batch = torch.cat([x, x]) if x.shape[0] == 1 else x.clone()
+            batch = torch.cat([x, x]) if x.shape[0] == 1 else x if x.is_inference() else x.clone()
             torch._dynamo.mark_dynamic(batch, 0)
             return compiled(batch)[: x.shape[0]]
 
