@@ -170,7 +170,8 @@ def _embedded(slides: Sequence[str], config: SessionConfig,
 
         yield from embed_on_cluster(scheduler, slides, config)
         return
-    load_encoder(config)  # bad weights fail once, for the whole command (exit 2)
+    if any(Path(s).exists() for s in slides):  # none there: each says so, not the weights first
+        load_encoder(config)  # bad weights fail once, for the whole command (exit 2)
     yield from ((s, None) for s in slides)
 
 

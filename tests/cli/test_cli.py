@@ -154,6 +154,17 @@ def test_broken_slides_fail_alone(cohort: Cohort, tmp_path: Path, capsys: pytest
 
 
 @pytest.mark.timeout(60)
+def test_a_mistyped_slide_is_named_before_the_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # default weights (Virchow 2 from the hub) are not on this machine, and the hub is offline:
+    # a typo in the only slide's path must say so, not send the user to log in to Hugging Face
+    rc, out, err = _run(capsys, "embed", tmp_path / "typo.svs", "--cache", tmp_path / "c", "--no-progress")
+    assert rc == 1
+    [error] = _errors(err)
+    assert "typo.svs" in error and "no such file" in error and "hugging" not in err.lower()
+    assert "0 of 1 slides done, 1 failed" in out
+
+
+@pytest.mark.timeout(60)
 def test_missing_mpp_needs_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     slide = write_pyramid(tmp_path / "nompp.tif", 672, 672, PlantedSource([Region((0, 0, 672, 672))]), mpp=None,
                           levels=1)  # fmt: skip
