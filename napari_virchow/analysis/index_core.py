@@ -155,8 +155,9 @@ class SlideIndex(_vec.RerankFile):
     def describe(self) -> str:
         """One line: size, kind, encoder and magnification, for the viewer and the CLI."""
         at = f" at {self.mpp:g} µm/px ({10 / self.mpp:.3g}×)" if self.mpp else ""
-        return (f"{len(self):,} tiles of {len(self.slides)} slides, {self.kind}, {self.encoder}{at}"
-                f" ({self.nbytes() / 1e6:.1f} MB)")  # fmt: skip
+        n, size = len(self.slides), self.nbytes()
+        shown = f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+        return f"{len(self):,} tiles of {n} slide{'' if n == 1 else 's'}, {self.kind}, {self.encoder}{at} ({shown})"
 
     def __len__(self) -> int:
         return int(self.index.ntotal)

@@ -166,7 +166,8 @@ def test_the_searched_index_is_described_and_a_query_at_another_magnification_re
     u.click("search_index_btn")
     wait_idle(qtbot, w)
     info = w.similar.index_info.text()
-    assert f"{len(idx):,} tiles of 1 slides" in info and "virchow2-tiny" in info and "0.5 µm/px (20×)" in info
+    assert f"{len(idx):,} tiles of 1 slide," in info and " kB)" in info
+    assert "virchow2-tiny" in info and "0.5 µm/px (20×)" in info
     shown: list[str] = []
     monkeypatch.setattr("napari_virchow._qt.errors.show_error", shown.append)
     u.type("index_edit", str(tmp_path / "x5"))
