@@ -60,6 +60,7 @@ class Planned:
     n_todo: int
     fits: bool
     overview: bool = False
+    n_missing: int | None = None  # tiles in view not cached (None: n_todo); more than n_todo when auto caps a view
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def view_job(session: SlideSession, box: Sequence[float], canvas_px: tuple[int, 
     plan = session.plan_view(box, canvas_px, pinned=pinned)
     missing = session.missing(plan.in_view, mpp=plan.mpp)
     todo = missing if pinned is not None else session.view_todo(plan)
-    yield Planned(plan.mpp, plan.pinned, len(plan.in_view), len(todo), plan.fits)
+    yield Planned(plan.mpp, plan.pinned, len(plan.in_view), len(todo), plan.fits, n_missing=len(missing))
     name = _mag(plan.mpp)
     if pinned is not None and len(todo) > limit and not force:
         if not session.last_tiles_per_s:

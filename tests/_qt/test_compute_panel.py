@@ -117,6 +117,9 @@ def test_cancel_tells_the_truth_and_keeps_the_store_consistent(qtbot, planted_wi
     status = w.jobbar.status.text()
     assert status.startswith("cancelled after") and f"of {session.grid.n_tissue:,} tiles" in status
     assert f"{session.grid.n_tissue} / {session.grid.n_tissue}" not in w.jobbar.progress.text()
+    # the view's read-out counted down with the batches and stopped where the cancel did
+    left = session.grid.n_tissue - len(idx)
+    assert u["level_label"].text().endswith(f"{session.grid.n_tissue:,} tissue tiles in view, {left:,} to compute")
     assert not w.jobbar.progress.isVisible() and not u["cancel_btn"].isEnabled()
     expected = session.encoder().embed(session.grid.read_tiles(idx[:4]))
     np.testing.assert_allclose(emb[:4], expected, rtol=0.02, atol=0.02)  # float16 rows, all complete

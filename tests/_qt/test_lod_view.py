@@ -27,6 +27,7 @@ def test_the_view_picks_the_finest_level_that_fits_and_zooming_in_refines(qtbot,
     assert s.done_at(whole.mpp)[whole.in_view].all()
     assert s.open_levels() == (whole.mpp,)  # nothing was computed at 20×
     assert f"{whole.mpp:g} µm/px" in u["level_label"].text() and not u["decision_label"].isVisible()
+    assert u["level_label"].text().endswith(f"{len(whole.in_view):,} tissue tiles in view, all computed")
     coarse_done = s.done_at(whole.mpp).copy()
     zoom_to(w, 1376, 1376, 500)
     u.click("compute_btn")

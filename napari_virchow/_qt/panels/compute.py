@@ -91,6 +91,7 @@ class ComputePanel(QGroupBox):
         self.level_label.setWordWrap(True)  # a long read-out must not widen the dock
         rows.addRow(self.level_label)
         self.view_mpp: float | None = None  # the level of the last planned view
+        self._planned: _jobs.Planned | None = None  # the plan whose tiles arrive now (the read-out counts down)
         #: token work a view's compute must also do (the Token resolution panel's view_options), if any
         self.token_options: Callable[[], dict[str, Any] | None] | None = None
         self.limit_spin = named(QSpinBox(minimum=1, maximum=10_000_000, value=2000, singleStep=500), "limit_spin",
@@ -229,12 +230,21 @@ class ComputePanel(QGroupBox):
                             opacity=0.9, colormap=outline)  # fmt: skip
         layer.contour = 1
 
+    def _show_plan(self, plan: _jobs.Planned, n_done: int) -> None:
+        how = "overview" if plan.overview else "pinned" if plan.pinned else "auto"
+        left = max(0, (plan.n_todo if plan.n_missing is None else plan.n_missing) - n_done)
+        self.level_label.setText(f"{10 / plan.mpp:.3g}× ({plan.mpp:g} µm/px, {how}): {plan.n_in_view:,} tissue tiles "
+                                 f"in view, " + (f"{left:,} to compute" if left else "all computed"))  # fmt: skip
+
     def on_event(self, session: SlideSession, ev: object) -> None:
         if isinstance(ev, _jobs.Planned):
             self.view_mpp = ev.mpp
-            how = "overview" if ev.overview else "pinned" if ev.pinned else "auto"
-            self.level_label.setText(f"{10 / ev.mpp:.3g}× ({ev.mpp:g} µm/px, {how}): {ev.n_in_view:,} tissue tiles "
-                                     f"in view, {ev.n_todo:,} to compute")  # fmt: skip
+            self._planned = ev
+            self._show_plan(ev, 0)
+        elif isinstance(ev, _jobs.BatchDone) and self._planned is not None and ev.mpp == self._planned.mpp:
+            self._show_plan(self._planned, ev.n_done)  # the read-out counts down as tiles arrive
+        elif isinstance(ev, _jobs.Stage) and ev.final:
+            self._planned = None  # a later job's batches are not this plan's
         if isinstance(ev, TissueFound) and self.tissue_check.isChecked():
             self.show_tissue()
         done_something = isinstance(ev, _jobs.BatchDone) or (isinstance(ev, _jobs.Stage) and ev.final)
