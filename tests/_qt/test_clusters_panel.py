@@ -7,6 +7,7 @@ import pytest
 from napari.layers import Points
 
 from napari_virchow._qt.panels.clusters import cluster_color
+from napari_virchow._qt.viewport import camera
 from tests._qt.conftest import cells, compute_whole_slide, drawn_past_slide, wait_idle
 
 pytestmark = pytest.mark.timeout(300)
@@ -51,7 +52,7 @@ def test_cluster_legend_on_the_canvas(qtbot, planted_widget, ui) -> None:
         labels, legend = w.viewer.layers["clusters · planted"], w.viewer.layers["cluster legend · planted"]
         counts = w.session().cluster_counts()
         assert isinstance(legend, Points) and len(legend.data) == k == len(counts)
-        assert list(legend.features["label"]) == [f"cluster {c}: {n:,} tiles" for c, n in counts.items()]
+        assert list(legend.features["label"]) == [f"cluster {c}: {n:,} tile{'s' * (n != 1)}" for c, n in counts.items()]
         for row, cid in enumerate(counts):  # the dot of each entry has the colour of its cluster on the canvas
             np.testing.assert_allclose(legend.face_color[row], labels.colormap.map(cid), atol=1e-6)
         # at the slide's top left, in µm, inside the slide
@@ -68,6 +69,49 @@ def test_cluster_legend_on_the_canvas(qtbot, planted_widget, ui) -> None:
     assert legend.visible
     w.viewer.layers.remove(labels)  # the legend goes with its clusters
     assert "cluster legend · planted" not in w.viewer.layers
+
+
+def _legend_lines(w, legend) -> tuple[np.ndarray, np.ndarray, float]:
+    """(screen y of each dot, screen y of the centre of each line of dark text beside the dots, row px)."""
+    shot = np.asarray(w.viewer.screenshot(canvas_only=True, flash=False))[..., :3].astype(int)
+    cam, (h, wd) = camera(w.viewer), shot.shape[:2]
+    ratio = h / w.viewer.canvas.size[0]  # screenshot px per canvas px
+    cy, cx = cam.center[-2:]
+    dots = np.asarray(legend.data) * legend.scale + legend.translate  # world µm
+    ys = (h / 2 + (dots[:, 0] - cy) * cam.zoom * ratio)
+    xs = (wd / 2 + (dots[:, 1] - cx) * cam.zoom * ratio)
+    step = float(np.diff(ys).mean())  # px between rows
+    x0, x1 = int(xs[0] + 0.45 * step), int(min(wd, xs[0] + 2.5 * step))  # "clus" of "cluster i: …"
+    y0, y1 = int(max(0, ys[0] - step)), int(min(h, ys[-1] + step))
+    dark = (shot[y0:y1, x0:x1] < 90).all(axis=-1).any(axis=1)  # rows with black text in them
+    edges = np.flatnonzero(np.diff(np.r_[0, dark.astype(int), 0]))
+    centres = y0 + (edges[0::2] + edges[1::2] - 1) / 2
+    return ys, centres, step
+
+
+@pytest.mark.drives("cluster_btn")
+def test_each_legend_label_is_drawn_beside_its_dot_at_every_zoom(qtbot, planted_widget, ui) -> None:
+    # as seen on the canvas: fixed-size text sat one row above its dot (wrong colour for every label)
+    w, u = planted_widget, ui(planted_widget)
+    w.viewer.window._qt_window.resize(1280, 800)
+    compute_whole_slide(qtbot, w, u)
+    u.spin("k_spin", 5)
+    u.click("cluster_btn")
+    wait_idle(qtbot, w)
+    for layer in w.viewer.layers:  # the slide and the legend alone (the legend shows with its clusters)
+        layer.visible = layer.name in ("planted", "clusters · planted", "cluster legend · planted")
+    w.viewer.layers["clusters · planted"].opacity = 0.0
+    legend = w.viewer.layers["cluster legend · planted"]
+    for zoom in (1.0, 3.0):
+        w.viewer.reset_view()
+        cam = camera(w.viewer)
+        cam.zoom *= zoom
+        if zoom > 1:
+            cam.center = (*cam.center[:-2], *legend.data.mean(axis=0))
+        qtbot.wait(100)
+        dots, lines, step = _legend_lines(w, legend)
+        assert step > 8 and len(lines) == len(dots) == 5, (zoom, dots, lines)
+        np.testing.assert_allclose(lines, dots, atol=0.2 * step)  # each line centred on its own dot
 
 
 @pytest.mark.drives("cluster_btn", "pick_btn", "export_geojson_btn")

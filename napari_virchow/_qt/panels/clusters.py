@@ -22,6 +22,13 @@ __all__ = ["LEGEND", "PALETTE", "ClusterPanel"]
 
 #: overlay kind of the on-canvas legend (a Points layer: one coloured dot and label per cluster)
 LEGEND = "cluster legend"
+#: height of a legend line in rows (one row = the spacing of the dots)
+TEXT_EM = 0.6
+
+
+def n_tiles(n: int) -> str:
+    """"1 tile", "2 tiles", "1,024 tiles"."""
+    return f"{n:,} tile{'' if n == 1 else 's'}"
 
 #: a qualitative palette that reads on H&E (Okabe–Ito, then Tableau): no three near-purples
 PALETTE = ["#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00", "#cc79a7", "#000000",
@@ -88,9 +95,12 @@ class ClusterPanel(QGroupBox):
         keep = viewer.layers.selection.active
         legend = viewer.add_points(
             coords, name=name, size=0.7 * step, face_color=[cluster_color(c) for c in cids], border_color="white",
-            features={"label": [f"cluster {c}: {counts[c]:,} tiles" for c in cids]},
-            text={"string": "{label}", "anchor": "upper_left", "translation": [-0.35 * step, 0.6 * step],
-                  "color": "black", "size": 11},
+            features={"label": [f"cluster {c}: {n_tiles(counts[c])}" for c in cids]},
+            # text that scales with the zoom, like the dots: each label stays beside its dot at every zoom
+            # (fixed-size text drifted a row above it at some zooms); the anchor is the text's
+            # bottom-left on napari's y-down canvas, so 0.6 line below the dot centres the line's letters on it
+            text={"string": "{label}", "anchor": "upper_left", "translation": [0.6 * TEXT_EM * step, 0.6 * step],
+                  "color": "black", "size": TEXT_EM * step * 72 / 96, "scaling": True},
             units=("µm", "µm"),
         )  # fmt: skip
         if keep is not None:  # the legend must not take the selection (and its mouse mode) away
@@ -165,7 +175,7 @@ class ClusterPanel(QGroupBox):
             legend.visible = lyr.visible
             lyr.events.visible.connect(self._sync_legend)  # connected once: napari skips a known callback
         self.legend.setText("<br>".join(f"<span style='color:{cluster_color(cid)}'>■</span> cluster {cid}: "
-                                        f"{n:,} tiles" for cid, n in counts.items()))  # fmt: skip
+                                        f"{n_tiles(n)}" for cid, n in counts.items()))  # fmt: skip
 
     def on_event(self, session: SlideSession, ev: object) -> None:
         if isinstance(ev, TokenClustersReady):
