@@ -63,6 +63,14 @@ class SessionBook:
     def sessions(self, layer: Image) -> list[SlideSession]:
         return list(self._sessions.get(id(layer), {}).values())
 
+    def layer_of(self, session: SlideSession) -> Image | None:
+        """The slide layer ``session`` belongs to, ``None`` once that layer left the viewer."""
+        for key, sessions in self._sessions.items():
+            if any(s is session for s in sessions.values()):
+                layer = self._layers.get(key)
+                return layer if layer is not None and layer in self._viewer.layers else None
+        return None
+
     def _apply_mpp(self, layer: Image, slide: Slide, override: float | None) -> None:
         file_mpp = layer.metadata[METADATA_KEY].get("mpp")
         wanted = override or file_mpp

@@ -45,7 +45,7 @@ from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
 
 from napari_virchow import jobs as _jobs
 from napari_virchow._qt.errors import gui_message, report
-from napari_virchow._qt.layers import show_colorbar_on_top
+from napari_virchow._qt.layers import overlay_name, remove_overlays, show_colorbar_on_top
 from napari_virchow._qt.panels.clusters import ClusterPanel
 from napari_virchow._qt.panels.compute import ComputePanel
 from napari_virchow._qt.panels.export import ExportPanel
@@ -59,7 +59,7 @@ from napari_virchow._qt.panels.tokens import TokenPanel
 from napari_virchow._qt.runner import JobRunner
 from napari_virchow._qt.sessions import SessionBook
 from napari_virchow._qt.viewport import ViewportWatcher
-from napari_virchow._reader import prefer_this_reader
+from napari_virchow._reader import METADATA_KEY, prefer_this_reader
 from napari_virchow.analysis.token_jobs import TokensStored
 from napari_virchow.errors import VirchowError
 from napari_virchow.session import SessionConfig, SlideSession
@@ -74,6 +74,7 @@ class VirchowWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.last_event: object = None
+        self._event_layer: Image | None = None  # the slide layer of the job event being drawn
         self.runner = JobRunner(self)
         self.sessions = SessionBook(napari_viewer, is_busy=lambda s: s is self.runner.session)
         self.rates = RateMeter()
@@ -140,7 +141,9 @@ class VirchowWidget(QWidget):
 
     # --- what panels call ----------------------------------------------------------------------
     def slide_layer(self) -> Image | None:
-        """The chosen slide layer, or ``None``."""
+        """The chosen slide layer, or ``None``; while a job's event is drawn, the job's slide layer."""
+        if self._event_layer is not None:
+            return self._event_layer
         return self.model.slide_layer()
 
     _slide_layer = slide_layer
@@ -235,9 +238,17 @@ class VirchowWidget(QWidget):
             self.jobbar.ask(f"{ev.n_todo:,} tiles in view are not computed yet (≈ {duration(eta)}, {how}). "
                             "Compute them, or zoom in?", ev.n_todo)  # fmt: skip
             self.jobbar.set_status("")
-        for panel in (self.compute, self.head, self.tokens, self.labelling, self.slide_head, self.clusters,
-                      self.similar):
-            panel.on_event(session, ev)
+        # overlays go over the job's own slide, whichever slide is chosen now; none once it is removed
+        layer = self.sessions.layer_of(session)
+        if layer is None:
+            return
+        self._event_layer = layer
+        try:
+            for panel in (self.compute, self.head, self.tokens, self.labelling, self.slide_head, self.clusters,
+                          self.similar):
+                panel.on_event(session, ev)
+        finally:
+            self._event_layer = None
 
     def _decided(self, yes: bool) -> None:
         if yes:
@@ -256,11 +267,24 @@ class VirchowWidget(QWidget):
         layer = getattr(event, "value", None)
         if getattr(event, "type", None) == "inserted" and layer is not None:
             layer.events.visible.connect(self._visibility_changed)
+        if getattr(event, "type", None) == "removed" and isinstance(layer, Image) and METADATA_KEY in layer.metadata:
+            self._slide_removed(layer)
         self.model.refresh_layers()
         if self.model.foreign_layer() is not None and not self.slide_layer():
             self.set_status(f"{foreign_slide_path(self.model.foreign_layer())} was opened by another reader: "
                             "press 'Reopen with Virchow' to analyse it")  # fmt: skip
         show_colorbar_on_top(self.viewer)
+
+    def _slide_removed(self, layer: Image) -> None:
+        """A slide layer left the viewer: its job stops (what is stored stays) and its overlays go."""
+        running = self.runner.session
+        if running is not None and any(s is running for s in self.sessions.sessions(layer)):
+            self.cancel()
+        gone = remove_overlays(self.viewer, layer.name)
+        if gone:
+            kept = overlay_name(layer, "annotations") in self.viewer.layers
+            self.set_status(f"{layer.name} closed with its {len(gone)} overlays"
+                            + ("; its annotations are kept" if kept else ""))  # fmt: skip
 
     def _visibility_changed(self, *_: object) -> None:
         show_colorbar_on_top(self.viewer)  # the bar shown is the one of the overlay on top

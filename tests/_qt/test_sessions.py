@@ -54,3 +54,57 @@ def test_closing_the_viewer_closes_the_slide(qtbot, make_widget, planted_slide: 
     w.viewer.close()
     with pytest.raises(SlideError, match="closed"):
         slide.read_region((0, 0), 0, (8, 8))
+
+
+def _overlays_of(viewer, name: str) -> list[str]:
+    return sorted(lyr.name for lyr in viewer.layers if lyr.name.endswith(f" · {name}"))
+
+
+@pytest.mark.drives("slide_combo", "batch_spin", "mag_combo", "compute_btn")
+def test_a_job_draws_over_its_own_slide_when_another_is_chosen(qtbot, make_widget, ui, planted_slide: Path,
+                                                               sample_pyramid: Path) -> None:  # fmt: skip
+    from napari_virchow import jobs as _jobs
+
+    w = make_widget(planted_slide)
+    u = ui(w)
+    w.viewer.open(str(sample_pyramid), plugin="napari-virchow")
+    u.choose("slide_combo", "planted")
+    w.viewer.reset_view()
+    u.spin("limit_spin", 100000)
+    u.spin("batch_spin", 2)  # many small batches: the slide is switched long before the end
+    u.choose("mag_combo", "20× (0.5 µm/px)")
+    u.click("compute_btn")
+    qtbot.waitUntil(lambda: isinstance(w.last_event, _jobs.BatchDone), timeout=60_000)
+    u.choose("slide_combo", "cmu_small_region_pyramid")  # the user looks at the other slide meanwhile
+    wait_idle(qtbot, w)
+    planted = w.sessions.get(w.viewer.layers["planted"], w.config(), None)  # the job's session
+    assert planted.store().n_done == planted.grid.n_tissue  # the job ran to its end, on its slide
+    assert _overlays_of(w.viewer, "planted") == ["embedded · planted"]
+    assert _overlays_of(w.viewer, "cmu_small_region_pyramid") == []  # nothing of planted's drawn on it
+
+
+@pytest.mark.drives("new_annotations_btn", "batch_spin", "mag_combo", "compute_btn")
+def test_removing_a_slide_mid_job_stops_it_and_takes_its_overlays(qtbot, make_widget, ui, planted_slide: Path,
+                                                                  sample_pyramid: Path) -> None:  # fmt: skip
+    from napari_virchow import jobs as _jobs
+
+    w = make_widget(planted_slide)
+    u = ui(w)
+    w.viewer.reset_view()
+    u.click("new_annotations_btn")  # the user's work: kept when the slide goes
+    u.spin("limit_spin", 100000)
+    u.spin("batch_spin", 2)
+    u.choose("mag_combo", "20× (0.5 µm/px)")
+    u.click("compute_btn")
+    qtbot.waitUntil(lambda: isinstance(w.last_event, _jobs.BatchDone), timeout=60_000)
+    w.viewer.layers.remove("planted")
+    wait_idle(qtbot, w)
+    assert w.jobbar.status.text().startswith("cancelled after")  # stopped: its slide is gone
+    assert _overlays_of(w.viewer, "planted") == ["annotations · planted"]
+    # with overlays of a removed image left, napari 0.9 crashed drawing the next slide (Mesa, Xvfb)
+    w.viewer.open(str(sample_pyramid), plugin="napari-virchow")
+    u.choose("slide_combo", "cmu_small_region_pyramid")
+    u.click("compute_btn")
+    wait_idle(qtbot, w)
+    qtbot.wait(200)  # drawn
+    assert "embedded · cmu_small_region_pyramid" in w.viewer.layers
