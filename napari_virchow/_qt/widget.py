@@ -283,7 +283,7 @@ class VirchowWidget(QWidget):
         gone = remove_overlays(self.viewer, layer.name)
         if gone:
             kept = overlay_name(layer, "annotations") in self.viewer.layers
-            self.set_status(f"{layer.name} closed with its {len(gone)} overlays"
+            self.set_status(f"{layer.name} closed with its {len(gone)} overlay{'' if len(gone) == 1 else 's'}"
                             + ("; its annotations are kept" if kept else ""))  # fmt: skip
 
     def _visibility_changed(self, *_: object) -> None:

@@ -40,7 +40,10 @@ def test_removing_the_layer_closes_session_store_and_slide(qtbot, make_widget, p
     wait_idle(qtbot, w)
     session = w.session()
     store, slide = session.store(), session.slide
+    assert "embedded · planted" in w.viewer.layers
     w.viewer.layers.remove(w.slide_layer())
+    assert _overlays_of(w.viewer, "planted") == []  # the outlines went with their slide
+    assert w.jobbar.status.text() == "planted closed with its 1 overlay"
     # A job still running (e.g. the outlines of what was embedded) defers the close until it ends.
     qtbot.waitUntil(lambda: not _open_slides(planted_slide), timeout=30_000)
     with pytest.raises(SlideError, match="closed"):
