@@ -167,3 +167,34 @@ def test_a_head_with_one_probe_per_magnification_shows_each_auc(qtbot, planted_w
     a, b = head.cv_aucs[0.5], head.cv_aucs[1.0]
     assert isinstance(w.session().head, MultiScaleHead)
     assert f"AUC {a:.2f} at 0.5 µm/px, {b:.2f} at 1 µm/px" in label, label
+
+
+@pytest.mark.drives("load_geojson_btn", "class_combo")
+def test_loaded_annotation_classes_become_the_draw_classes_and_keys(qtbot, planted_widget, ui, tmp_path: Path,
+                                                                    monkeypatch) -> None:  # fmt: skip
+    # QuPath annotations of classes the panel does not list: they were drawn, but 'draw class' and the
+    # labelling keys still offered only tumour / normal, so key 1 labelled a class the file never had
+    w, u = planted_widget, ui(planted_widget)
+
+    def region(x0: int, y0: int, name: str) -> dict:
+        ring = [[x0, y0], [x0 + 400, y0], [x0 + 400, y0 + 400], [x0, y0 + 400], [x0, y0]]
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"objectType": "annotation", "classification": {"name": name}}}  # fmt: skip
+
+    path = tmp_path / "qupath.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        region(100, 100, "Epithelium"), region(900, 900, "Stroma"), region(100, 900, "Epithelium")]}))  # fmt: skip
+    dialogs(monkeypatch, open_=path)
+    u.click("load_geojson_btn")
+    combo = u["class_combo"]
+    assert [combo.itemText(i) for i in range(combo.count())] == ["Epithelium", "Stroma", "tumour", "normal"]
+    assert combo.currentText() == "Epithelium"
+    assert w.labelling.keys_label.text() == "label with keys: 1 Epithelium · 2 Stroma · 3 tumour · 4 normal"
+    layer = w.head.annotation_layer()
+    assert list(layer.features["class"]) == ["Epithelium", "Stroma", "Epithelium"]
+    assert layer.feature_defaults["class"][0] == "Epithelium"  # the next region drawn is of that class
+    u.choose("class_combo", "Stroma")
+    dialogs(monkeypatch, open_=path)
+    u.click("load_geojson_btn")  # the same classes again: the order and the choice stay
+    assert [combo.itemText(i) for i in range(combo.count())][:2] == ["Epithelium", "Stroma"]
+    assert combo.currentText() == "Stroma"

@@ -158,6 +158,25 @@ class HeadPanel(QGroupBox):
         layer.events.data.connect(self._annotations_edited)
         return layer
 
+    def offer_classes(self, names: list[str]) -> None:
+        """Put the classes ``names`` first in 'draw class' (those listed already keep their order), so
+        number keys 1, 2, … label with them; the draw class becomes the first unless it is one already."""
+        wanted = list(dict.fromkeys(n for n in names if n.strip()))
+        if not wanted:
+            return
+        combo = self.class_combo
+        current = combo.currentText()
+        listed = [combo.itemText(i) for i in range(combo.count())]
+        first = [n for n in listed if n in wanted] + [n for n in wanted if n not in listed]
+        combo.blockSignals(True)
+        combo.clear()
+        for name in first + [n for n in listed if n not in wanted]:
+            combo.addItem(_swatch(class_color(name)), name)
+        combo.setCurrentText(current if current in wanted else first[0])
+        combo.blockSignals(False)
+        if combo.currentText() != current:
+            combo.currentTextChanged.emit(combo.currentText())
+
     def annotation_layer(self) -> Shapes | None:
         shapes = [lyr for lyr in self._host.viewer.layers if isinstance(lyr, Shapes) and "class" in lyr.features]
         return shapes[-1] if shapes else None
@@ -222,9 +241,11 @@ class HeadPanel(QGroupBox):
         layer = self.new_annotation_layer()
         layer.mode = "pan_zoom"
         layer.events.data.disconnect(self._annotations_edited)
-        for polygon, name in shapes_of(items):
+        shapes = shapes_of(items)
+        for polygon, name in shapes:
             self._use_class(layer, name)
             layer.add_polygons([polygon[:, ::-1]])
+        self.offer_classes([name for _, name in shapes if name != HOLE_CLASS])
         self._use_class(layer, self.class_combo.currentText())
         layer.events.data.connect(self._annotations_edited)
         return layer
@@ -299,6 +320,7 @@ class HeadPanel(QGroupBox):
             encoder = session.config.encoder if session is not None else "this encoder"
             self.head_label.setText(f"no head for {encoder}: train one from annotations or load one")
             return
+        self.offer_classes([str(c) for c in head.classes])  # labelling keys follow the probe's classes
         parts = [f"head for {head.encoder}: {' vs '.join(head.classes)} (map shows {head.positive_class})"]
         if counts:
             parts.append(", ".join(f"{k}: {v} tiles" for k, v in counts.items()))

@@ -136,8 +136,9 @@ class LabellingPanel(QGroupBox):
         self.suggest_list.blockSignals(False)
         self.show_keys()
         if not ev.suggestions:
-            self.labelling_label.setText("no tile to suggest: compute more tiles (every embedded tissue tile "
-                                         "is annotated)")  # fmt: skip
+            mag = f"{10 / ev.mpp:.3g}× ({ev.mpp:g} µm/px)"
+            self.labelling_label.setText(f"no tile to suggest at {mag}, the probe's magnification: every tissue tile "
+                                         f"embedded there is annotated; compute more at {mag}")  # fmt: skip
             return
         self.labelling_label.setText(f"{len(ev.suggestions)} tiles to label, least certain first "
                                      f"({ev.n_labelled} annotated so far)")  # fmt: skip
