@@ -36,6 +36,7 @@ Read-outs: ``random_banner``, ``level_label`` (the magnification of the view),
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import napari
@@ -63,6 +64,7 @@ from napari_virchow._reader import METADATA_KEY, prefer_this_reader
 from napari_virchow.analysis.token_jobs import TokensStored
 from napari_virchow.errors import VirchowError
 from napari_virchow.session import SessionConfig, SlideSession
+from napari_virchow.slides.lattice import SlideGeometry
 
 __all__ = ["VirchowWidget"]
 
@@ -86,6 +88,7 @@ class VirchowWidget(QWidget):
         self.jobbar.cancel_btn.clicked.connect(self.cancel)
         self.model.changed.connect(self._config_changed)
         self.model.mpp_changed.connect(self._mpp_changed)
+        self.model.slide_combo.currentTextChanged.connect(self._offer_magnifications)
         self._watcher = ViewportWatcher(self.viewer, self.slide_layer, self.compute.follow)
         self.compute.follow_check.toggled.connect(self._watcher.set_enabled)
         self.viewer.layers.events.inserted.connect(self._layers_changed)
@@ -215,6 +218,18 @@ class VirchowWidget(QWidget):
             self.session()  # applies the override to the slide layer and its overlays now
         except VirchowError as exc:
             self.set_status(gui_message(exc))
+        self._offer_magnifications()
+
+    def _offer_magnifications(self, *_: object) -> None:
+        """The magnification list offers what the chosen slide (at its µm/px) can give."""
+        layer, geometry = self.model.slide_layer(), None
+        if layer is not None:
+            mpp = self.model.mpp_override() or layer.metadata[METADATA_KEY].get("mpp")
+            if mpp:
+                with contextlib.suppress(VirchowError):
+                    w, h = self.sessions.slide(layer).dimensions
+                    geometry = SlideGeometry(int(w), int(h), float(mpp))
+        self.compute.offer_magnifications(geometry)
 
     # --- job events ----------------------------------------------------------------------------
     def _rate_key(self, session: SlideSession) -> object:
@@ -274,6 +289,7 @@ class VirchowWidget(QWidget):
             self.set_status(f"{foreign_slide_path(self.model.foreign_layer())} was opened by another reader: "
                             "press 'Reopen with Virchow' to analyse it")  # fmt: skip
         show_colorbar_on_top(self.viewer)
+        self._offer_magnifications()
 
     def _slide_removed(self, layer: Image) -> None:
         """A slide layer left the viewer: its job stops (what is stored stays) and its overlays go."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from qtpy.QtCore import Qt
 
 from napari_virchow import jobs as _jobs
 from tests._qt.conftest import wait_idle, zoom_to
@@ -41,7 +42,7 @@ def test_the_view_picks_the_finest_level_that_fits_and_zooming_in_refines(qtbot,
     assert isinstance(w.last_event, _jobs.Stage) and "all cached" in w.last_event.message
 
 
-@pytest.mark.drives("mag_combo", "overview_btn")
+@pytest.mark.drives("mag_combo", "overview_btn", "mpp_spin")
 def test_pinned_magnification_and_whole_slide_overview(qtbot, planted_widget, ui) -> None:
     w, u = planted_widget, ui(planted_widget)
     w.viewer.reset_view()
@@ -58,9 +59,20 @@ def test_pinned_magnification_and_whole_slide_overview(qtbot, planted_widget, ui
     g10 = s.grid_at(1.0)
     in_view = g10.tiles_in(w.compute.visible_box())
     assert len(in_view) and s.done_at(1.0)[in_view].all()  # pinned: every tile in view at 10×
-    u.choose("mag_combo", "40× (0.25 µm/px)")  # a 0.5 µm/px scan cannot give 40× without upsampling
-    u.click("compute_btn")
-    wait_idle(qtbot, w)
-    assert "upsampled" in w.jobbar.status.text() and 0.25 not in s.open_levels()
+    # a 0.5 µm/px scan cannot give 40× without upsampling: greyed out, with the reason, and the keys skip it
+    combo = u["mag_combo"]
+    forty = combo.findText("40× (0.25 µm/px)")
+    assert not combo.model().item(forty).isEnabled()
+    assert "scanned at 0.5 µm/px" in combo.model().item(forty).toolTip()
+    assert all(combo.model().item(i).isEnabled() for i in range(combo.count()) if i != forty)
+    combo.setFocus()
+    qtbot.keyClick(combo, Qt.Key.Key_End)
+    assert combo.currentText() == "20× (0.5 µm/px)" and 0.25 not in s.open_levels()
+    u.spin("mpp_spin", 0.25)  # told it is a 40× scan: now it can
+    qtbot.waitUntil(lambda: combo.model().item(forty).isEnabled(), timeout=10_000)
+    u.choose("mag_combo", "40× (0.25 µm/px)")
+    u.spin("mpp_spin", 0)  # back to the file's 0.5 µm/px: the pinned 40× goes back to auto
+    qtbot.waitUntil(lambda: not combo.model().item(forty).isEnabled(), timeout=10_000)
+    assert combo.currentText() == "auto"
     u.choose("mag_combo", "auto")
     assert w.compute.pinned() is None

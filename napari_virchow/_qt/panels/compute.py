@@ -36,6 +36,7 @@ from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow._qt.viewport import visible_box_level0
 from napari_virchow.errors import VirchowError
 from napari_virchow.session import SlideSession
+from napari_virchow.slides.lattice import SlideGeometry
 
 __all__ = ["ComputePanel"]
 
@@ -141,6 +142,27 @@ class ComputePanel(QGroupBox):
         """The canvas as (width, height) screen px (napari gives (height, width))."""
         h, w = self._host.viewer.canvas.size
         return (max(int(w), 1), max(int(h), 1))
+
+    def offer_magnifications(self, geometry: SlideGeometry | None) -> None:
+        """Grey out the magnifications the chosen slide cannot give (finer than its scan, or no whole
+        tile), with the reason as the item's tooltip; a pinned one it cannot give goes back to auto."""
+        from napari_virchow.lod import UPSAMPLE_TOLERANCE, usable_mpps
+
+        levels = [m for _, m in MAGNIFICATIONS if m is not None]
+        usable = set(levels) if geometry is None else set(usable_mpps(geometry, levels))
+        model = self.mag_combo.model()
+        for i in range(self.mag_combo.count()):
+            m, item = self.mag_combo.itemData(i), model.item(i)
+            ok = m is None or m in usable
+            item.setEnabled(ok)
+            if ok or geometry is None:
+                item.setToolTip("")
+            elif m < geometry.mpp * (1 - UPSAMPLE_TOLERANCE):
+                item.setToolTip(f"this slide is scanned at {geometry.mpp:g} µm/px: {m:g} µm/px would be upsampled")
+            else:
+                item.setToolTip(f"this slide is smaller than one tile at {m:g} µm/px")
+        if self.mag_combo.currentData() is not None and self.mag_combo.currentData() not in usable:
+            self.mag_combo.setCurrentIndex(0)  # auto
 
     def pinned(self) -> float | None:
         """The magnification the user pinned (µm/px), or None for auto."""
