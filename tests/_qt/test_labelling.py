@@ -97,3 +97,16 @@ def test_suggesting_without_a_probe_says_what_to_do(qtbot, planted_widget, ui) -
     wait_idle(qtbot, w)
     assert "Train from annotations" in w.jobbar.status.text()
     assert w.labelling.suggest_list.count() == 0
+
+
+@pytest.mark.drives("train_btn", "suggest_btn")
+def test_nothing_to_suggest_names_the_magnification_to_compute(qtbot, planted_widget, ui) -> None:
+    w, u = planted_widget, ui(planted_widget)
+    train_on_planted(qtbot, u, w, compute=False)  # only the annotated tiles are embedded
+    assert w.session().head is not None
+    u.click("suggest_btn")
+    wait_idle(qtbot, w)
+    assert w.labelling.suggest_list.count() == 0
+    assert w.labelling.labelling_label.text() == (
+        "no tile to suggest at 20× (0.5 µm/px), the probe's magnification: every tissue tile embedded there "
+        "is annotated; compute more at 20× (0.5 µm/px)")
