@@ -21,8 +21,8 @@ from napari_virchow.slides.slide import Slide
 
 __all__ = [
     "BatchDone", "Clustered", "IndexHits", "Planned", "Queried", "Stage", "TooMany", "Trained",
-    "LevelTokenSink", "cluster_job", "compute_job", "index_search_job", "overview_job", "query_job", "train_job",
-    "view_job",
+    "LevelTokenSink", "cluster_job", "compute_job", "index_search_job", "mag_name", "overview_job", "query_job",
+    "train_job", "view_job",
 ]  # fmt: skip
 
 #: receives ``(mpp, indices, cls, patch_tokens)`` of each batch a job embeds, from the same forward pass
@@ -171,7 +171,7 @@ def view_job(session: SlideSession, box: Sequence[float], canvas_px: tuple[int, 
     missing = session.missing(plan.in_view, mpp=plan.mpp)
     todo = missing if pinned is not None else session.view_todo(plan)
     yield Planned(plan.mpp, plan.pinned, len(plan.in_view), len(todo), plan.fits, n_missing=len(missing))
-    name = _mag(plan.mpp)
+    name = mag_name(plan.mpp)
     if pinned is not None and len(todo) > limit and not force:
         if not session.last_tiles_per_s:
             yield Stage("timing the encoder …")
@@ -197,14 +197,15 @@ def overview_job(session: SlideSession, *, mpp: float | None = None,
     todo = session.missing(grid.tissue_indices, mpp=m)
     yield Planned(m, False, grid.n_tissue, len(todo), True, overview=True)
     if not len(todo):
-        yield Stage(f"overview {_mag(m)}: all {grid.n_tissue} tissue tiles cached", final=True)
+        yield Stage(f"overview {mag_name(m)}: all {grid.n_tissue} tissue tiles cached", final=True)
         return
     t0 = time.perf_counter()
     yield from _embed(session, todo, cancel, m)
-    yield Stage(f"overview {_mag(m)}: {len(todo)} tiles in {time.perf_counter() - t0:.1f} s", final=True)
+    yield Stage(f"overview {mag_name(m)}: {len(todo)} tiles in {time.perf_counter() - t0:.1f} s", final=True)
 
 
-def _mag(mpp: float) -> str:
+def mag_name(mpp: float) -> str:
+    """``"20× (0.5 µm/px)"``: a magnification as read-outs name it."""
     return f"{10 / mpp:.3g}× ({mpp:g} µm/px)"
 
 

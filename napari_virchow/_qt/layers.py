@@ -12,8 +12,8 @@ from napari.utils.colormaps import Colormap
 from napari_virchow.analysis.rasters import Raster, clip_to_slide
 
 __all__ = [
-    "HEAT", "SIMILARITY", "layer_named", "overlay_kind", "overlay_name", "remove_overlays", "show_boxes",
-    "show_colorbar_on_top", "show_raster",
+    "HEAT", "SIMILARITY", "layer_named", "overlay_kind", "overlay_name", "overlays_of", "remove_overlays",
+    "show_boxes", "show_colorbar_on_top", "show_raster",
 ]  # fmt: skip
 
 #: colour-bar titles of the overlays that have one (the kind in the layer's name → what the bar shows)
@@ -47,14 +47,18 @@ def overlay_name(slide_layer: Layer, what: str) -> str:
     return f"{what} · {slide_layer.name}"
 
 
+def overlays_of(viewer: napari.Viewer, slide_name: str) -> list[Layer]:
+    """The layers drawn over the slide layer ``slide_name`` (named ``"<kind> · <slide_name>"``)."""
+    return [lyr for lyr in viewer.layers if lyr.name.endswith(f" · {slide_name}")]
+
+
 def remove_overlays(viewer: napari.Viewer, slide_name: str, keep: tuple[str, ...] = ("annotations",)) -> list[str]:
     """Remove the overlays drawn over the slide layer ``slide_name`` (not the kinds in ``keep``).
 
     Returns the names removed. The user's annotations are kept: they are work, the rest is
     redrawn from the cache in seconds.
     """
-    gone = [lyr.name for lyr in viewer.layers
-            if lyr.name.endswith(f" · {slide_name}") and overlay_kind(lyr) not in keep]  # fmt: skip
+    gone = [lyr.name for lyr in overlays_of(viewer, slide_name) if overlay_kind(lyr) not in keep]
     for name in gone:
         viewer.layers.remove(name)
     return gone

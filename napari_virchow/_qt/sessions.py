@@ -15,6 +15,7 @@ import napari
 import numpy as np
 from napari.layers import Image, Layer
 
+from napari_virchow._qt.layers import overlays_of
 from napari_virchow._reader import METADATA_KEY, forget_slide, layer_slide
 from napari_virchow.errors import SlideError
 from napari_virchow.session import SessionConfig, SlideSession
@@ -82,9 +83,8 @@ class SessionBook:
         new = float(wanted or 1.0)
         units = ("µm", "µm") if wanted else ("pixel", "pixel")
         # the slide layer and everything drawn over it move together: they stay aligned
-        for other in self._viewer.layers:
-            if other is not layer and other.name.endswith(f" · {layer.name}"):
-                _rescale(other, new / old, units)
+        for other in overlays_of(self._viewer, layer.name):
+            _rescale(other, new / old, units)
         _rescale(layer, new / old, units)
 
     # --- lifetime ------------------------------------------------------------------------------

@@ -92,7 +92,8 @@ class ComputePanel(QGroupBox):
         self.level_label.setWordWrap(True)  # a long read-out must not widen the dock
         rows.addRow(self.level_label)
         self.view_mpp: float | None = None  # the level of the last planned view
-        self._planned: _jobs.Planned | None = None  # the plan whose tiles arrive now (the read-out counts down)
+        #: the plan whose tiles arrive now, and its session (the read-out counts down)
+        self._planned: tuple[SlideSession, _jobs.Planned] | None = None
         #: token work a view's compute must also do (the Token resolution panel's view_options), if any
         self.token_options: Callable[[], dict[str, Any] | None] | None = None
         self.limit_spin = named(QSpinBox(minimum=1, maximum=10_000_000, value=2000, singleStep=500), "limit_spin",
@@ -261,10 +262,12 @@ class ComputePanel(QGroupBox):
     def on_event(self, session: SlideSession, ev: object) -> None:
         if isinstance(ev, _jobs.Planned):
             self.view_mpp = ev.mpp
-            self._planned = ev
+            self._planned = (session, ev)
             self._show_plan(ev, 0)
-        elif isinstance(ev, _jobs.BatchDone) and self._planned is not None and ev.mpp == self._planned.mpp:
-            self._show_plan(self._planned, ev.n_done)  # the read-out counts down as tiles arrive
+        elif isinstance(ev, _jobs.BatchDone) and self._planned is not None:
+            planner, plan = self._planned
+            if planner is session and ev.mpp == plan.mpp:  # only the planning job's own batches
+                self._show_plan(plan, ev.n_done)  # the read-out counts down as tiles arrive
         elif isinstance(ev, _jobs.Stage) and ev.final:
             self._planned = None  # a later job's batches are not this plan's
         if isinstance(ev, TissueFound) and self.tissue_check.isChecked():

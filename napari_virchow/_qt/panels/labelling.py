@@ -22,7 +22,7 @@ from napari_virchow._qt.layers import layer_named, overlay_name, show_boxes
 from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow._qt.picking import box_corners
 from napari_virchow.errors import VirchowError
-from napari_virchow.jobs import Trained
+from napari_virchow.jobs import Trained, mag_name
 from napari_virchow.jobs_labelling import Suggested, suggest_job
 from napari_virchow.session import SlideSession
 
@@ -136,7 +136,7 @@ class LabellingPanel(QGroupBox):
         self.suggest_list.blockSignals(False)
         self.show_keys()
         if not ev.suggestions:
-            mag = f"{10 / ev.mpp:.3g}× ({ev.mpp:g} µm/px)"
+            mag = mag_name(ev.mpp)
             self.labelling_label.setText(f"no tile to suggest at {mag}, the probe's magnification: every tissue tile "
                                          f"embedded there is annotated; compute more at {mag}")  # fmt: skip
             return
