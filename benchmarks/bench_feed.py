@@ -20,7 +20,9 @@ slide reads 448² of level 0 per tile, resized) are delivered, in row-major batc
   against what 2 cores decode; on a 2-core machine the second core also runs the main thread and the OS).
 
 Each repeat opens the slide afresh (no decoded tile carries over); the median of ``--repeats``
-is reported. torch runs single-threaded so "per thread" means one core. The CPU may be shared:
+is reported, and each ratio is the median of its per-repeat ratios, whose two sides run back to
+back (a host whose speed drifts between repeats shifts both alike; ``ratio_1t_vs_decode_limit_each``
+lists them). torch runs single-threaded so "per thread" means one core. The CPU may be shared:
 compare the ratios measured within one run; ``cpu_ratio_*`` compares CPU seconds of the reading
 thread (1 thread), which load from other processes blurs least. Prints a JSON object last.
 """
@@ -189,32 +191,41 @@ def measure(path: Path, rows: int, batch: int, repeats: int) -> dict[str, float]
     runs: dict[str, list[float]] = {k: [] for k in names}
     segs = 0
     for _ in range(repeats):  # interleaved, so a burst of load elsewhere hits every variant alike
+        # each ratio's two sides back to back (under a second apart): they share the host's state
         wall, cpu = read_path(path, idx, batch, 1)
         runs["read_1t"].append(wall)
         runs["read_1t_cpu"].append(cpu)
-        runs["read_2t"].append(read_path(path, idx, batch, 2)[0])
-        runs["per_tile_before"].append(per_tile_before(path, idx))
-        runs["openslide"].append(openslide_loop(path, coords, read))
         wall, cpu, segs = decode_limit(path, coords, read)
         runs["decode_limit"].append(wall)
         runs["decode_limit_cpu"].append(cpu)
         runs["decode_limit_hot"].append(decode_limit(path, coords, read, hot=True)[0])
+        runs["read_2t"].append(read_path(path, idx, batch, 2)[0])
         runs["decode_limit_2t"].append(decode_limit(path, coords, read, threads=2)[0])
+        runs["openslide"].append(openslide_loop(path, coords, read))
+        runs["per_tile_before"].append(per_tile_before(path, idx))
     med = {k: statistics.median(v) for k, v in runs.items()}
+
+    def paired(a: str, b: str, scale: float = 1.0) -> float:
+        """Median over repeats of a ÷ b measured within that repeat (robust to a host that drifts)."""
+        return round(statistics.median(x / (scale * y) for x, y in zip(runs[a], runs[b], strict=True)), 3)
+
     return {
         "tiles": int(len(idx)),
         "read_px": int(read),
         "stored_tiles_decoded": segs,
         **{f"{k}_tiles_per_s": round(v, 1) for k, v in med.items()},
-        "ratio_1t_vs_decode_limit": round(med["read_1t"] / med["decode_limit"], 3),
-        "ratio_1t_vs_decode_limit_hot": round(med["read_1t"] / med["decode_limit_hot"], 3),
+        "ratio_1t_vs_decode_limit": paired("read_1t", "decode_limit"),
+        "ratio_1t_vs_decode_limit_each": [
+            round(x / y, 3) for x, y in zip(runs["read_1t"], runs["decode_limit"], strict=True)
+        ],
+        "ratio_1t_vs_decode_limit_hot": paired("read_1t", "decode_limit_hot"),
         # per CPU second of the reading thread: what other processes on a shared CPU blur least
-        "cpu_ratio_1t_vs_decode_limit": round(med["read_1t_cpu"] / med["decode_limit_cpu"], 3),
-        "ratio_2t_per_thread_vs_decode_limit": round(med["read_2t"] / (2 * med["decode_limit"]), 3),
+        "cpu_ratio_1t_vs_decode_limit": paired("read_1t_cpu", "decode_limit_cpu"),
+        "ratio_2t_per_thread_vs_decode_limit": paired("read_2t", "decode_limit", 2.0),
         # 2 readers against 2 decoding threads: how close 2 threads come to what 2 cores decode
-        "ratio_2t_vs_decode_limit_2t": round(med["read_2t"] / med["decode_limit_2t"], 3),
-        "ratio_1t_vs_openslide": round(med["read_1t"] / med["openslide"], 2),
-        "ratio_1t_vs_per_tile_before": round(med["read_1t"] / med["per_tile_before"], 2),
+        "ratio_2t_vs_decode_limit_2t": paired("read_2t", "decode_limit_2t"),
+        "ratio_1t_vs_openslide": round(paired("read_1t", "openslide"), 2),
+        "ratio_1t_vs_per_tile_before": round(paired("read_1t", "per_tile_before"), 2),
     }
 
 
