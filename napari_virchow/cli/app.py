@@ -63,6 +63,7 @@ def _cmd_encoders(args: argparse.Namespace) -> int:
     from napari_virchow._torch import torch
     from napari_virchow.models import encoder as encoders
     from napari_virchow.models import weights as _weights
+    from napari_virchow.models.precision import precision_phrase, weights_dtype
 
     device = encoders.resolve_device("auto")
     dtype = encoders.resolve_dtype("auto", device)
@@ -70,9 +71,12 @@ def _cmd_encoders(args: argparse.Namespace) -> int:
     for name in args.names or encoders.list_encoders():
         spec = encoders.get_spec(name)
         rows.append({**spec.summary(), "weights": encoders.weights_status(spec)})
+    kept = weights_dtype(dtype, device) if dtype else None
     env = {
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch.") if dtype else "float32",
+        # how the dtype is reached: weights cast once (CPUs with native bf16) or autocast per call
+        "precision": precision_phrase(dtype, kept),
         "torch_threads": torch.get_num_threads(),
         "hf_cache": str(_weights.hf_cache_dir()),
         "hf_offline": _weights.hub_offline(),
@@ -90,8 +94,7 @@ def _cmd_encoders(args: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
     if not args.names:
         print("also: timm:<architecture> for any timm model (pooled features, 0.5 µm/px)")
-    autocast = f"{env['dtype']} autocast" if dtype else "float32"
-    print(f"device: {env['device']}  precision: {autocast}  threads: {env['torch_threads']}")
+    print(f"device: {env['device']}  precision: {env['precision']}  threads: {env['torch_threads']}")
     offline = "  (HF_HUB_OFFLINE)" if env["hf_offline"] else ""
     print(f"Hugging Face cache: {env['hf_cache']}{offline}")
     print(f"embedding cache: {_cache_root(args)}")

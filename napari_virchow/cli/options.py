@@ -138,7 +138,9 @@ def model_parent() -> Parser:
         help="weights file or folder, 'random' (tests), or a hub repo (default: Hugging Face cache)",
     )  # fmt: skip
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda:0, ... (default auto)")
-    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision")
+    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="precision: auto = fp16 autocast on CUDA, bf16 weights on a CPU with native bf16, "
+                        "else fp32 (default auto)")  # fmt: skip
     g.add_argument("--decode-device", default="auto", metavar="auto|none|cpu|cuda[:N]",
                    help="where JPEG stored tiles are decoded: auto (on the GPU with CUDA, else the CPU), none "
                         "(imagecodecs), or a torch device for torchvision's batch decoder (default auto)")  # fmt: skip

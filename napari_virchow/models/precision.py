@@ -22,7 +22,7 @@ from napari_virchow._torch import torch
 from napari_virchow.errors import WeightsError
 
 __all__ = [
-    "cpu_has_native_bf16", "describe_dtype", "fold_layer_scale", "resolve_device", "resolve_dtype",
+    "cpu_has_native_bf16", "describe_dtype", "fold_layer_scale", "precision_phrase", "resolve_device", "resolve_dtype",
     "use_fused_attention", "weights_dtype",
 ]  # fmt: skip
 
@@ -105,6 +105,17 @@ def weights_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dtyp
 def describe_dtype(dtype: torch.dtype | None) -> str:
     """``"bfloat16"``, ``"float16"`` or ``"fp32"``."""
     return str(dtype).removeprefix("torch.") if dtype else "fp32"
+
+
+def precision_phrase(dtype: torch.dtype | None, kept: torch.dtype | None) -> str:
+    """How an encoder runs, for people: ``"bfloat16 weights (cast once)"``, ``"float16 autocast"``, ``"float32"``.
+
+    ``dtype`` is :func:`resolve_dtype`'s answer, ``kept`` the weights' dtype (:func:`weights_dtype`).
+    """
+    if dtype is None or dtype is torch.float32:
+        return "float32"
+    name = describe_dtype(dtype)
+    return f"{name} weights (cast once)" if kept is dtype else f"{name} autocast"
 
 
 def use_fused_attention(model: torch.nn.Module) -> int:

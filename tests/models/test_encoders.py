@@ -428,6 +428,22 @@ def test_cli_encoders_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "timm:vit_tiny_patch16_224" in out and "192" in out and "device:" in out
 
 
+def test_cli_encoders_says_how_the_loaded_encoder_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    # the precision line must describe what load_encoder does here: weights cast once, or autocast
+    assert main(["encoders", "--json", "virchow2-tiny"]) == 0
+    said = json.loads(capsys.readouterr().out)["runtime"]["precision"]
+    assert main(["encoders", "virchow2-tiny"]) == 0
+    assert f"precision: {said}" in capsys.readouterr().out
+    enc = load_encoder("virchow2-tiny", "random", device="auto", dtype="auto")
+    if enc.dtype is None:
+        assert said == "float32"
+    elif enc.autocast:
+        assert said.endswith(" autocast") and said.startswith(str(enc.dtype).removeprefix("torch."))
+    else:  # weights cast to the compute dtype at load
+        assert said == f"{str(enc.dtype).removeprefix('torch.')} weights (cast once)"
+        assert next(enc.model.parameters()).dtype == enc.dtype
+
+
 def test_cli_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["encoders", "virchow3"]) == 2
     err = capsys.readouterr().err
