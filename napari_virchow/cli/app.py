@@ -109,7 +109,7 @@ Size limit: $NAPARI_VIRCHOW_CACHE_MAX_GB (default 20 GB); when a new store would
 least recently used stores not open in any process are evicted.
 
   napari-virchow cache ls [--json]
-  napari-virchow cache clear [--slide S] [--encoder E]   (no filter: every store)
+  napari-virchow cache clear [--slide S] [--encoder E] [--mpp UM]   (no filter: every store)
 """
 
 
@@ -124,6 +124,7 @@ def _args_cache(p: argparse.ArgumentParser) -> None:
                            epilog=_CACHE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     clear.add_argument("--slide", metavar="S", help="slide path, file name, stem or fingerprint")
     clear.add_argument("--encoder", metavar="E", help="encoder name")
+    clear.add_argument("--mpp", metavar="UM", type=float, help="only the stores at this µm/px (e.g. 2 for 5×)")
 
 
 def _size(n: float) -> str:
@@ -135,11 +136,12 @@ def _size(n: float) -> str:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
+    from napari_virchow.jobs import mag_name
     from napari_virchow.store.cache import ENV_MAX_GB, cache_max_bytes, clear, list_stores
 
     root = _cache_root(args)
     if args.action == "clear":
-        removed = clear(root, slide=args.slide, encoder=args.encoder)
+        removed = clear(root, slide=args.slide, encoder=args.encoder, mpp=args.mpp)
         for path in removed:
             print(f"removed {path}")
         if not removed:
@@ -162,14 +164,16 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         print(json.dumps({"root": str(root), "size_bytes": total, "limit_bytes": limit, "stores": rows}, indent=1))
         return 0
     cap = f"of {_size(limit)} (${ENV_MAX_GB})" if limit is not None else "(limit setting invalid)"
-    print(f"{root}: {len(stores)} stores, {_size(total)} {cap}")
-    table = [("slide", "encoder", "tiles", "size", "last used")]
+    print(f"{root}: {len(stores)} store{'' if len(stores) == 1 else 's'}, {_size(total)} {cap}")
+    table = [("slide", "encoder", "magnification", "tiles", "size", "last used")]
+    stores = sorted(stores, key=lambda s: (Path(s.slide_path or s.path).name, s.encoder or "", s.mpp or 0.0))
     for s in stores:
         slide = Path(s.slide_path).name if s.slide_path else s.path.name
         tiles = f"{s.n_done}/{s.n_tiles}" if s.error is None else f"damaged: {one_line(s.error)[:60]}"
         tiles += " (old lattice (0.2), superseded: clear it)" if s.old_lattice else ""
         when = datetime.fromtimestamp(s.last_used).strftime("%Y-%m-%d %H:%M")
-        table.append((slide, s.encoder or "?", tiles, _size(s.size_bytes), when))
+        mag = mag_name(s.mpp) if s.mpp else "?"
+        table.append((slide, s.encoder or "?", mag, tiles, _size(s.size_bytes), when))
     if len(table) > 1:
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         for r in table:

@@ -281,8 +281,9 @@ def _matches(info: StoreInfo, slide: str | None, encoder: str | None) -> bool:
     return m is not None and m.group("slide") in (slide, _slug(Path(slide).stem, 48))
 
 
-def clear(root: Path | str | None = None, *, slide: str | None = None, encoder: str | None = None) -> list[Path]:
-    """Delete stores under ``root``; with ``slide`` / ``encoder`` only the matching ones.
+def clear(root: Path | str | None = None, *, slide: str | None = None, encoder: str | None = None,
+          mpp: float | None = None) -> list[Path]:  # fmt: skip
+    """Delete stores under ``root``; with ``slide`` / ``encoder`` / ``mpp`` only the matching ones.
 
     Parameters
     ----------
@@ -292,6 +293,8 @@ def clear(root: Path | str | None = None, *, slide: str | None = None, encoder: 
         Slide path, file name, stem, or fingerprint.
     encoder : str, optional
         Encoder name (case-insensitive).
+    mpp : float, optional
+        The stores' resolution in µm/px (e.g. 2.0 for the 5× stores), to within 1 %.
 
     Returns
     -------
@@ -301,6 +304,8 @@ def clear(root: Path | str | None = None, *, slide: str | None = None, encoder: 
     removed = []
     for info in list_stores(root):
         if not _matches(info, slide, encoder):
+            continue
+        if mpp is not None and (info.mpp is None or abs(info.mpp - mpp) > 0.01 * mpp):
             continue
         if remove_store(info.path):
             removed.append(info.path)

@@ -431,12 +431,15 @@ def test_cache_ls_and_clear(cohort: Cohort, tmp_path: Path, capsys: pytest.Captu
     rc, out, _ = _run(capsys, "cache", "ls", "--cache", cache)
     n_a = TileGrid(Slide(cohort.a)).n_tissue
     assert rc == 0 and "2 stores" in out and "NAPARI_VIRCHOW_CACHE_MAX_GB" in out
-    assert re.search(rf"{cohort.a.name}\s+virchow2-tiny\s+{n_a}/100\s+\d", out), out  # 10 × 10, edges in
+    # 10 × 10, edges in; the magnification tells a slide's stores apart
+    assert re.search(rf"{cohort.a.name}\s+virchow2-tiny\s+20× \(0.5 µm/px\)\s+{n_a}/100\s+\d", out), out
     rc, out, _ = _run(capsys, "cache", "ls", "--cache", cache, "--json")
     doc = json.loads(out)
     assert rc == 0 and {Path(s["slide"]).name for s in doc["stores"]} == {cohort.a.name, cohort.b.name}
     assert all(s["size_bytes"] > 0 and s["encoder"] == "virchow2-tiny" for s in doc["stores"])
-    rc, out, _ = _run(capsys, "cache", "clear", "--cache", cache, "--slide", cohort.a.name)
+    rc, out, _ = _run(capsys, "cache", "clear", "--cache", cache, "--mpp", "2")
+    assert rc == 0 and "nothing to remove" in out  # both stores are at 0.5 µm/px
+    rc, out, _ = _run(capsys, "cache", "clear", "--cache", cache, "--slide", cohort.a.name, "--mpp", "0.5")
     assert rc == 0 and out.count("removed ") == 1 and cohort.a.stem in out
     rc, out, _ = _run(capsys, "cache", "clear", "--cache", cache, "--encoder", "virchow-tiny")
     assert rc == 0 and "nothing to remove" in out
