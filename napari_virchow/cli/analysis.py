@@ -28,6 +28,7 @@ from napari_virchow.cli.common import (
 from napari_virchow.cli.embed import _SLIDES_HELP, load_cli_head, out_folder, write_file
 from napari_virchow.cli.options import add_mpp_options
 from napari_virchow.errors import VirchowError
+from napari_virchow.jobs import mag_name
 from napari_virchow.store.key import canonical_mpp
 
 if TYPE_CHECKING:
@@ -157,10 +158,10 @@ def _choose_levels(per_slide: list[dict[float, Counter[str]]], home: float, aske
         if classes and set(c) == classes and min(c.values()) >= MIN_LEVEL_TILES:
             levels.append(m)
         else:
-            skipped.append(f"{m:g} ({', '.join(f'{n} {c[n]}' for n in sorted(classes)) or 'no tile'})")
+            skipped.append(f"{mag_name(m)}: {', '.join(f'{n} {c[n]}' for n in sorted(classes)) or 'no tile'}")
     if len(levels) > 1 or skipped:
-        note = f"; skipped: {'; '.join(skipped)}" if skipped else ""
-        CONSOLE.out(f"fitting at {', '.join(f'{m:g}' for m in levels)} µm/px: the encoder's own magnification and "
+        note = f"; skipped {'; '.join(skipped)}" if skipped else ""
+        CONSOLE.out(f"fitting at {', '.join(mag_name(m) for m in levels)}: the encoder's own magnification and "
                     f"every trained one where each class has at least {MIN_LEVEL_TILES} annotated tiles{note}")
     return levels
 

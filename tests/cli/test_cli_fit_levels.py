@@ -52,8 +52,8 @@ def test_default_fits_each_covered_magnification_and_heatmap_uses_its_probe(
     rc, out, err = _run(capsys, "fit-head", slide, "--annotations", ann, *TINY, "--cache", cache, "--out", head)
     assert rc == 0, err
     # the rule is said: the encoder's own level, plus those with enough tiles per class; 2 µm/px has too few
-    assert "fitting at 0.5, 1 µm/px" in out and f"at least {MIN_LEVEL_TILES} annotated tiles" in out
-    assert "skipped: 2 (Normal 6, Tumor 6)" in out
+    assert "fitting at 20× (0.5 µm/px), 10× (1 µm/px):" in out and f"at least {MIN_LEVEL_TILES} annotated" in out
+    assert "skipped 5× (2 µm/px): Normal 6, Tumor 6" in out
     assert "144 annotated tiles (144 embedded now) at 20× (0.5 µm/px)" in out  # 72 of each class
     assert "36 annotated tiles (36 embedded now) at 10× (1 µm/px)" in out
     assert "(Normal 72, Tumor 72)" in out and "(Normal 18, Tumor 18)" in out
