@@ -18,10 +18,11 @@ from napari_virchow.analysis.similarity import Hit
 from napari_virchow.errors import VirchowError
 from napari_virchow.session import ClusterResult, SlideSession, TrainResult
 from napari_virchow.slides.slide import Slide
+from napari_virchow.store.key import mag_name
 
 __all__ = [
     "BatchDone", "Clustered", "IndexHits", "Planned", "Queried", "Stage", "TooMany", "Trained",
-    "LevelTokenSink", "cluster_job", "compute_job", "index_search_job", "mag_name", "overview_job", "query_job",
+    "LevelTokenSink", "cluster_job", "compute_job", "index_search_job", "overview_job", "query_job",
     "train_job", "view_job",
 ]  # fmt: skip
 
@@ -202,11 +203,6 @@ def overview_job(session: SlideSession, *, mpp: float | None = None,
     t0 = time.perf_counter()
     yield from _embed(session, todo, cancel, m)
     yield Stage(f"overview {mag_name(m)}: {len(todo)} tiles in {time.perf_counter() - t0:.1f} s", final=True)
-
-
-def mag_name(mpp: float) -> str:
-    """``"20× (0.5 µm/px)"``: a magnification as read-outs name it."""
-    return f"{10 / mpp:.3g}× ({mpp:g} µm/px)"
 
 
 @cancellable

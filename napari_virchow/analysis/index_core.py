@@ -19,6 +19,7 @@ from napari_virchow.analysis import index_vectors as _vec
 from napari_virchow.analysis.index_manifest import changed_slides, locate_cache, locate_slide, relative_fields
 from napari_virchow.analysis.similarity import AnalysisError, Hit, query_vector, spatially_distinct
 from napari_virchow.io.files import atomic_write_set
+from napari_virchow.store.key import mag_name
 
 __all__ = ["IndexEntry", "SlideIndex"]
 
@@ -122,8 +123,8 @@ class SlideIndex(_vec.RerankFile):
         if query_mpp is None or self.mpp is None or abs(query_mpp - self.mpp) <= 1e-6 * self.mpp:
             return
         raise AnalysisError(
-            f"{self.path or 'the index'}: holds tiles at {self.mpp:g} µm/px ({10 / self.mpp:.3g}×) but the query "
-            f"is at {query_mpp:g} µm/px ({10 / query_mpp:.3g}×); embeddings of different magnifications are not "
+            f"{self.path or 'the index'}: holds tiles at {mag_name(self.mpp)} but the query "
+            f"is at {mag_name(query_mpp)}; embeddings of different magnifications are not "
             f"comparable. Pick the query at {10 / self.mpp:.3g}×, or search an index built at {query_mpp:g} µm/px "
             f"(`napari-virchow index --mpp {query_mpp:g} --out ...`)"
         )
@@ -154,7 +155,7 @@ class SlideIndex(_vec.RerankFile):
 
     def describe(self) -> str:
         """One line: size, kind, encoder and magnification, for the viewer and the CLI."""
-        at = f" at {self.mpp:g} µm/px ({10 / self.mpp:.3g}×)" if self.mpp else ""
+        at = f" at {mag_name(self.mpp)}" if self.mpp else ""
         n, size = len(self.slides), self.nbytes()
         shown = f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
         return f"{len(self):,} tiles of {n} slide{'' if n == 1 else 's'}, {self.kind}, {self.encoder}{at} ({shown})"

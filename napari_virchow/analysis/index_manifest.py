@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from napari_virchow.store.key import mag_name
+
 __all__ = ["changed_slides", "common_root", "index_for_mpp", "locate_cache", "locate_slide", "relative_fields"]
 
 
@@ -131,7 +133,7 @@ def index_for_mpp(path: str | os.PathLike[str], mpp: float | None) -> Path:
         match = [f for f, m in found.items() if m is not None and abs(m - mpp) <= 1e-6 * m]
     if len(match) == 1:
         return match[0]
-    have = ", ".join(f"{f.name} at {m:g} µm/px" if m else f"{f.name} (µm/px not recorded)" for f, m in found.items())
-    want = "give the query's magnification" if mpp is None else f"none is at {mpp:g} µm/px ({10 / mpp:.3g}×)"
+    have = ", ".join(f"{f.name} at {mag_name(m)}" if m else f"{f.name} (µm/px not recorded)" for f, m in found.items())
+    want = "give the query's magnification" if mpp is None else f"none is at {mag_name(mpp)}"
     raise ValueError(f"{p}: holds {len(found)} indexes ({have}); {want}. Pick the query at one of these "
                      f"magnifications, or build an index at it (`napari-virchow index --mpp UM --out {p}/NAME.faiss`)")

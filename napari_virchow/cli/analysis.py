@@ -28,8 +28,7 @@ from napari_virchow.cli.common import (
 from napari_virchow.cli.embed import _SLIDES_HELP, load_cli_head, out_folder, write_file
 from napari_virchow.cli.options import add_mpp_options
 from napari_virchow.errors import VirchowError
-from napari_virchow.jobs import mag_name
-from napari_virchow.store.key import canonical_mpp
+from napari_virchow.store.key import canonical_mpp, mag_name
 
 if TYPE_CHECKING:
     from napari_virchow.analysis.heads import LinearHead
@@ -175,7 +174,7 @@ def _labelled_tiles(session: SlideSession, regions: list[Annotation], args: argp
         idx, _ = session.annotated_tiles(polygons, classes, mpp=m, **kw)
         n_new, _ = embed_missing(session, idx, progress=show_progress(args), mpp=m)
         _, emb, lab = session.labelled_embeddings(polygons, classes, mpp=m, **kw)
-        where = "" if levels == [session.default_mpp] else f" at {10 / m:.3g}× ({m:g} µm/px)"
+        where = "" if levels == [session.default_mpp] else f" at {mag_name(m)}"
         CONSOLE.out(f"{session.slide.path.name}: {len(idx)} annotated tiles ({n_new} embedded now){where}")
         out[m] = (emb, lab)
     return out
@@ -193,7 +192,7 @@ def _fit_level(m: float, parts: list[tuple[np.ndarray, np.ndarray]], config: Ses
     head = fit_head(np.concatenate([emb for emb, _ in parts]), y, encoder=config.encoder, weights_id=weights_id,
                     cv=args.cv, positive_class=args.positive, mpp=m)  # fmt: skip
     counts = ", ".join(f"{c} {n}" for c, n in head.metrics["class_counts"].items())
-    at = f"at {10 / m:.3g}× ({m:g} µm/px): "
+    at = f"at {mag_name(m)}: "
     if head.cv_auc is not None:
         CONSOLE.out(f"{at}cross-validated ({head.metrics['cv_folds']}-fold): ROC AUC {head.cv_auc:.3f}, "
                     f"accuracy {head.cv_accuracy:.3f} on {head.metrics['n_samples']} tiles ({counts})")  # fmt: skip

@@ -136,8 +136,8 @@ def _size(n: float) -> str:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from napari_virchow.jobs import mag_name
     from napari_virchow.store.cache import ENV_MAX_GB, cache_max_bytes, clear, list_stores
+    from napari_virchow.store.key import mag_name
 
     root = _cache_root(args)
     if args.action == "clear":

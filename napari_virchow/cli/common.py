@@ -37,6 +37,7 @@ from napari_virchow.cli.options import (
 )
 from napari_virchow.config import SessionConfig
 from napari_virchow.store.cache import resolve_cache_root
+from napari_virchow.store.key import mag_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -188,7 +189,7 @@ def _one_slide(slide: str, config: SessionConfig, work: Work | None, remote: dic
         if remote is None:
             name = session.slide.path.name
             for m in mpps or (session.default_mpp,):
-                where = "" if m == session.default_mpp and len(mpps) <= 1 else f" at {10 / m:.3g}× ({m:g} µm/px)"
+                where = "" if m == session.default_mpp and len(mpps) <= 1 else f" at {mag_name(m)}"
                 n_tissue = session.grid_at(m).n_tissue
                 CONSOLE.out(summary(name, n_tissue, *embed_missing(session, progress=progress, mpp=m), where))
         note = work(session) if work is not None else None

@@ -24,6 +24,7 @@ from napari_virchow.cli.common import (
 )
 from napari_virchow.cli.embed import _SLIDES_HELP, write_file
 from napari_virchow.cli.options import add_mpp_options, finite_float
+from napari_virchow.store.key import mag_name
 
 if TYPE_CHECKING:
     from napari_virchow.analysis.index import IndexEntry, SlideIndex
@@ -126,8 +127,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     name = _encoder_name(args)
     index = load_index(out, encoder=name, cache_root=getattr(args, "cache", None))
     if mpp is not None and index.mpp is not None and abs(mpp - index.mpp) > 1e-6 * index.mpp:
-        raise CliError(f"--out {out}: the index holds tiles at {index.mpp:g} µm/px, not {mpp:g}: add slides at its "
-                       f"magnification (--mpp {index.mpp:g}) or build another index for {mpp:g} µm/px")  # fmt: skip
+        raise CliError(f"--out {out}: the index holds tiles at {mag_name(index.mpp)}, not {mag_name(mpp)}: "
+                       f"add slides at its magnification (--mpp {index.mpp:g}) or build another index "
+                       f"for {mpp:g} µm/px")  # fmt: skip
     status = 0
     for slide in args.remove:
         n = remove_slide(index, slide)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["StoreKey", "canonical_mpp", "lattice_fingerprint", "lattice_version_of", "old_lattice_key",
+__all__ = ["StoreKey", "canonical_mpp", "mag_name", "lattice_fingerprint", "lattice_version_of", "old_lattice_key",
            "slide_fingerprint_of"]
 
 #: decimals of µm/px kept in a key: float noise (0.5 vs 0.50000001) maps to one store
@@ -28,6 +28,11 @@ MPP_DECIMALS = 6
 def canonical_mpp(mpp: float) -> float:
     """``mpp`` as keys hold it (rounded to :data:`MPP_DECIMALS`); use it to index stores per level."""
     return round(float(mpp), MPP_DECIMALS)
+
+
+def mag_name(mpp: float) -> str:
+    """``"20× (0.5 µm/px)"``: a magnification as every read-out and message names it (10 µm/px ≈ 1×)."""
+    return f"{10 / mpp:.3g}× ({canonical_mpp(mpp):g} µm/px)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +66,8 @@ class StoreKey:
 
     @property
     def magnification(self) -> str:
-        """Objective power of ``mpp`` for people, e.g. ``"20× (0.5 µm/px)"`` (10 µm/px ≈ 1×)."""
-        return f"{10 / self.mpp:.3g}× ({canonical_mpp(self.mpp):g} µm/px)"
+        """Objective power of ``mpp`` for people, e.g. ``"20× (0.5 µm/px)"`` (:func:`mag_name`)."""
+        return mag_name(self.mpp)
 
     @property
     def digest(self) -> str:

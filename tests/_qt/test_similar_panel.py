@@ -167,11 +167,11 @@ def test_the_searched_index_is_described_and_a_query_at_another_magnification_re
     wait_idle(qtbot, w)
     info = w.similar.index_info.text()
     assert f"{len(idx):,} tiles of 1 slide," in info and " kB)" in info
-    assert "virchow2-tiny" in info and "0.5 µm/px (20×)" in info
+    assert "virchow2-tiny" in info and "20× (0.5 µm/px)" in info
     shown: list[str] = []
     monkeypatch.setattr("napari_virchow._qt.errors.show_error", shown.append)
     u.type("index_edit", str(tmp_path / "x5"))
     u.click("search_index_btn")
     wait_idle(qtbot, w)
-    assert len(shown) == 1 and "2 µm/px (5×)" in shown[0] and "0.5 µm/px (20×)" in shown[0], shown
+    assert len(shown) == 1 and "5× (2 µm/px)" in shown[0] and "20× (0.5 µm/px)" in shown[0], shown
     assert "not comparable" in shown[0] and w.similar.index_info.text() == info  # nothing else changed

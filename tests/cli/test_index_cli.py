@@ -101,7 +101,7 @@ def test_one_index_per_magnification_and_a_mismatched_query_refused(archive: Pat
     for name, mpp in (("x10.faiss", 1.0), ("x20.faiss", 0.5)):
         rc, out, err = _run(capsys, "index", slides / "s0.tif", slides / "s1.tif", *TINY, "--cache", archive / "cache",
                             "--out", cohort / name, "--mpp", mpp)  # fmt: skip
-        assert rc == 0 and f"at {mpp:g} µm/px" in out, err
+        assert rc == 0 and f"at {10 / mpp:g}× ({mpp:g} µm/px)" in out, err
     meta = json.loads((cohort / "x10.json").read_text())
     assert meta["mpp"] == 1.0 and {s["tile_size_l0"] for s in meta["slides"]} == {448}
     # A 10x query searches the 10x index of the folder; its tiles are the 10x lattice (448 level-0 px).
@@ -114,7 +114,7 @@ def test_one_index_per_magnification_and_a_mismatched_query_refused(archive: Pat
     rc, _, err = _search(capsys, cohort / "x10.faiss", slides / "s0.tif", "--mpp", 0.5)
     assert rc == 2 and "1 µm/px" in err and "0.5 µm/px" in err and "not comparable" in err and "Traceback" not in err
     rc, _, err = _search(capsys, cohort, slides / "s0.tif")  # two indexes, no magnification: which one?
-    assert rc == 2 and "x10.faiss at 1 µm/px" in err and "x20.faiss at 0.5 µm/px" in err
+    assert rc == 2 and "x10.faiss at 10× (1 µm/px)" in err and "x20.faiss at 20× (0.5 µm/px)" in err
     rc, _, err = _run(capsys, "index", slides / "s2.tif", *TINY, "--cache", archive / "cache",
                       "--out", cohort / "x10.faiss", "--add", "--mpp", 0.5)  # fmt: skip
-    assert rc == 2 and "holds tiles at 1 µm/px" in err
+    assert rc == 2 and "holds tiles at 10× (1 µm/px)" in err

@@ -22,9 +22,10 @@ from napari_virchow._qt.layers import layer_named, overlay_name, show_boxes
 from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow._qt.picking import box_corners
 from napari_virchow.errors import VirchowError
-from napari_virchow.jobs import Trained, mag_name
+from napari_virchow.jobs import Trained
 from napari_virchow.jobs_labelling import Suggested, suggest_job
 from napari_virchow.session import SlideSession
+from napari_virchow.store.key import mag_name
 
 if TYPE_CHECKING:
     from napari_virchow._qt.panels.head import HeadPanel
