@@ -166,6 +166,12 @@ def wait_idle(qtbot, widget, timeout: int = 120_000) -> None:
     qtbot.waitUntil(lambda: not widget.runner.busy, timeout=timeout)
 
 
+def wait_exported(qtbot, widget, timeout: int = 60_000) -> None:
+    """Until the export being written in a worker is done (its buttons are enabled again)."""
+    qtbot.waitUntil(lambda: not widget.export.busy, timeout=timeout)
+    assert widget.export.export_btn.isEnabled() and widget.export.export_tiff_btn.isEnabled()
+
+
 def square(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
     return np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float)  # napari (y, x) in level-0 px
 

@@ -8,7 +8,7 @@ from napari.layers import Points
 
 from napari_virchow._qt.panels.clusters import cluster_color
 from napari_virchow._qt.viewport import camera
-from tests._qt.conftest import cells, compute_whole_slide, drawn_past_slide, wait_idle
+from tests._qt.conftest import cells, compute_whole_slide, drawn_past_slide, wait_exported, wait_idle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -133,6 +133,7 @@ def test_export_overlays_to_qupath(qtbot, planted_widget, ui, tmp_path, monkeypa
     out = tmp_path / "planted.overlays.geojson"
     monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(out), "")))
     u.click("export_geojson_btn")
+    wait_exported(qtbot, w)
     feats = json.loads(out.read_text())["features"]
     classes = [f["properties"]["classification"]["name"] for f in feats]
     non_empty = sum(n > 0 for n in w.session().cluster_counts().values())

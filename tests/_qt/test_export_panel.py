@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import tifffile
+from qtpy.QtWidgets import QLabel
 
 from napari_virchow.io.provenance import PROVENANCE_KEYS
-from tests._qt.conftest import dialogs, train_on_planted
+from tests._qt.conftest import dialogs, train_on_planted, wait_exported
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,13 +36,17 @@ def test_exports_record_provenance(qtbot, planted_widget, ui, tmp_path: Path, mo
     gj = tmp_path / "planted.overlays.geojson"
     dialogs(monkeypatch, save=gj)
     u.click("export_geojson_btn")
+    wait_exported(qtbot, w)
     collection = json.loads(gj.read_text())
     assert collection["features"]  # heatmap regions
+    status = w.findChild(QLabel, "status_label").text()
+    assert status == f"exported {len(collection['features'])} regions to {gj} (heatmap ≥ 0.50, clusters, hits)"
     _check(collection["napari_virchow"], session)
 
     tif = tmp_path / "planted.heatmap.tif"
     dialogs(monkeypatch, save=tif)
     u.click("export_heatmap_btn")
+    wait_exported(qtbot, w)
     with tifffile.TiffFile(tif) as f:
         meta = json.loads(f.pages[0].description)
         data = f.pages[0].asarray()
@@ -65,6 +70,7 @@ def test_export_to_an_unwritable_place_says_so_once(qtbot, planted_widget, ui, t
     for button, name in (("export_geojson_btn", "a.geojson"), ("export_heatmap_btn", "a.tif")):
         dialogs(monkeypatch, save=blocker / name)
         u.click(button)
+        wait_exported(qtbot, w)
     assert len(shown) == 2 and all("cannot write" in m and "choose another folder" in m for m in shown), shown
     assert "a.geojson" in shown[0] and "a.tif" in shown[1]
     assert blocker.is_file() and blocker.read_text() == "not a folder"

@@ -10,7 +10,7 @@ import pytest
 from qtpy.QtWidgets import QFileDialog
 
 from napari_virchow._qt.viewport import camera
-from tests._qt.conftest import LEFT, canvas_point, click_canvas, wait_idle
+from tests._qt.conftest import LEFT, canvas_point, click_canvas, wait_exported, wait_idle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -102,5 +102,6 @@ def test_walkthrough_on_the_sample(qtbot, make_napari_viewer, ui, sample_pyramid
     out = tmp_path / "sample.geojson"
     monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(out), "")))
     u.click("export_geojson_btn")
+    wait_exported(qtbot, w)
     names = {f["properties"]["classification"]["name"] for f in json.loads(out.read_text())["features"]}
     assert "Similar" in names and names & {"Epidermis", "Dermis"}
