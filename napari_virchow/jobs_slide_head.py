@@ -17,6 +17,7 @@ from napari_virchow.analysis.rasters import Raster
 from napari_virchow.jobs import Stage, _embed, _load, _stop_if_cancelled, cancellable
 from napari_virchow.session import SlideSession
 from napari_virchow.slide_prediction import SlideResult, _check, missing_tiles, predict_slide
+from napari_virchow.store.key import mag_name
 
 if TYPE_CHECKING:
     from napari_virchow.analysis.mil import SlideHead
@@ -50,7 +51,7 @@ def slide_head_job(session: SlideSession, head: SlideHead, *,
     _stop_if_cancelled(cancel)
     todo = missing_tiles(session, head)
     if len(todo):
-        yield Stage(f"embedding {len(todo)} tissue tiles at {head.mpp:g} µm/px for the slide head …")
+        yield Stage(f"embedding {len(todo)} tissue tiles at {mag_name(head.mpp)} for the slide head …")
         yield from _embed(session, todo, cancel, head.mpp)
     yield Stage("predicting the slide …")
     result = predict_slide(session, head)

@@ -21,7 +21,7 @@ import numpy as np
 from napari_virchow.errors import VirchowError
 from napari_virchow.lod import ViewPlan
 from napari_virchow.lod_pyramid import LodPyramid, MissingFn
-from napari_virchow.store.key import canonical_mpp
+from napari_virchow.store.key import canonical_mpp, mag_name
 
 if TYPE_CHECKING:
     from napari_virchow.config import SessionConfig
@@ -272,7 +272,7 @@ class LevelsMixin:
         missing = idx if store is None else store.missing(idx)
         if len(missing):
             raise VirchowError(f"{len(missing)} tile(s) of {self.slide.path.name} are not embedded yet at "
-                               f"{self._mpp(mpp):g} µm/px: compute them first")  # fmt: skip
+                               f"{mag_name(self._mpp(mpp))}: compute them first")  # fmt: skip
         return store.read(idx) if store is not None else np.zeros((0, self.config.spec.dim), np.float32)
 
     def _close_stores(self) -> None:

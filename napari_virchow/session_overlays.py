@@ -26,7 +26,7 @@ from napari_virchow.analysis.similarity import Hit, cosine_similarity, top_k_hit
 from napari_virchow.errors import HeadError, VirchowError
 from napari_virchow.lod import SlideGeometry
 from napari_virchow.results import ClusterResult, TrainResult, tile_counts
-from napari_virchow.store.key import canonical_mpp
+from napari_virchow.store.key import canonical_mpp, mag_name
 
 if TYPE_CHECKING:
     from napari_virchow.config import SessionConfig
@@ -188,7 +188,7 @@ class OverlaysMixin:
         m = self._mpp(mpp)
         idx, emb = self.embedded(tissue_only=tissue_only, mpp=m)
         if not len(idx):
-            raise VirchowError(f"no tiles are embedded yet at {m:g} µm/px: compute the visible tiles first")
+            raise VirchowError(f"no tiles are embedded yet at {mag_name(m)}: compute the visible tiles first")
         model = fit_clusters(emb, k=k)
         labels = self._blank(np.int32, mpp=m)
         labels[idx] = model.predict(emb)

@@ -28,6 +28,7 @@ from napari_virchow.cli.common import (
 )
 from napari_virchow.cli.embed import _SLIDES_HELP, out_folder, write_file
 from napari_virchow.cli.options import add_mpp_options
+from napari_virchow.store.key import mag_name
 
 if TYPE_CHECKING:
     from napari_virchow.analysis.mil import SlideHead
@@ -122,7 +123,7 @@ def cmd_fit_slide_head(args: argparse.Namespace) -> int:
         bar.close()
     write_file(out, lambda path: save_slide_head(head, path))
     CONSOLE.out(format_metric(head.metrics))
-    CONSOLE.out(f"classes: {', '.join(head.classes)}; {head.mpp:g} µm/px; saved slide head to {out}")
+    CONSOLE.out(f"classes: {', '.join(head.classes)}; at {mag_name(head.mpp)}; saved slide head to {out}")
     return 0
 
 

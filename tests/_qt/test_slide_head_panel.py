@@ -56,14 +56,14 @@ def test_slide_head_embeds_at_its_magnification_and_shows_probability_and_attent
 
     grid = session.grid_at(1.0)  # the head's magnification, not the encoder's 0.5 µm/px
     assert session.missing(grid.tissue_indices, mpp=1.0).size == 0  # every tissue tile embedded at 1 µm/px
-    assert "slide head for virchow2-tiny at 1 µm/px: benign vs carcinoma" in w.slide_head.head_label.text()
+    assert "slide head for virchow2-tiny at 10× (1 µm/px): benign vs carcinoma" in w.slide_head.head_label.text()
     assert "cross-validated AUC 0.97 [0.90, 1.00]" in w.slide_head.head_label.text()
     idx, emb = session.embedded(tissue_only=True, mpp=1.0)
     expected = load_slide_head(path).predict(emb)
     text = w.slide_head.prediction_label.text()
     for cls, p in expected.probabilities.items():
         assert f"{cls} {p:.2f}" in text
-    assert f"<b>{expected.label} " in text and f"over {len(idx):,} tissue tiles at 1 µm/px" in text
+    assert f"<b>{expected.label} " in text and f"over {len(idx):,} tissue tiles at 10× (1 µm/px)" in text
 
     attention = w.viewer.layers["attention · planted"]
     t = grid.tile_size_l0

@@ -20,6 +20,7 @@ from napari_virchow._qt.layers import BAR_TITLE_KEY, _ramp, overlay_name, show_c
 from napari_virchow._qt.panels.base import Host, form, named
 from napari_virchow.errors import VirchowError
 from napari_virchow.jobs_slide_head import SlidePredicted, check_encoder, slide_head_job
+from napari_virchow.store.key import mag_name
 
 if TYPE_CHECKING:
     from napari_virchow.analysis.mil import SlideHead
@@ -33,7 +34,7 @@ ATTENTION = _ramp("virchow attention", ["#00204c", "#005f73", "#0a9396", "#94d2b
 
 def describe(head: SlideHead) -> str:
     """One line about a slide head: encoder, µm/px, classes, cross-validated metric."""
-    text = f"slide head for {head.encoder} at {head.mpp:g} µm/px: {' vs '.join(head.classes)}"
+    text = f"slide head for {head.encoder} at {mag_name(head.mpp)}: {' vs '.join(head.classes)}"
     metric = head.cv_metric
     if metric is not None:
         name, value, lo, hi = metric
@@ -111,7 +112,7 @@ class SlideHeadPanel(QGroupBox):
         top = max(probabilities, key=lambda c: probabilities[c])
         rows = [f"<b>{html.escape(c)} {p:.2f}</b>" if c == top else f"{html.escape(c)} {p:.2f}"
                 for c, p in sorted(probabilities.items(), key=lambda kv: -kv[1])]  # fmt: skip
-        over = f"over {len(ev.result.indices):,} tissue tiles at {ev.result.mpp:g} µm/px"
+        over = f"over {len(ev.result.indices):,} tissue tiles at {mag_name(ev.result.mpp)}"
         # one class per line: a long class name never splits a name from its probability
         self.prediction_label.setText("<br>".join([f"{html.escape(session.slide.path.name)}:", *rows, over]))
         layer = self._host.slide_layer()
