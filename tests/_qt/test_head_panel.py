@@ -198,3 +198,42 @@ def test_loaded_annotation_classes_become_the_draw_classes_and_keys(qtbot, plant
     u.click("load_geojson_btn")  # the same classes again: the order and the choice stay
     assert [combo.itemText(i) for i in range(combo.count())][:2] == ["Epithelium", "Stroma"]
     assert combo.currentText() == "Stroma"
+
+
+@pytest.mark.drives("load_geojson_btn")
+def test_many_qupath_regions_load_in_file_order_with_their_class_colours(qtbot, planted_widget, ui, tmp_path: Path,
+                                                                         monkeypatch) -> None:  # fmt: skip
+    # the whole file is added in one go (one at a time took 12 s for 500 regions on the UI thread): each
+    # shape must still get its own class and that class's colour, in the file's order, holes included
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    w, u = planted_widget, ui(planted_widget)
+    names = ["Tumor", "Stroma", "Necrosis"]
+    feats = []
+    for i in range(60):
+        x0, y0 = 100 + (i % 10) * 180, 100 + (i // 10) * 300
+        ring = [[x0, y0], [x0 + 150, y0], [x0 + 150, y0 + 250], [x0, y0 + 250], [x0, y0]]
+        rings = [ring]
+        if i == 7:  # a region with a hole: drawn as a second shape of class 'hole'
+            rings.append([[x0 + 50, y0 + 50], [x0 + 100, y0 + 50], [x0 + 100, y0 + 100], [x0 + 50, y0 + 100],
+                          [x0 + 50, y0 + 50]])  # fmt: skip
+        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": rings},
+                      "properties": {"objectType": "annotation", "classification": {"name": names[i % 3]}}})
+    path = tmp_path / "many.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    dialogs(monkeypatch, open_=path)
+    u.click("load_geojson_btn")
+    layer = w.head.annotation_layer()
+    want = [names[i % 3] for i in range(8)] + ["hole"] + [names[i % 3] for i in range(8, 60)]
+    assert list(layer.features["class"]) == want and len(layer.data) == 61
+    for k, name in enumerate(want):
+        np.testing.assert_allclose(layer.edge_color[k], transform_color(class_color(name))[0], atol=1e-6)
+    first = np.asarray(layer.data[0])[:, -2:]  # napari (y, x), level-0 px
+    np.testing.assert_allclose(first.min(axis=0), [100, 100])
+    np.testing.assert_allclose(first.max(axis=0), [350, 250])
+    regions, orphans = w.head.annotation_regions()
+    assert len(regions) == 60 and not orphans and len(regions[7].holes) == 1
+    # a region drawn next gets the draw class and its colour
+    layer.add_polygons([np.array([[10, 10], [10, 60], [60, 60]], float)])
+    assert layer.features["class"].iloc[-1] == w.head.class_combo.currentText() == "Tumor"
+    np.testing.assert_allclose(layer.edge_color[-1], transform_color(class_color("Tumor"))[0], atol=1e-6)
