@@ -132,8 +132,10 @@ def cmd_fit_slide_head(args: argparse.Namespace) -> int:
 
 def args_predict(p: argparse.ArgumentParser) -> None:
     """Options of ``predict``."""
-    p.add_argument("head", metavar="HEAD", help="slide head file from `napari-virchow fit-slide-head`")
-    p.add_argument("slides", nargs="+", metavar="SLIDE", help=_SLIDES_HELP)
+    p.add_argument("paths", nargs="+", metavar="[HEAD] SLIDE",
+                   help="the slide head file from `napari-virchow fit-slide-head` (unless given as --head), then "
+                        f"the slides: {_SLIDES_HELP}")  # fmt: skip
+    p.add_argument("--head", metavar="HEAD", help="the slide head file (as `heatmap --head` takes a tile head)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the last line) instead of a table")
     p.add_argument("--out", metavar="DIR", help="write <slide>.attention.tif (pyramidal, aligned with the slide) "
                    "and <slide>.attention.geojson (top-attention regions) per slide")  # fmt: skip
@@ -146,6 +148,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from napari_virchow.analysis.mil_io import load_slide_head
     from napari_virchow.slide_prediction import predict_slide
 
+    if args.head is None:
+        args.head, *args.slides = args.paths
+    else:
+        args.slides = list(args.paths)
+    if not args.slides:
+        raise CliError(f"no slide to predict: name the slides after the head ({args.head})")
     head = load_slide_head(args.head)
     config = config_from_args(args, encoder=head.encoder)
     spec = config.spec

@@ -157,6 +157,11 @@ def test_predict_cli_table_json_and_attention_files(fitted: Fitted) -> None:
     lines = [line.split() for line in out.splitlines()]
     assert lines[-3][:3] == ["slide", "normal", "tumour"]
     assert lines[-2][0] == pos.name and lines[-2][-1] == "tumour" and lines[-1][-1] == "normal"
+    # --head as `heatmap --head` takes one: the same predictions
+    rc, again, err = _run("predict", pos, neg, "--head", fitted.head, *TINY[2:], "--cache", fitted.cache)
+    assert rc == 0 and again.splitlines()[-3:] == out.splitlines()[-3:], err
+    rc, _, err = _run("predict", fitted.head, *TINY[2:], "--cache", fitted.cache)
+    _one_error(rc, err, "no slide to predict", fitted.head.name)
     rc, out, err = _run("predict", fitted.head, pos, neg, *TINY, "--cache", fitted.cache, "--json",
                         "--out", fitted.root / "maps", "--top", 4)  # fmt: skip
     assert rc == 0, err
