@@ -10,6 +10,7 @@ import pytest
 from qtpy.QtWidgets import QFileDialog
 
 from napari_virchow._qt.viewport import camera
+from napari_virchow._reader import METADATA_KEY
 from tests._qt.conftest import LEFT, canvas_point, click_canvas, compute_whole_slide, planted_truth, wait_idle
 
 pytestmark = pytest.mark.timeout(300)
@@ -145,6 +146,15 @@ def test_search_indexed_slides_opens_the_other_slide_at_the_hit(qtbot, planted_w
     assert planted_truth(w.session())[w.session().grid.index_at(top[0], top[1])]
     u.click_item("hit_list", 0)
     assert w.model.slide_combo.currentText() == "other" and "other" in w.viewer.layers
+    # back to the first slide, search again: a hit in 'other' goes to its open layer, never a second copy
+    u.choose("slide_combo", "planted")
+    w.similar.query_at(600, 600)
+    wait_idle(qtbot, w)
+    u.click("search_index_btn")
+    wait_idle(qtbot, w)
+    u.click_item("hit_list", 0)
+    opened = [lyr.name for lyr in w.viewer.layers if lyr.metadata.get(METADATA_KEY, {}).get("path") == str(other_path)]
+    assert opened == ["other"] and w.model.slide_combo.currentText() == "other"
 
 
 @pytest.mark.drives("index_edit", "search_index_btn")

@@ -194,11 +194,17 @@ class SimilarPanel(QGroupBox):
         viewer = self._host.viewer
         layer = self._host.slide_layer()
         if slide_path and (layer is None or layer.metadata[METADATA_KEY]["path"] != slide_path):
-            try:
-                [layer] = viewer.open(slide_path, plugin="napari-virchow")
-            except VirchowError as exc:
-                report(exc)
-                return
+            # the hit's slide: its layer when it is open already (a second search from the first slide
+            # must not open it again), else opened now
+            layer = next((lyr for lyr in viewer.layers
+                          if METADATA_KEY in lyr.metadata and lyr.metadata[METADATA_KEY].get("path") == slide_path),
+                         None)  # fmt: skip
+            if layer is None:
+                try:
+                    [layer] = viewer.open(slide_path, plugin="napari-virchow")
+                except VirchowError as exc:
+                    report(exc)
+                    return
             self._host.choose_slide(layer.name)
         if layer is None:
             return
