@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from napari_virchow.analysis.similarity import Hit
     from napari_virchow.session import SlideSession
 
-__all__ = ["HeatmapSnapshot", "OverlaySnapshot", "export_provenance", "write_heatmap", "write_overlays"]
+__all__ = ["HeatmapSnapshot", "OverlaySnapshot", "TileValues", "export_provenance", "write_heatmap", "write_overlays"]
 
 
 def export_provenance(session: SlideSession) -> dict[str, Any]:
@@ -38,38 +38,62 @@ def export_provenance(session: SlideSession) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class OverlaySnapshot:
-    """The heatmap, clusters and similar-region hits of one session, as arrays of their own."""
+class TileValues:
+    """Values on one tile lattice: ``values[i]`` over the tile at level-0 ``coords[i]``."""
 
+    values: np.ndarray
     coords: np.ndarray
     tile_size_l0: int
+
+
+@dataclass(frozen=True)
+class OverlaySnapshot:
+    """The heatmap, clusters and similar-region hits of one session, as arrays of their own.
+
+    Each overlay keeps its own lattice: the heatmap is what the screen shows (each place from the
+    finest magnification computed there), the clusters and the hits are those of the magnification
+    they were made at (``cluster_mpp``, ``query_mpp``), which need not be the encoder's own.
+    """
+
     bounds: tuple[int, int]
-    probability: np.ndarray | None
+    heatmap: TileValues | None
     positive_class: str | None
-    cluster_labels: np.ndarray | None
+    clusters: TileValues | None
     cluster_colors: Mapping[int, Color]
     hits: list[Hit]
+    hit_tile_size_l0: int
     provenance: dict[str, Any]
 
     @classmethod
     def of(cls, session: SlideSession, *, n_hits: int, cluster_colors: Mapping[int, Color] | None = None
            ) -> OverlaySnapshot:  # fmt: skip
         """Copy what ``session`` shows now (``n_hits`` best hits of its query, if any)."""
-        g, (w, h) = session.grid, session.slide.dimensions
-        prob = None if session.probability is None or session.head is None else session.probability.copy()
-        labels = None if session.cluster_labels is None else session.cluster_labels.copy()
+        w, h = session.slide.dimensions
+        heat = None
+        raster = session.overlay_raster("probability") if session.head is not None else None
+        if raster is not None:  # cells of the finest level's lattice, as drawn
+            rows, cols = np.nonzero(np.isfinite(raster.data))
+            t = int(round(raster.tile_size_l0))
+            (x0, y0) = raster.origin_l0
+            coords = np.stack([x0 + cols * t, y0 + rows * t], axis=1).astype(np.int64)
+            heat = TileValues(raster.data[rows, cols].astype(np.float32), coords, t)
+        clusters = None
+        if session.cluster_labels is not None:
+            g = session.grid_at(session.cluster_mpp)
+            clusters = TileValues(session.cluster_labels.copy(), g.coords.copy(), int(g.tile_size_l0))
+        hits = session.hits(n_hits) if session.similarity is not None else []
         return cls(
-            coords=g.coords.copy(), tile_size_l0=int(g.tile_size_l0), bounds=(int(w), int(h)),
-            probability=prob, positive_class=None if session.head is None else str(session.head.positive_class),
-            cluster_labels=labels, cluster_colors=dict(cluster_colors or {}),
-            hits=session.hits(n_hits) if session.similarity is not None else [],
+            bounds=(int(w), int(h)), heatmap=heat,
+            positive_class=None if session.head is None else str(session.head.positive_class),
+            clusters=clusters, cluster_colors=dict(cluster_colors or {}), hits=hits,
+            hit_tile_size_l0=int(session.grid_at(session.query_mpp).tile_size_l0),
             provenance=export_provenance(session),
         )  # fmt: skip
 
     @property
     def empty(self) -> bool:
         """Nothing to export: no heatmap, no cluster, no hit."""
-        return self.probability is None and self.cluster_labels is None and not self.hits
+        return self.heatmap is None and self.clusters is None and not self.hits
 
     def features(self, threshold: float) -> list[dict[str, Any]]:
         """QuPath features: heatmap regions ≥ ``threshold``, one region per cluster, the hits."""
@@ -77,17 +101,18 @@ class OverlaySnapshot:
         from napari_virchow.io.geojson import hits_to_features, tiles_to_features
 
         feats: list[dict[str, Any]] = []
-        if self.probability is not None:
-            done = np.isfinite(self.probability)
-            feats += threshold_features(self.probability[done], self.coords[done], self.tile_size_l0, threshold,
+        if self.heatmap is not None and len(self.heatmap.values):
+            heat = self.heatmap
+            feats += threshold_features(heat.values, heat.coords, heat.tile_size_l0, threshold,
                                         class_name=str(self.positive_class), bounds=self.bounds)  # fmt: skip
-        if self.cluster_labels is not None:
-            ids = sorted(int(i) for i in np.unique(self.cluster_labels) if i > 0)
+        if self.clusters is not None:
+            c = self.clusters
+            ids = sorted(int(i) for i in np.unique(c.values) if i > 0)
             colors = {i: self.cluster_colors[i] for i in ids if i in self.cluster_colors} or None
-            feats += tiles_to_features(self.coords, self.tile_size_l0, self.cluster_labels,
-                                       {i: f"Cluster {i}" for i in ids}, colors, bounds=self.bounds)  # fmt: skip
+            feats += tiles_to_features(c.coords, c.tile_size_l0, c.values, {i: f"Cluster {i}" for i in ids},
+                                       colors, bounds=self.bounds)  # fmt: skip
         if self.hits:
-            feats += hits_to_features(self.hits, self.tile_size_l0, bounds=self.bounds)
+            feats += hits_to_features(self.hits, self.hit_tile_size_l0, bounds=self.bounds)
         return feats
 
 
