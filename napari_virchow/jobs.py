@@ -331,7 +331,8 @@ def index_search_job(session: SlideSession, index_path: str, *, k: int = 20,
             continue
         try:
             with Slide(hit.slide) as other:
-                thumbs.append(_tile_picture(other, hit.x, hit.y, session.grid_at(session.query_mpp).tile_size_l0))
+                side = hit.tile_size_l0 or session.grid_at(session.query_mpp).tile_size_l0
+                thumbs.append(_tile_picture(other, hit.x, hit.y, side))
         except VirchowError:  # one unreadable slide costs its thumbnail, not the search
             thumbs.append(None)
     notes = " ".join(m for m in (index.check_slides(), index.damage_report()) if m)

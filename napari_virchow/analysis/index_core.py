@@ -322,7 +322,8 @@ class SlideIndex(_vec.RerankFile):
         exists = {int(s): Path(slides[s]["path"]).exists() for s in set(slide_of[kept].tolist())}
         return [
             Hit(index=int(self.tile_index[rows[j]]), x=int(self.coords[rows[j]][0]), y=int(self.coords[rows[j]][1]),
-                score=float(scores[j]), slide=slides[slide_of[j]]["path"], exists=exists[int(slide_of[j])])
+                score=float(scores[j]), slide=slides[slide_of[j]]["path"], exists=exists[int(slide_of[j])],
+                tile_size_l0=int(tile_l0[slide_of[j]]))
             for j in kept
         ]  # fmt: skip
 

@@ -56,7 +56,8 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Hit:
-    """One region found by a similarity search; ``x, y`` are the tile's level-0 top-left px."""
+    """One region found by a similarity search; ``x, y`` are the tile's level-0 top-left px and
+    ``tile_size_l0`` its side in level-0 px of its own slide (slides of a cohort differ)."""
 
     index: int
     x: int
@@ -64,6 +65,7 @@ class Hit:
     score: float
     slide: str | None = None
     exists: bool = True
+    tile_size_l0: int | None = None
 
 
 def query_vector(query: np.ndarray, dim: int) -> np.ndarray:
@@ -120,8 +122,8 @@ def top_k_hits(
     cand = np.flatnonzero(valid)
     cand = cand[np.argsort(-s[cand], kind="stable")]
     picked = cand[spatially_distinct(xy[cand], min_distance_tiles * tile_size_l0, k)]
-    return [Hit(index=int(i), x=int(xy[i, 0]), y=int(xy[i, 1]), score=float(s[i]), slide=slide, exists=exists)
-            for i in picked]  # fmt: skip
+    return [Hit(index=int(i), x=int(xy[i, 0]), y=int(xy[i, 1]), score=float(s[i]), slide=slide, exists=exists,
+                tile_size_l0=int(tile_size_l0)) for i in picked]  # fmt: skip
 
 
 def spatially_distinct(xy: np.ndarray, reach: int | np.ndarray, k: int, groups: np.ndarray | None = None) -> np.ndarray:

@@ -185,3 +185,44 @@ def test_the_searched_index_is_described_and_a_query_at_another_magnification_re
     wait_idle(qtbot, w)
     assert len(shown) == 1 and "5× (2 µm/px)" in shown[0] and "20× (0.5 µm/px)" in shown[0], shown
     assert "not comparable" in shown[0] and w.similar.index_info.text() == info  # nothing else changed
+
+
+@pytest.mark.drives("index_edit", "search_index_btn", "hit_list")
+def test_a_cohort_hit_in_a_40x_slide_is_its_own_tile(qtbot, planted_widget, ui, tmp_path: Path) -> None:
+    # a 40× slide of the cohort has 448-px tiles at 0.5 µm/px: the hit, its thumbnail and the zoom must use
+    # them, not the 224 px of the query's 20× slide
+    from napari_virchow._qt.hitlist import TILES_ACROSS
+    from napari_virchow.analysis.index import IndexEntry, build_index
+    from napari_virchow.session import SlideSession
+    from napari_virchow.slides.synthetic import PlantedSource, Region, write_pyramid
+    from tests.conftest import PLANTED_PATTERNS, PLANTED_SIZE, PLANTED_TISSUE
+
+    regions = [Region(tuple(2 * v for v in r.box), r.kind) for r in (PLANTED_TISSUE, *PLANTED_PATTERNS)]
+    forty = write_pyramid(tmp_path / "forty.tif", 2 * PLANTED_SIZE, 2 * PLANTED_SIZE, PlantedSource(regions),
+                          mpp=0.25, levels=3)  # fmt: skip
+    w, u = planted_widget, ui(planted_widget)
+    other = SlideSession(forty, w.config())
+    assert other.grid.tile_size_l0 == 448
+    for _ in other.compute(indices=other.grid.tissue_indices):
+        pass
+    idx, emb = other.store().read_done()
+    index_path = tmp_path / "cohort.faiss"
+    build_index([IndexEntry(str(forty), other.slide.fingerprint, emb, other.grid.coords[idx], 448, idx)],
+                index_path, encoder="virchow2-tiny")  # fmt: skip
+    other.close()
+    w.viewer.reset_view()
+    w.similar.query_at(600, 600)
+    wait_idle(qtbot, w)
+    u.type("index_edit", str(index_path))
+    u.click("search_index_btn")
+    wait_idle(qtbot, w)
+    item = w.similar.hit_list.item(0)
+    x, y, slide, t = item.data(0x0100)
+    assert slide == str(forty) and t == 448
+    assert (x - 224) % 448 == 0 and (y - 224) % 448 == 0  # the centre of a 448-px tile
+    u.click_item("hit_list", 0)
+    layer = w.viewer.layers["forty"]
+    cam = camera(w.viewer)
+    np.testing.assert_allclose(cam.center[-2:], np.asarray(layer.data_to_world((y, x)))[-2:], atol=1e-6)
+    tile_um = 448 * 0.25
+    assert cam.zoom == pytest.approx(min(w.viewer.canvas.size) / (TILES_ACROSS * tile_um), rel=1e-6)

@@ -130,7 +130,7 @@ class SimilarPanel(QGroupBox):
         self.hit_list.clear()
         for rank, (hit, thumb) in enumerate(zip(ev.hits, ev.thumbnails, strict=True), start=1):
             add_hit(self.hit_list, f"{rank}. score {hit.score:.3f} · ({hit.x * mpp:,.0f}, {hit.y * mpp:,.0f}) µm",
-                    thumb, (hit.x + t / 2, hit.y + t / 2))  # fmt: skip
+                    thumb, (hit.x + t / 2, hit.y + t / 2, None, t))  # fmt: skip
 
     def _explain(self, session: SlideSession, ev: _jobs.Queried) -> str:
         n_embedded = int(np.count_nonzero(np.isfinite(session.similarity))) if session.similarity is not None else 0
@@ -179,18 +179,18 @@ class SimilarPanel(QGroupBox):
         if ev.warning:
             show_warning(ev.warning)
         self.index_info.setText(ev.description)
-        t = session.grid.tile_size_l0
+        query_tile = session.grid_at(session.query_mpp).tile_size_l0
         self.hit_list.clear()
         for rank, (hit, thumb) in enumerate(zip(ev.hits, ev.thumbnails, strict=True), start=1):
             where = Path(hit.slide or "?").name + ("" if hit.exists else " (file missing)")
+            t = hit.tile_size_l0 or query_tile  # the tile in its own slide's level-0 px
             add_hit(self.hit_list, f"{rank}. {where} score {hit.score:.3f} at ({hit.x}, {hit.y}) px", thumb,
-                    (hit.x + t / 2, hit.y + t / 2, hit.slide if hit.exists else None))  # fmt: skip
+                    (hit.x + t / 2, hit.y + t / 2, hit.slide if hit.exists else None, t))  # fmt: skip
         self._host.set_status(f"{len(ev.hits)} similar regions in other slides")
 
     def go_to_hit(self, item: QListWidgetItem) -> None:
         """Centre on a hit (opening its slide when it is in another one), zoom to a few tiles, flash its box."""
-        x, y, *other = item.data(Qt.ItemDataRole.UserRole)
-        slide_path = other[0] if other else None
+        x, y, slide_path, tile_l0 = item.data(Qt.ItemDataRole.UserRole)  # tile_l0: in the hit's own slide
         viewer = self._host.viewer
         layer = self._host.slide_layer()
         if slide_path and (layer is None or layer.metadata[METADATA_KEY]["path"] != slide_path):
@@ -208,9 +208,6 @@ class SimilarPanel(QGroupBox):
             self._host.choose_slide(layer.name)
         if layer is None:
             return
-        try:
-            tile_um = self._host.session().grid.tile_size_l0 * float(np.asarray(layer.scale)[-1])
-        except VirchowError:
-            return
+        tile_um = tile_l0 * float(np.asarray(layer.scale)[-1])  # the layer's scale is its µm/px
         zoom_to_tile(viewer, layer, x, y, tile_um, boxes=layer_named(viewer, overlay_name(layer, "hits")),
                      row=self.hit_list.row(item), flasher=self.flasher)  # fmt: skip
