@@ -253,8 +253,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     finally:
         index.close()
     hits = [h for h in hits if not (h.slide == me and (h.x, h.y) in own)][: args.top_k]
-    rows = [{"rank": r, "slide": h.slide, "x": h.x, "y": h.y, "score": round(h.score, 6), "exists": h.exists}
-            for r, h in enumerate(hits, start=1)]  # fmt: skip
+    rows = [{"rank": r, "slide": h.slide, "x": h.x, "y": h.y, "tile_size_l0": h.tile_size_l0,
+             "score": round(h.score, 6), "exists": h.exists} for r, h in enumerate(hits, start=1)]  # fmt: skip
     if args.json:
         doc: dict[str, Any] = {"index": str(index.path), "encoder": index.encoder, "kind": index.kind,
                                "n_indexed": len(index), "query": desc, "missing_slides": index.missing_slides(),

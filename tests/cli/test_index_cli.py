@@ -108,6 +108,7 @@ def test_one_index_per_magnification_and_a_mismatched_query_refused(archive: Pat
     rc, doc, err = _search(capsys, cohort, slides / "s0.tif", "--mpp", 1, "--other-slides")
     assert rc == 0 and doc["index"].endswith("x10.faiss") and doc["hits"], err
     assert all(h["x"] % 448 == 0 and h["y"] % 448 == 0 for h in doc["hits"]) and doc["query"]["x"] % 448 == 0
+    assert {h["tile_size_l0"] for h in doc["hits"]} == {448}  # each hit's tile, in its slide's level-0 px
     rc, doc, err = _search(capsys, cohort, slides / "s0.tif", "--mpp", 0.5)
     assert rc == 0 and doc["index"].endswith("x20.faiss"), err
     # A query at another magnification than the one index given: refused in one line naming both.
