@@ -1,6 +1,6 @@
 """Encoder throughput (tiles/s) on this machine, fp32 vs bf16, random weights; MFU against a matmul.
 
-    python benchmarks/bench_encoder.py [--device cpu] [--threads N] [--only NAME|mfu] [--compile]
+    python benchmarks/bench_encoder.py [--device cpu] [--threads N] [--only NAME|mfu] [--compile] [--mfu-dtype auto]
 
 Runs ``Encoder.embed`` on random uint8 224² tiles: one warm-up batch, then timed batches, for
 ``timm:vit_small_patch16_224`` (batch 8, 3 batches) and ``virchow2`` (batch 4, 2 batches: the
@@ -13,12 +13,14 @@ cost the same as real ones. The last printed line is a JSON object::
      "bf16_speedup": {encoder: tiles/s bf16 / tiles/s fp32},
      "mfu_vs_matmul": {...}}
 
-``mfu_vs_matmul`` (CPU): Virchow 2 in bf16 as ``load_encoder`` sets it up here (weights cast once
-on a CPU with native bf16), batch 8, ``tiles/s × FLOPs per tile`` (:func:`vit_flops_per_tile`)
-÷ the FLOP/s of a 4096² bf16 matmul on the same threads, measured interleaved with the encoder
-batches in the same run (the machine may be shared: the ratio is what counts). It also reports
-the bf16-autocast rate over fp32 weights (the path before weights were cast) and the cosine of
-bf16 embeddings to fp32 ones. Goal: ≥ 0.7. About 2 min on 2 cores.
+``mfu_vs_matmul`` (CPU): Virchow 2 in the precision ``load_encoder`` picks here by default
+(``--mfu-dtype auto``: bf16 with weights cast once on a CPU with native bf16, fp32 on one without,
+where bf16 is emulated and nobody runs it), batch 8, ``tiles/s × FLOPs per tile``
+(:func:`vit_flops_per_tile`) ÷ the FLOP/s of a 4096² matmul in that dtype on the same threads,
+measured interleaved with the encoder batches in the same run (the machine may be shared: the
+ratio is what counts). In bf16 it also reports the bf16-autocast rate over fp32 weights (the path
+before weights were cast) and the cosine of bf16 embeddings to fp32 ones. Goal: ≥ 0.7. About 2 min
+on 2 cores.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 
 from napari_virchow.models.encoder import Encoder, cpu_has_native_bf16, load_encoder
 from napari_virchow.models.flops import vit_flops_per_tile
+from napari_virchow.models.precision import resolve_dtype
 
 #: (encoder, batch size, timed batches)
 PLAN = [("timm:vit_small_patch16_224", 8, 3), ("virchow2", 4, 2)]
@@ -73,8 +76,12 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
 
 
-def mfu_vs_matmul(device: str = "cpu", batch: int = 8, rounds: int = 3, compile: bool = False) -> dict:
-    """Virchow 2 bf16 tiles/s × FLOPs per tile ÷ bf16 matmul FLOP/s, measured interleaved.
+def mfu_vs_matmul(device: str = "cpu", batch: int = 8, rounds: int = 3, compile: bool = False,
+                  dtype: str = "auto") -> dict:  # fmt: skip
+    """Virchow 2 tiles/s × FLOPs per tile ÷ matmul FLOP/s in the same dtype, measured interleaved.
+
+    ``dtype``: ``"auto"`` (what :func:`load_encoder` runs here by default: bf16 on a CPU with
+    native bf16, else fp32), ``"bf16"`` or ``"fp32"``.
 
     Each round times a matmul, then one encoder batch; the ratio is taken per round (both saw
     the same load) and the median reported, by wall time and by this process's CPU time (which
@@ -90,7 +97,12 @@ def mfu_vs_matmul(device: str = "cpu", batch: int = 8, rounds: int = 3, compile:
     for block in fp32.model.blocks:  # layer-scale gammas start at 1e-5: open them, so the
         block.ls1.gamma.data.fill_(1.0)  # blocks matter to the cosine below (same FLOPs)
         block.ls2.gamma.data.fill_(1.0)
-    enc = fp32.with_dtype("bf16")  # what load_encoder(dtype="bf16") builds: weights cast once here
+    reduced = resolve_dtype(dtype, fp32.device)
+    if reduced not in (None, torch.bfloat16):
+        raise SystemExit(f"--mfu-dtype {dtype}: the CPU MFU is measured in bf16 or fp32")
+    # what load_encoder builds for that dtype: bf16 weights cast once on a CPU with native bf16
+    enc = fp32 if reduced is None else fp32.with_dtype("bf16")
+    mm_dtype = torch.float32 if reduced is None else torch.bfloat16
     flops = vit_flops_per_tile(enc.model, enc.spec.input_size)
     if compile:  # load_encoder(compile=True): inductor with freezing on a CPU (~5 min to compile on 2 cores)
         enc = Encoder(enc.spec, enc.model, device=enc.device, dtype=enc.dtype, weights_id=enc.weights_id,
@@ -100,7 +112,7 @@ def mfu_vs_matmul(device: str = "cpu", batch: int = 8, rounds: int = 3, compile:
     warmup_s = time.perf_counter() - t
     wall, cpu, rates, tflops = [], [], [], []
     for _ in range(rounds):  # interleaved: both see the same load from other processes
-        mm_flops, mm_wall, mm_cpu = matmul_flops()
+        mm_flops, mm_wall, mm_cpu = matmul_flops(dtype=mm_dtype)
         enc_wall, enc_cpu = _timed(lambda: enc.embed(tiles))
         rates.append(batch / enc_wall)
         tflops.append(mm_flops / mm_wall / 1e12)
@@ -109,7 +121,8 @@ def mfu_vs_matmul(device: str = "cpu", batch: int = 8, rounds: int = 3, compile:
     peak = float(np.median(tflops)) * 1e12
     out = {
         "encoder": "virchow2",
-        "dtype": "bf16",
+        "dtype": "fp32" if reduced is None else "bf16",
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "weights_dtype": str(enc.input_dtype).removeprefix("torch."),
         "autocast": enc.autocast,
         "batch": batch,
@@ -128,17 +141,17 @@ def mfu_vs_matmul(device: str = "cpu", batch: int = 8, rounds: int = 3, compile:
         "mfu_vs_matmul_cpu_time": round(float(np.median(cpu)), 3),
         "goal": 0.7,
     }
-    # The same weights in fp32: the embeddings' agreement, and the autocast path for comparison.
-    few = tiles[:2]
-    ref = fp32.embed(few)
-    autocast = Encoder(fp32.spec, fp32.model, device=fp32.device, dtype=torch.bfloat16,
-                       weights_id=fp32.weights_id, weights_source=fp32.weights_source)  # fmt: skip
-    out["cosine_bf16_vs_fp32"] = round(cosine(enc.embed(few), ref), 5)
-    out["cosine_autocast_vs_fp32"] = round(cosine(autocast.embed(few), ref), 5)
-    mm_flops, mm_wall, _ = matmul_flops()
-    enc_wall, _ = _timed(lambda: autocast.embed(tiles))
-    out["autocast_tiles_per_s"] = round(batch / enc_wall, 3)
-    out["autocast_mfu_vs_matmul"] = round(batch * flops / enc_wall / (mm_flops / mm_wall), 3)
+    if reduced is not None:  # the same weights in fp32: the embeddings' agreement, and the autocast path
+        few = tiles[:2]
+        ref = fp32.embed(few)
+        autocast = Encoder(fp32.spec, fp32.model, device=fp32.device, dtype=torch.bfloat16,
+                           weights_id=fp32.weights_id, weights_source=fp32.weights_source)  # fmt: skip
+        out["cosine_bf16_vs_fp32"] = round(cosine(enc.embed(few), ref), 5)
+        out["cosine_autocast_vs_fp32"] = round(cosine(autocast.embed(few), ref), 5)
+        mm_flops, mm_wall, _ = matmul_flops(dtype=torch.bfloat16)
+        enc_wall, _ = _timed(lambda: autocast.embed(tiles))
+        out["autocast_tiles_per_s"] = round(batch / enc_wall, 3)
+        out["autocast_mfu_vs_matmul"] = round(batch * flops / enc_wall / (mm_flops / mm_wall), 3)
     print(out, flush=True)
     return out
 
@@ -149,6 +162,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", choices=[*(name for name, _, _ in PLAN), "mfu"], help="one encoder, or mfu")
     parser.add_argument("--compile", action="store_true", help="mfu with torch.compile (inductor, freezing)")
+    parser.add_argument("--mfu-dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="mfu precision; auto: what the encoder runs here (bf16 where native)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -174,7 +189,7 @@ def main() -> None:
             results.append(row)
         del base
     wants_mfu = args.device == "cpu" and args.only in (None, "mfu")
-    mfu = mfu_vs_matmul(args.device, compile=args.compile) if wants_mfu else None
+    mfu = mfu_vs_matmul(args.device, compile=args.compile, dtype=args.mfu_dtype) if wants_mfu else None
     speedup = {
         name: round(
             next(r["tiles_per_s"] for r in results if r["encoder"] == name and r["dtype"] == "bf16")
