@@ -142,8 +142,9 @@ def model_parent() -> Parser:
                    help="precision: auto = fp16 autocast on CUDA, bf16 weights on a CPU with native bf16, "
                         "else fp32 (default auto)")  # fmt: skip
     g.add_argument("--decode-device", default="auto", metavar="auto|none|cpu|cuda[:N]",
-                   help="where JPEG stored tiles are decoded: auto (on the GPU with CUDA, else the CPU), none "
-                        "(imagecodecs), or a torch device for torchvision's batch decoder (default auto)")  # fmt: skip
+                   help="where JPEG stored tiles are decoded: auto (nvJPEG on the encoder's GPU, else imagecodecs on "
+                        "the CPU), none (imagecodecs), or a torch device for torchvision's batch decoder "
+                        "(cpu: its CPU path; default auto)")  # fmt: skip
     g.add_argument("--compile", action="store_true",
                    help="run the encoder through torch.compile: fuses what the eager path does not (fp32, CUDA; "
                         "no faster on a CPU with bf16), after a first batch that compiles for up to a minute; "

@@ -114,8 +114,8 @@ class EncoderSpec:
         if not allow_untrained:
             raise UntrainedMagnificationError(
                 f"{self.name} was trained at {trained} µm/px, not at {mpp:g} µm/px. Pick one of those, "
-                "or opt in explicitly (allow_untrained=True): the embeddings are then recorded in the "
-                "store's provenance as made at an untrained magnification."
+                "or opt in explicitly (`--allow-untrained-mpp` (CLI), `allow_untrained=True` (Python)): the "
+                "embeddings are then recorded in the store's provenance as made at an untrained magnification."
             )
         log.warning("%s: embedding at %g µm/px, outside its trained %s µm/px (opted in)", self.name, mpp, trained)
         return False

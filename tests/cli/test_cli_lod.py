@@ -26,6 +26,7 @@ def test_embed_at_two_magnifications_keeps_one_store_each(cohort: Cohort, tmp_pa
     assert rc == 0 and "all cached" in out
     rc, _, err = _run(capsys, "embed", cohort.a, *TINY, "--cache", cache, "--mpp", "0.7")
     assert rc != 0 and len(_errors(err)) == 1 and "0.7 µm/px" in err
+    assert "--allow-untrained-mpp" in err  # the fix, as the CLI spells it
     rc, _, err = _run(capsys, "embed", cohort.a, *TINY, "--cache", cache, "--mpp", "0.7", "--allow-untrained-mpp")
     assert rc == 0, err
     untrained = [s for s in list_stores(cache) if s.mpp == 0.7]
