@@ -2,7 +2,8 @@
 
 The pieces :func:`napari_virchow.inference.iter_embed` is made of, each small enough to test on
 its own: how many tiles a batch holds (by device, capped by a memory estimate), how many reader
-threads prefetch, the pinned host buffers uint8 tiles cross to a GPU through, the encoder call
+threads prefetch, the pinned host buffers uint8 tiles cross to a GPU through (and where a 40×
+tile is resampled: by the readers on a CPU, on the device otherwise), the encoder call
 that halves its batch on CUDA out-of-memory, the feed and encoder rates (:class:`FeedStats`),
 and the one-batch writer thread that stores batch k while batch k + 1 is read.
 """
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from napari_virchow._torch import torch
+from napari_virchow.slides.resample import resize_tensor
 
 if TYPE_CHECKING:
     from napari_virchow.models.encoder import Encoder
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PREFETCH_PER_READER", "FeedStats", "HostStager", "batch_bytes", "cap_batch_size", "default_batch_size",
-    "leave_one_core", "memory_budget", "resolve_readers",
+    "leave_one_core", "memory_budget", "resamples_on_device", "resolve_readers",
 ]  # fmt: skip
 
 log = logging.getLogger("napari_virchow.inference")
@@ -205,17 +207,37 @@ class HostStager:
         return out
 
 
+def resamples_on_device(device: torch.device | str) -> bool:
+    """Whether tiles read at another size are resampled on the encoder's ``device`` rather than by the readers.
+
+    On an accelerator (CUDA, MPS) the readers send tiles as read (a 40× tile read for 20× is
+    4× the bytes, a transfer the GPU makes by DMA) and resampling costs the CPU nothing: at 40×
+    it was a fifth of a reader's time (~0.3 ms a tile). On the CPU the reader threads resample.
+    """
+    return torch.device(device).type != "cpu"
+
+
+def _on_device(tiles: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(tiles, torch.Tensor):
+        return tiles.to(device)
+    return torch.from_numpy(np.ascontiguousarray(tiles)).to(device)
+
+
 class Embedder:
     """``encoder.embed`` in sub-batches, halving them for good on CUDA out-of-memory.
 
     Tiles reach the device through ``stager`` (pinned, non-blocking on CUDA); each call's
-    tiles and seconds go to ``stats``.
+    tiles and seconds go to ``stats``. With ``resize_to``, tiles of another side are resampled
+    to it on the encoder's device first (:func:`~napari_virchow.slides.resample.resize_tensor`,
+    the lattice's one filter): readers then send them as read (see :func:`resamples_on_device`).
     """
 
-    def __init__(self, encoder: Encoder, batch_size: int, stats: FeedStats | None = None) -> None:
+    def __init__(self, encoder: Encoder, batch_size: int, stats: FeedStats | None = None,
+                 resize_to: int | None = None) -> None:  # fmt: skip
         self.encoder, self.batch_size = encoder, batch_size
         self.stager = HostStager(encoder.device)
         self.stats = stats
+        self.resize_to = resize_to
 
     def __call__(self, tiles: np.ndarray | torch.Tensor) -> np.ndarray:
         return self._timed(tiles, False)[0]
@@ -230,7 +252,10 @@ class Embedder:
     def _timed(self, tiles: np.ndarray | torch.Tensor,
                tokens: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:  # fmt: skip
         t0 = time.perf_counter()
-        out = self._embed(self.stager(tiles), tokens)
+        staged = self.stager(tiles)
+        if self.resize_to is not None and tuple(staged.shape[1:3]) != (self.resize_to, self.resize_to):
+            staged = resize_tensor(_on_device(staged, self.encoder.device), self.resize_to)
+        out = self._embed(staged, tokens)
         if self.stats is not None:
             self.stats.add_embed(len(tiles), time.perf_counter() - t0)  # embed() returned host arrays: synced
         return out
@@ -291,10 +316,10 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 def _read(grid: TileGrid, idx: np.ndarray, stats: FeedStats | None = None,
-          decode_device: str | None = None) -> np.ndarray:  # fmt: skip
+          decode_device: str | None = None, resize: bool = True) -> np.ndarray:  # fmt: skip
     t0 = time.perf_counter()
     try:
-        tiles = grid.read_tiles(idx) if decode_device is None else grid.read_tiles(idx, decode_device=decode_device)
+        tiles = grid.read_tiles(idx, decode_device=decode_device, resize=resize)
     except Exception as exc:
         note(exc, f"while reading tiles {idx.tolist()} of {grid.slide.path.name} (level {grid.read_level})")
         raise
@@ -310,21 +335,23 @@ def tile_batches(
     cancel: threading.Event | None,
     stats: FeedStats | None = None,
     decode_device: str | None = None,
+    resize: bool = True,
 ) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
     """(indices, tiles) per batch, read in this thread or prefetched by ``readers`` threads;
-    each read's tiles and seconds go to ``stats``; JPEG decoded on ``decode_device`` (None: the grid's)."""
+    each read's tiles and seconds go to ``stats``; JPEG decoded on ``decode_device`` (None: the grid's);
+    ``resize=False``: tiles as read (the encoder resamples them on its device, see :class:`Embedder`)."""
     if readers == 0:
         for idx in batches:
             if cancel is not None and cancel.is_set():
                 return
-            yield idx, _read(grid, idx, stats, decode_device)
+            yield idx, _read(grid, idx, stats, decode_device, resize)
         return
     pool = ThreadPoolExecutor(readers, thread_name_prefix="napari-virchow-reader")
     pending: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
     upcoming = iter(batches)
     try:
         for idx in upcoming:
-            pending.append((idx, pool.submit(_read, grid, idx, stats, decode_device)))
+            pending.append((idx, pool.submit(_read, grid, idx, stats, decode_device, resize)))
             if len(pending) >= readers * PREFETCH_PER_READER:
                 break
         while pending:
@@ -332,7 +359,7 @@ def tile_batches(
             tiles = future.result()  # a reader's exception is re-raised here, in the consumer
             nxt = next(upcoming, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_read, grid, nxt, stats, decode_device)))
+                pending.append((nxt, pool.submit(_read, grid, nxt, stats, decode_device, resize)))
             yield idx, tiles
     finally:
         # Runs on exhaustion, error, and when the consumer closes the generator: queued reads

@@ -34,6 +34,7 @@ from napari_virchow.batching import (
     default_batch_size,
     leave_one_core,
     next_batch,
+    resamples_on_device,
     resolve_readers,
     tile_batches,
     torch_threads,
@@ -279,12 +280,14 @@ def iter_embed(
             token_grid_side(encoder)  # an encoder without patch tokens fails here, before any batch
         n_readers = resolve_readers(readers, encoder.device)
         stats = FeedStats(n_readers)
-        embed = Embedder(encoder, size, stats)
+        # an accelerator resamples 40× tiles itself: the readers only read and decode
+        on_device = grid.resized and resamples_on_device(encoder.device)
+        embed = Embedder(encoder, size, stats, resize_to=grid.size if on_device else None)
         # Chunks another live process is computing are skipped, then waited for: two runs share.
         batches = shared_batches(store, todo, size, cancel)
         if decode_device is not None and decode_device != grid.decode_device:
             decoder_for(decode_device)  # a device this machine lacks fails here, before any batch
-        reader = tile_batches(grid, batches, n_readers, cancel, stats, decode_device)
+        reader = tile_batches(grid, batches, n_readers, cancel, stats, decode_device, resize=not on_device)
         with contextlib.closing(reader), torch_threads(threads):
             t_wait = time.perf_counter()
             batch, error = next_batch(reader)

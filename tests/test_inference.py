@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_virchow.batching import MAX_READERS, FeedStats, HostStager
+from napari_virchow.batching import MAX_READERS, Embedder, FeedStats, HostStager, resamples_on_device, tile_batches
 from napari_virchow.errors import StoreError
 from napari_virchow.inference import (
     BatchResult,
@@ -184,6 +184,42 @@ def test_host_stager_passes_tiles_through_off_cuda() -> None:
     assert stager(tensor) is tensor
 
 
+@pytest.fixture(scope="module")
+def slide_40x(tmp_path_factory: pytest.TempPathFactory) -> Slide:
+    """A 0.25 µm/px slide: its 0.5 µm/px tiles are read at 448 px and resampled to 224."""
+    path = tmp_path_factory.mktemp("inference40") / "slide40.tif"
+    regions = [Region((448, 448, 2240, 1792), "tissue"), Region((896, 896, 1344, 1344), "planted")]
+    return Slide(write_pyramid(path, 2688, 2240, PlantedSource(regions), mpp=0.25, levels=2, downsample=4))
+
+
+@pytest.mark.timeout(60)
+def test_tiles_resampled_by_the_encoder_match_those_the_readers_resample(slide_40x: Slide, encoder: Encoder) -> None:
+    # What iter_embed does on a GPU: readers send the 448-px tiles as read, the encoder resamples them
+    grid = TileGrid(slide_40x)
+    assert grid.resized and grid.read_size == 448
+    idx = grid.tissue_indices[:6]
+    batches = list(tile_batches(grid, [idx[:4], idx[4:]], 1, None, resize=False))
+    assert [t.shape for _, t in batches] == [(4, 448, 448, 3), (2, 448, 448, 3)]
+    embedder = Embedder(encoder, 4, resize_to=grid.size)
+    on_device = np.concatenate([embedder(t) for _, t in batches])
+    np.testing.assert_allclose(on_device, encoder.embed(grid.read_tiles(idx)), rtol=1e-5, atol=1e-6)
+    assert resamples_on_device("cuda") and resamples_on_device("mps") and not resamples_on_device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.timeout(120)
+def test_a_cuda_run_at_40x_resamples_on_the_gpu_like_the_cpu(slide_40x: Slide, encoder: Encoder,
+                                                            tmp_path: Path) -> None:  # fmt: skip
+    grid = TileGrid(slide_40x)
+    cuda = copy.deepcopy(encoder)
+    cuda = Encoder(cuda.spec, cuda.model.to("cuda"), device=torch.device("cuda"), dtype=None,
+                   weights_id=cuda.weights_id, weights_source=cuda.weights_source)  # fmt: skip
+    emb = np.concatenate([r.embeddings for r in iter_embed(slide_40x, cuda, grid, cache_root=tmp_path)])
+    ref = encoder.embed(grid.read_tiles(grid.tissue_indices))
+    cos = (emb * ref).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
+    assert float(cos.min()) > 0.999
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host memory)")
 def test_host_stager_moves_tiles_through_pinned_buffers() -> None:
     rng = np.random.default_rng(0)
@@ -286,10 +322,10 @@ def test_reader_exception_propagates_without_hang(
     flaky = copy.copy(grid)
     read_tiles = grid.read_tiles
 
-    def failing(indices: np.ndarray) -> np.ndarray:
+    def failing(indices: np.ndarray, **options: object) -> np.ndarray:
         if bad in np.asarray(indices).tolist():
             raise OSError(f"input/output error reading tile {bad} (injected)")
-        return read_tiles(indices)
+        return read_tiles(indices, **options)  # type: ignore[arg-type]
 
     flaky.read_tiles = failing  # type: ignore[method-assign]
     stored = []
@@ -443,10 +479,10 @@ def test_keyboard_interrupt_while_a_batch_is_written_waits_for_the_writer(
     flaky = copy.copy(grid)
     read_tiles = grid.read_tiles
 
-    def interrupted(indices: np.ndarray) -> np.ndarray:
+    def interrupted(indices: np.ndarray, **options: object) -> np.ndarray:
         if first_of_second in np.asarray(indices).tolist():
             raise KeyboardInterrupt
-        return read_tiles(indices)
+        return read_tiles(indices, **options)  # type: ignore[arg-type]
 
     flaky.read_tiles = interrupted  # type: ignore[method-assign]
     with open_store(slide, encoder, grid, cache_root=tmp_path) as store:

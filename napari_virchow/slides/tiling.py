@@ -339,7 +339,8 @@ class TileGrid:
         """Tile ``index`` as (size, size, 3) uint8 at the grid's µm/px."""
         return self.read_tiles([index])[0]
 
-    def read_tiles(self, indices: Sequence[int] | np.ndarray, *, decode_device: str | None = None) -> np.ndarray:
+    def read_tiles(self, indices: Sequence[int] | np.ndarray, *, decode_device: str | None = None,
+                   resize: bool = True) -> np.ndarray:  # fmt: skip
         """Tiles ``indices`` as (n, size, size, 3) uint8, read as one batch.
 
         The stored tiles under the batch are decoded once each (see
@@ -349,13 +350,15 @@ class TileGrid:
         ``decode_device`` overrides the grid's :attr:`decode_device` for this read. On levels
         with non-integer downsamples each tile starts at the nearest level pixel (``blend=False``
         of :func:`read_regions`: at most half a level pixel off, and ~12× faster than blending).
+        ``resize=False`` returns the tiles as read, (n, read_size, read_size, 3), for a caller
+        that resamples them elsewhere (an encoder on a GPU: :func:`~napari_virchow.slides.resample.resize_tensor`).
         """
         idx = np.asarray(indices, dtype=np.int64).ravel()
         bad = idx[(idx < 0) | (idx >= len(self))]
         if bad.size:
             raise IndexError(f"tile {int(bad[0])} out of range 0..{len(self) - 1}")
         rs, device = self.read_size, decode_device or self.decode_device
-        if not self.resized:
+        if not self.resized or not resize:
             return read_regions(self.slide, self.coords[idx], self.read_level, (rs, rs),
                                 decode_device=device, blend=False)
         # the pre-resize pixels go to a buffer this thread reuses: no fresh pages per batch

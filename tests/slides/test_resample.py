@@ -44,3 +44,22 @@ def test_bad_input_is_named() -> None:
     with pytest.raises(ValueError, match=r"\(n, h, w, 3\) uint8"):
         resize_batch(np.zeros((2, 8, 8), np.uint8), 4)
     assert resize_batch(np.zeros((0, 8, 8, 3), np.uint8), 4).shape == (0, 4, 4, 3)
+
+
+@pytest.mark.timeout(60)
+def test_the_accelerators_float_kernel_agrees_with_the_uint8_one(tissue: np.ndarray) -> None:
+    # GPUs have no uint8 kernel: they resample floats and round back (run here on the CPU)
+    import torch
+
+    from napari_virchow.slides.resample import resize_tensor
+
+    batch = torch.from_numpy(np.stack([tissue[:448, :448], tissue[300:748, 500:948]]))
+    uint8 = resize_tensor(batch, 224)
+    floats = resize_tensor(batch, 224, kernel="float")
+    assert uint8.shape == floats.shape == (2, 224, 224, 3) and floats.dtype == torch.uint8
+    diff = (uint8.int() - floats.int()).abs()
+    assert int(diff.max()) <= 1 and float(diff.float().mean()) < 0.05
+    np.testing.assert_array_equal(uint8.numpy(), resize_batch(batch.numpy(), 224))  # one filter, one kernel
+    assert resize_tensor(uint8, 224) is uint8  # already the size
+    with pytest.raises(ValueError, match=r"\(n, h, w, 3\) uint8"):
+        resize_tensor(batch.float(), 224)
