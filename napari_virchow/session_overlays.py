@@ -322,7 +322,7 @@ class OverlaysMixin:
                 out[m] = idx
             elif mpps is not None:
                 have = ", ".join(f"{n}: {c}" for n, c in zip(names, counts, strict=True)) or "no tile"
-                raise VirchowError(f"at {m:g} µm/px the annotations cover {have}; a probe needs at least 2 tiles "
+                raise VirchowError(f"at {mag_name(m)} the annotations cover {have}; a probe needs at least 2 tiles "
                                    "of each of two classes: draw larger regions or leave this level out")  # fmt: skip
         return out
 

@@ -189,5 +189,5 @@ def test_a_head_trained_at_two_magnifications_finds_the_planted_copies_at_each(b
             idx, emb = s.embedded(mpp=m)
             expected = loaded.for_mpp(probe_mpp).positive_proba(emb)
             np.testing.assert_allclose(s.probabilities[m][idx], expected, atol=1e-6)
-        with pytest.raises(VirchowError, match="at 2 µm/px the annotations cover"):
+        with pytest.raises(VirchowError, match=r"at 5× \(2 µm/px\) the annotations cover"):
             s.train_head_levels(polygons, classes, mpps=[1.0, 2.0])

@@ -144,7 +144,7 @@ def _choose_levels(per_slide: list[dict[float, Counter[str]]], home: float, aske
             c = total[m]
             if set(c) != classes or len(c) < 2 or min(c.values()) < MIN_FIT_TILES:
                 have = ", ".join(f"{n} {k}" for n, k in sorted(c.items())) or "no tile"
-                raise CliError(f"--mpp {m:g}: at {m:g} µm/px the annotations cover {have}; a probe needs at least "
+                raise CliError(f"--mpp {m:g}: at {mag_name(m)} the annotations cover {have}; a probe needs at least "
                                f"{MIN_FIT_TILES} tiles of each class ({', '.join(sorted(classes))}) at every "
                                "magnification: draw larger regions or leave this magnification out")  # fmt: skip
         return list(dict.fromkeys(asked))

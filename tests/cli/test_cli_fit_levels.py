@@ -102,6 +102,6 @@ def test_asked_magnifications_are_fitted_or_refused_by_name(wide: tuple[Path, Pa
     small = write_annotations(root / "small.geojson", [Annotation(_box(448, 448, 896, 896), "Tumor"),
                                                        Annotation(_box(2016, 448, 2464, 896), "Normal")])  # fmt: skip
     rc, _, err = _run(capsys, "fit-head", slide, "--annotations", small, *base, "--mpp", "0.5,2")
-    assert rc == 2 and len(_errors(err)) == 1 and "--mpp 2: at 2 µm/px the annotations cover" in err
+    assert rc == 2 and len(_errors(err)) == 1 and "--mpp 2: at 5× (2 µm/px) the annotations cover" in err
     rc, _, err = _run(capsys, "fit-head", slide, "--annotations", small, *base, "--mpp", "0.7")
     assert rc == 2 and len(_errors(err)) == 1 and "0.7 µm/px" in err
