@@ -13,7 +13,8 @@ With random weights (cost the same as real ones):
 - ``feed``: a synthetic 20× JPEG pyramid (0.5 µm/px, 256² tiles, levels /1 /4 /16) written with
   :func:`~napari_virchow.slides.synthetic.write_pyramid`; tiles/s the pipeline's readers deliver
   with ``TileGrid(decode_device="cuda")`` and with CPU decoding; then one ``iter_embed`` run
-  in fp16 with its ``BatchResult`` feed and encoder rates and the seconds the encoder waited.
+  in fp16 with its ``BatchResult`` feed and encoder rates and the seconds the encoder waited;
+  ``pipeline_40x`` the same on a 40× slide (0.25 µm/px), whose 448² tiles the GPU resamples.
 - ``viewport``: a 1920×1080 view at 20× (one screen px = 0.5 µm) at the slide's centre through
   ``SlideSession.compute``: cold (nothing stored; the grid is built first, as the viewer does on
   open) and warm (all stored: the call plus reading the view's embeddings).
@@ -135,14 +136,15 @@ def bench_encoder(enc: Encoder, batches: list[int], peak: float | None, timed: i
     return {"flops_per_tile": flops, "results": rows, "cosine_vs_fp32": cosines}
 
 
-def build_slide(folder: Path, side: int) -> Path:
-    """A 20× JPEG pyramid, tissue everywhere but a margin: ``side``² px, levels /1 /4 /16."""
+def build_slide(folder: Path, side: int, magnification: int = 20) -> Path:
+    """A 20× (0.5 µm/px) or 40× (0.25) JPEG pyramid, tissue everywhere but a margin: ``side``² px, levels /1 /4 /16."""
     from napari_virchow.slides.synthetic import PlantedSource, Region, write_pyramid
 
     margin = side // 16
     regions = [Region((margin, margin, side - margin, side - margin), "tissue")]
-    return write_pyramid(folder / "gpu_20x.tif", side, side, PlantedSource(regions), mpp=0.5, levels=3,
-                         downsample=4, tile=256, quality=90, magnification=20)  # fmt: skip
+    return write_pyramid(folder / f"gpu_{magnification}x.tif", side, side, PlantedSource(regions),
+                         mpp=10 / magnification, levels=3, downsample=4, tile=256, quality=90,
+                         magnification=magnification)  # fmt: skip
 
 
 def bench_feed(path: Path, batch: int, n_batches: int, device: str) -> dict[str, Any]:
@@ -247,6 +249,9 @@ def main() -> int:
         summary["slide"] = {"side": args.side, "mpp": 0.5, "write_s": round(time.perf_counter() - t, 1)}
         summary["feed"] = bench_feed(path, batch=128, n_batches=8, device=args.device)
         summary["pipeline"] = bench_pipeline(path, enc, folder / "cache_pipeline", batch=128)
+        # a 40× slide: 448² tiles read, resampled on the GPU (the readers only read and decode)
+        path40 = build_slide(folder, 2 * args.side, magnification=40)  # as many tiles as the 20× slide
+        summary["pipeline_40x"] = bench_pipeline(path40, enc, folder / "cache_pipeline_40x", batch=128)
         summary["viewport"] = bench_viewport(path, folder / "cache_viewport", args.device)
     summary["total_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(summary))
