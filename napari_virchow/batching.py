@@ -210,11 +210,12 @@ class HostStager:
 def resamples_on_device(device: torch.device | str) -> bool:
     """Whether tiles read at another size are resampled on the encoder's ``device`` rather than by the readers.
 
-    On an accelerator (CUDA, MPS) the readers send tiles as read (a 40× tile read for 20× is
-    4× the bytes, a transfer the GPU makes by DMA) and resampling costs the CPU nothing: at 40×
-    it was a fifth of a reader's time (~0.3 ms a tile). On the CPU the reader threads resample.
+    On CUDA the readers send tiles as read (a 40× tile read for 20× is 4× the bytes, a transfer
+    the GPU makes by DMA) and resampling costs the CPU nothing: at 40× it was a fifth of a
+    reader's time (~0.3 ms a tile). Elsewhere the reader threads resample (MPS included: torch
+    may lack its antialiased bicubic kernel there).
     """
-    return torch.device(device).type != "cpu"
+    return torch.device(device).type == "cuda"
 
 
 def _on_device(tiles: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

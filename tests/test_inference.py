@@ -203,7 +203,7 @@ def test_tiles_resampled_by_the_encoder_match_those_the_readers_resample(slide_4
     embedder = Embedder(encoder, 4, resize_to=grid.size)
     on_device = np.concatenate([embedder(t) for _, t in batches])
     np.testing.assert_allclose(on_device, encoder.embed(grid.read_tiles(idx)), rtol=1e-5, atol=1e-6)
-    assert resamples_on_device("cuda") and resamples_on_device("mps") and not resamples_on_device("cpu")
+    assert resamples_on_device("cuda:1") and not resamples_on_device("cpu") and not resamples_on_device("mps")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
