@@ -3,7 +3,7 @@
 The pieces :func:`napari_virchow.inference.iter_embed` is made of, each small enough to test on
 its own: how many tiles a batch holds (by device, capped by a memory estimate), how many reader
 threads prefetch, the pinned host buffers uint8 tiles cross to a GPU through (and where a 40×
-tile is resampled: by the readers on a CPU, on the device otherwise), the encoder call
+tile is resampled: on the GPU with CUDA, by the readers elsewhere), the encoder call
 that halves its batch on CUDA out-of-memory, the feed and encoder rates (:class:`FeedStats`),
 and the one-batch writer thread that stores batch k while batch k + 1 is read.
 """
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from napari_virchow._torch import torch
-from napari_virchow.slides.resample import resize_tensor
+from napari_virchow.slides.resample import resize_batch, resize_tensor
 
 if TYPE_CHECKING:
     from napari_virchow.models.encoder import Encoder
@@ -218,18 +218,12 @@ def resamples_on_device(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def _on_device(tiles: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if isinstance(tiles, torch.Tensor):
-        return tiles.to(device)
-    return torch.from_numpy(np.ascontiguousarray(tiles)).to(device)
-
-
 class Embedder:
     """``encoder.embed`` in sub-batches, halving them for good on CUDA out-of-memory.
 
     Tiles reach the device through ``stager`` (pinned, non-blocking on CUDA); each call's
     tiles and seconds go to ``stats``. With ``resize_to``, tiles of another side are resampled
-    to it on the encoder's device first (:func:`~napari_virchow.slides.resample.resize_tensor`,
+    to it where the stager put them (the GPU: :func:`~napari_virchow.slides.resample.resize_tensor`,
     the lattice's one filter): readers then send them as read (see :func:`resamples_on_device`).
     """
 
@@ -253,9 +247,10 @@ class Embedder:
     def _timed(self, tiles: np.ndarray | torch.Tensor,
                tokens: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:  # fmt: skip
         t0 = time.perf_counter()
-        staged = self.stager(tiles)
-        if self.resize_to is not None and tuple(staged.shape[1:3]) != (self.resize_to, self.resize_to):
-            staged = resize_tensor(_on_device(staged, self.encoder.device), self.resize_to)
+        staged = self.stager(tiles)  # on the device (CUDA), else the host array as it came
+        if self.resize_to is not None:  # both return tiles already resize_to px as they are
+            n = self.resize_to
+            staged = resize_tensor(staged, n) if isinstance(staged, torch.Tensor) else resize_batch(staged, n)
         out = self._embed(staged, tokens)
         if self.stats is not None:
             self.stats.add_embed(len(tiles), time.perf_counter() - t0)  # embed() returned host arrays: synced

@@ -280,7 +280,7 @@ def iter_embed(
             token_grid_side(encoder)  # an encoder without patch tokens fails here, before any batch
         n_readers = resolve_readers(readers, encoder.device)
         stats = FeedStats(n_readers)
-        # an accelerator resamples 40× tiles itself: the readers only read and decode
+        # a CUDA encoder resamples 40× tiles itself: the readers only read and decode
         on_device = grid.resized and resamples_on_device(encoder.device)
         embed = Embedder(encoder, size, stats, resize_to=grid.size if on_device else None)
         # Chunks another live process is computing are skipped, then waited for: two runs share.
