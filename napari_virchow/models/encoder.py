@@ -103,22 +103,21 @@ def _check_tiles(tiles: object) -> np.ndarray | torch.Tensor:
 
 
 def _resize(x: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
-    """Shorter side to ``size`` then centre crop -- timm's eval transform at crop_pct 1.0."""
-    h, w = x.shape[-2:]
+    """uint8 (N, H, W, 3): shorter side to ``size``, then centre crop -- timm's eval transform
+    (crop_pct 1.0) on PIL images, which resize in uint8 (rows, then columns, antialiased):
+    :func:`~napari_virchow.slides.resample.resize_tensor` agrees with PIL within ±1 grey level."""
+    from napari_virchow.slides.resample import resize_tensor
+
+    h, w = x.shape[1:3]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    mode = interpolation if interpolation in ("bicubic", "bilinear", "nearest") else "bicubic"
-    smooth = mode != "nearest"
-    x = F.interpolate(
-        x,
-        size=(nh, nw),
-        mode=mode,
-        align_corners=False if smooth else None,
-        antialias=smooth and scale < 1,  # like PIL, which timm's transforms use
-    )
+    if interpolation == "nearest":
+        nchw = F.interpolate(x.permute(0, 3, 1, 2), size=(nh, nw), mode="nearest")
+        x = nchw.permute(0, 2, 3, 1)
+    else:
+        x = resize_tensor(x, (nh, nw), mode="bilinear" if interpolation == "bilinear" else "bicubic")
     top, left = (nh - size) // 2, (nw - size) // 2
-    # Bicubic overshoots; PIL works in uint8 and so clamps.
-    return x[..., top : top + size, left : left + size].clamp_(0.0, 1.0)
+    return x[:, top : top + size, left : left + size]
 
 
 def preprocess(
@@ -126,8 +125,9 @@ def preprocess(
 ) -> torch.Tensor:
     """uint8 ``(N, H, W, 3)`` tiles -> normalised float32 ``(N, 3, S, S)`` for ``spec``.
 
-    Scale to [0, 1]; resize to ``spec.input_size`` only if needed (shorter side, then centre
-    crop; tiles read at ``spec.mpp`` need none); subtract ``spec.mean``, divide by ``spec.std``.
+    Resize to ``spec.input_size`` only if needed (shorter side, then centre crop, in uint8 as
+    timm's transforms on PIL images do; tiles read at ``spec.mpp`` need none); scale to [0, 1];
+    subtract ``spec.mean``, divide by ``spec.std``.
     The uint8 tiles go to ``device`` first (a quarter of the float transfer; ``non_blocking``
     from pinned memory); every later step runs there.
     """
@@ -138,12 +138,12 @@ def preprocess(
         if not arr.flags.writeable:  # torch.from_numpy warns on read-only (zarr/dask) buffers
             arr = arr.copy()
         x = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
     s = spec.input_size
     if x.shape[0] == 0:
-        return x.new_zeros((0, 3, s, s))
-    if x.shape[-2:] != (s, s):
+        return torch.zeros((0, 3, s, s), dtype=torch.float32, device=x.device)
+    if tuple(x.shape[1:3]) != (s, s):
         x = _resize(x, s, spec.interpolation)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["FILTER", "resize_batch", "resize_tensor"]
 
 #: the one resampling filter tiles go through (torch.nn.functional.interpolate mode, antialiased)
-FILTER = "bicubic"
+FILTER: Literal["bicubic"] = "bicubic"
 
 
 def resize_batch(tiles: np.ndarray, size: int, *, device: str | None = None) -> np.ndarray:
@@ -49,9 +49,13 @@ def resize_batch(tiles: np.ndarray, size: int, *, device: str | None = None) -> 
     return np.ascontiguousarray(resize_tensor(batch, size).cpu().numpy())
 
 
-def resize_tensor(batch: torch.Tensor, size: int, *,
-                  kernel: Literal["auto", "uint8", "float"] = "auto") -> torch.Tensor:  # fmt: skip
+def resize_tensor(batch: torch.Tensor, size: int | tuple[int, int], *,
+                  kernel: Literal["auto", "uint8", "float"] = "auto",
+                  mode: Literal["bicubic", "bilinear"] = FILTER) -> torch.Tensor:  # fmt: skip
     """(n, h, w, 3) uint8 tiles on any torch device -> (n, size, size, 3) uint8 there, antialiased bicubic.
+
+    ``size`` may be ``(height, width)``; ``mode="bilinear"`` (antialiased too) is for encoders
+    whose transforms ask for it (:func:`~napari_virchow.models.encoder.preprocess`).
 
     ``kernel``: ``"auto"`` runs torch's vectorised uint8 kernel on the CPU and resamples floats
     elsewhere (accelerators have no uint8 kernel). The float kernel works as PIL and the uint8
@@ -64,20 +68,23 @@ def resize_tensor(batch: torch.Tensor, size: int, *,
 
     if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != torch.uint8:
         raise ValueError(f"expected (n, h, w, 3) uint8 tiles, got {tuple(batch.shape)} {batch.dtype}")
-    if tuple(batch.shape[1:3]) == (size, size):
+    out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if mode not in ("bicubic", "bilinear"):
+        raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
+    if tuple(batch.shape[1:3]) == (out_h, out_w):
         return batch
     if batch.shape[0] == 0:
-        return batch.new_empty((0, size, size, 3))
+        return batch.new_empty((0, out_h, out_w, 3))
     # NHWC memory seen as NCHW = channels-last: torch's vectorised uint8 path, no copy
     nchw = batch.permute(0, 3, 1, 2)
     use_uint8 = kernel == "uint8" or (kernel == "auto" and batch.device.type == "cpu")
     with torch.inference_mode():
         if use_uint8:
-            out = interpolate(nchw, size=(size, size), mode=FILTER, antialias=True, align_corners=False)
+            out = interpolate(nchw, size=(out_h, out_w), mode=mode, antialias=True, align_corners=False)
         else:
             out = nchw.float()
-            for shape in ((out.shape[-2], size), (size, size)):  # rows, then columns
-                out = interpolate(out, size=shape, mode=FILTER, antialias=True, align_corners=False)
+            for shape in ((out.shape[-2], out_w), (out_h, out_w)):  # rows, then columns
+                out = interpolate(out, size=shape, mode=mode, antialias=True, align_corners=False)
                 out = out.round_().clamp_(0, 255)
             out = out.to(torch.uint8)
     return out.permute(0, 2, 3, 1)

@@ -63,3 +63,22 @@ def test_the_accelerators_float_kernel_agrees_with_the_uint8_one(tissue: np.ndar
     assert resize_tensor(uint8, 224) is uint8  # already the size
     with pytest.raises(ValueError, match=r"\(n, h, w, 3\) uint8"):
         resize_tensor(batch.float(), 224)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_a_height_and_width_and_bilinear_match_pil(tissue: np.ndarray, mode: str) -> None:
+    # what encoder preprocessing asks for: shorter side to 224 of a 256×300 tile, either filter
+    import torch
+
+    from napari_virchow.slides.resample import resize_tensor
+
+    crops = np.stack([tissue[:256, :300], tissue[500:756, 200:500]])
+    pil_filter = Image.Resampling.BICUBIC if mode == "bicubic" else Image.Resampling.BILINEAR
+    pil = np.stack([np.asarray(Image.fromarray(c).resize((262, 224), pil_filter)) for c in crops])
+    for kernel in ("uint8", "float"):
+        got = resize_tensor(torch.from_numpy(crops), (224, 262), kernel=kernel, mode=mode)  # type: ignore[arg-type]
+        assert tuple(got.shape) == (2, 224, 262, 3)
+        assert int(np.abs(got.numpy().astype(int) - pil).max()) <= 1, kernel
+    with pytest.raises(ValueError, match="mode must be"):
+        resize_tensor(torch.from_numpy(crops), 224, mode="lanczos")  # type: ignore[arg-type]
