@@ -54,8 +54,8 @@ def resize_tensor(batch: torch.Tensor, size: int | tuple[int, int], *,
                   mode: Literal["bicubic", "bilinear"] = FILTER) -> torch.Tensor:  # fmt: skip
     """(n, h, w, 3) uint8 tiles on any torch device -> (n, size, size, 3) uint8 there, antialiased bicubic.
 
-    ``size`` may be ``(height, width)``; ``mode="bilinear"`` (antialiased too) is for encoders
-    whose transforms ask for it (:func:`~napari_virchow.models.encoder.preprocess`).
+    ``size`` may be ``(height, width)`` (the output is then (n, height, width, 3)); ``mode="bilinear"``
+    (antialiased too) is for encoders whose transforms ask for it (:func:`~napari_virchow.models.encoder.preprocess`).
 
     ``kernel``: ``"auto"`` runs torch's vectorised uint8 kernel on the CPU and resamples floats
     elsewhere (accelerators have no uint8 kernel). The float kernel works as PIL and the uint8
