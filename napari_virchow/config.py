@@ -36,8 +36,8 @@ class SessionConfig:
     mpp_override: float | None = None  # µm per level-0 px for slides opened by the session
     allow_untrained_mpp: bool = False  # opt in to magnifications the encoder was not trained on (recorded)
     #: where JPEG stored tiles are decoded: "auto" (on the encoder's GPU when it has CUDA and the
-    #: decoder agrees with imagecodecs, else the CPU), a torch device ("cuda", "cpu": torchvision's
-    #: decoder), or None (imagecodecs on the CPU)
+    #: decoder agrees with imagecodecs, else the CPU), a torch device ("cuda", "cpu": TorchCodec's
+    #: batch decoder, torchvision's where TorchCodec does not load), or None (imagecodecs on the CPU)
     decode_device: str | None = "auto"
     #: run the encoder through ``torch.compile`` (inductor; on a CPU with freezing): fuses what the eager
     #: path does not (fp32, CUDA; a bf16 CPU already runs fused linears eagerly and gains nothing); one

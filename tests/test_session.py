@@ -166,7 +166,7 @@ def _decoded_by_batch_decoder(session: SlideSession) -> bool | None:
 
 @pytest.mark.timeout(120)
 def test_decode_device_reaches_the_pipeline_and_keeps_the_embeddings(sample_pyramid: Path, tmp_path: Path) -> None:
-    """config.decode_device sends JPEG tiles through torchvision's batch decoder (nvJPEG on a GPU;
+    """config.decode_device sends JPEG tiles through the batch decoder (nvJPEG on a GPU;
     the same API on the CPU here): same embeddings as imagecodecs' decode (#16)."""
     import torch
 

@@ -143,7 +143,7 @@ def model_parent() -> Parser:
                         "else fp32 (default auto)")  # fmt: skip
     g.add_argument("--decode-device", default="auto", metavar="auto|none|cpu|cuda[:N]",
                    help="where JPEG stored tiles are decoded: auto (nvJPEG on the encoder's GPU, else imagecodecs on "
-                        "the CPU), none (imagecodecs), or a torch device for torchvision's batch decoder "
+                        "the CPU), none (imagecodecs), or a torch device for TorchCodec's batch decoder "
                         "(cpu: its CPU path; default auto)")  # fmt: skip
     g.add_argument("--compile", action="store_true",
                    help="run the encoder through torch.compile: fuses what the eager path does not (fp32, CUDA; "

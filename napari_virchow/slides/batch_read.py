@@ -258,7 +258,7 @@ def read_regions(slide: Slide, locations: Sequence[tuple[int, int]] | np.ndarray
     out
         An (n, height, width, 3) uint8 array to fill (e.g. a reused scratch buffer).
     decode_device
-        Decode JPEG stored tiles in batches with ``torchvision.io.decode_jpeg`` on this torch
+        Decode JPEG stored tiles in batches (TorchCodec's ``decode_jpeg``) on this torch
         device (``"cuda"``; ``"cpu"`` runs the same API on the CPU); default imagecodecs.
     blend
         ``False`` reads every region on the batch path from the nearest level pixel, even where

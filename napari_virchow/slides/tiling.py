@@ -148,7 +148,7 @@ class TileGrid:
         :data:`TISSUE_REFERENCE_MPP` and finer; a coarser tile counts where most of its area
         (:data:`COARSE_TISSUE_MAJORITY`) is such reference tiles.
     decode_device : str, optional
-        Decode JPEG stored tiles in batches with ``torchvision.io.decode_jpeg`` on this torch
+        Decode JPEG stored tiles in batches (TorchCodec's ``decode_jpeg``) on this torch
         device (e.g. ``"cuda"``: the CPU only reads bytes); default ``None``, imagecodecs on the
         CPU. Checked against imagecodecs on each level's first batch (see
         :mod:`~napari_virchow.slides.jpeg_batch`).

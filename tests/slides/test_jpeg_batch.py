@@ -1,22 +1,33 @@
-"""Batch JPEG decode through torchvision.io.decode_jpeg: the same pixels as imagecodecs (CPU here)."""
+"""Batch JPEG decode through TorchCodec (or torchvision): the same pixels as imagecodecs (CPU here)."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
+from napari_virchow.slides import jpeg_batch
 from napari_virchow.slides.batch_read import segment_cache
-from napari_virchow.slides.jpeg_batch import JPEG_TOLERANCE, TorchJpegDecoder, decoder_for, jpeg_stream
+from napari_virchow.slides.jpeg_batch import (
+    BACKENDS,
+    JPEG_TOLERANCE,
+    TorchJpegDecoder,
+    decoder_for,
+    decoder_works,
+    jpeg_backend,
+    jpeg_stream,
+)
 from napari_virchow.slides.slide import Slide
 from napari_virchow.slides.synthetic import PlantedSource, Region, write_pyramid
 from napari_virchow.slides.tiling import TileGrid
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: what torchvision >= 0.29 says when its decoder stands in for TorchCodec (as these tests make it)
+TORCHVISION_DEPRECATED = "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +45,20 @@ def _within(a: np.ndarray, b: np.ndarray) -> int:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.filterwarnings(TORCHVISION_DEPRECATED)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_decoder_matches_imagecodecs(sample_svs: Path, sample_pyramid: Path, device: str) -> None:
+def test_decoder_matches_imagecodecs(sample_svs: Path, sample_pyramid: Path, device: str, backend: str) -> None:
     # the SVS is Aperio RGB-coded JPEG with shared tables; the pyramid YCbCr JPEG without them
+    decoder = TorchJpegDecoder(device, backends=[backend])
+    assert decoder.backend.name == backend  # both are dependencies: each one loads
     for path in (sample_svs, sample_pyramid):
         slide = Slide(path)  # held: the level reads through the slide's descriptor
         level = slide._tiff.levels[0]
-        assert TorchJpegDecoder(device).supports(level)
+        assert decoder.supports(level)
         indices = list(range(min(40, len(level.offsets))))
         before = level.decodes
-        got = decoder_for(device).decode(level, indices)
+        got = decoder.decode(level, indices)
         assert level.decodes - before == len(indices)
         diffs = [_within(g, level.decode_segment(i)) for g, i in zip(got, indices, strict=True)]
         if device == "cpu":
@@ -88,7 +103,7 @@ def test_a_disagreeing_decoder_is_not_used(sample_svs: Path, caplog: pytest.LogC
     level = slide._tiff.levels[0]
     # Aperio's RGB-coded data decoded as if it were YCbCr (no Adobe marker): real, wrong colours
     stream = jpeg_stream(level.read_segment_bytes(3), level.jpegtables, rgb_coded=False)
-    wrong = decode_jpeg(torch.frombuffer(bytearray(stream), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    wrong = jpeg_backend().decode([torch.frombuffer(bytearray(stream), dtype=torch.uint8)], "cpu")[0]
     with caplog.at_level(logging.WARNING):
         assert not decoder_for("cpu").verify(level, 3, np.ascontiguousarray(wrong.permute(1, 2, 0).numpy()))
     assert "differs from imagecodecs" in caplog.text
@@ -106,3 +121,31 @@ def test_a_disagreeing_decoder_is_not_used(sample_svs: Path, caplog: pytest.LogC
 def test_cuda_without_cuda_is_refused_up_front(sample_svs: Path) -> None:
     with pytest.raises(ValueError, match="needs CUDA.*use None"):
         TileGrid(Slide(sample_svs), decode_device="cuda")
+
+
+@pytest.mark.filterwarnings(TORCHVISION_DEPRECATED)
+def test_torchcodec_is_preferred_and_torchvision_stands_in(sample_svs: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """TorchCodec decodes (torchvision's decoders are deprecated); where it does not import, torchvision
+    does, with the same pixels; with neither, batch decode is reported unavailable and imagecodecs reads."""
+    assert jpeg_backend().name == "torchcodec"
+    slide = Slide(sample_svs)
+    level = slide._tiff.levels[0]
+    expected = decoder_for("cpu").decode(level, [0, 1, 2])
+    for cached in ("_backends", "_decoders", "_works"):
+        monkeypatch.setattr(jpeg_batch, cached, {})
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # `import` raises ImportError
+    with caplog.at_level(logging.INFO, logger=jpeg_batch.__name__):
+        assert jpeg_backend().name == "torchvision"
+    assert "torchcodec" in caplog.text  # why it stood in
+    got = TorchJpegDecoder("cpu").decode(level, [0, 1, 2])
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(g, e)
+    for cached in ("_backends", "_decoders", "_works"):
+        monkeypatch.setattr(jpeg_batch, cached, {})
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)
+    with pytest.raises(ImportError, match="no batch JPEG decoder loads here"):
+        jpeg_backend()
+    assert decoder_works("cpu") is False  # what decode_device="auto" asks: imagecodecs reads
+    with pytest.raises(ValueError, match="no batch JPEG decoder loads here.*install torchcodec, or use None"):
+        TileGrid(slide, decode_device="cpu")
