@@ -123,6 +123,12 @@ def test_cuda_without_cuda_is_refused_up_front(sample_svs: Path) -> None:
         TileGrid(Slide(sample_svs), decode_device="cuda")
 
 
+def _forget_decoders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Empty jpeg_batch's remembered backends, decoders and probes (restored after the test)."""
+    for cached in ("_backends", "_decoders", "_works"):
+        monkeypatch.setattr(jpeg_batch, cached, {})
+
+
 @pytest.mark.filterwarnings(TORCHVISION_DEPRECATED)
 def test_torchcodec_is_preferred_and_torchvision_stands_in(sample_svs: Path, monkeypatch: pytest.MonkeyPatch,
                                                            caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
@@ -132,8 +138,7 @@ def test_torchcodec_is_preferred_and_torchvision_stands_in(sample_svs: Path, mon
     slide = Slide(sample_svs)
     level = slide._tiff.levels[0]
     expected = decoder_for("cpu").decode(level, [0, 1, 2])
-    for cached in ("_backends", "_decoders", "_works"):
-        monkeypatch.setattr(jpeg_batch, cached, {})
+    _forget_decoders(monkeypatch)
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # `import` raises ImportError
     with caplog.at_level(logging.INFO, logger=jpeg_batch.__name__):
         assert jpeg_backend().name == "torchvision"
@@ -141,8 +146,7 @@ def test_torchcodec_is_preferred_and_torchvision_stands_in(sample_svs: Path, mon
     got = TorchJpegDecoder("cpu").decode(level, [0, 1, 2])
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g, e)
-    for cached in ("_backends", "_decoders", "_works"):
-        monkeypatch.setattr(jpeg_batch, cached, {})
+    _forget_decoders(monkeypatch)
     monkeypatch.setitem(sys.modules, "torchvision.io", None)
     with pytest.raises(ImportError, match="no batch JPEG decoder loads here"):
         jpeg_backend()
